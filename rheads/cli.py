@@ -50,7 +50,7 @@ def build_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-aggregate", choices=["max", "mean"], default=defaults.kv_aggregate,
                    help="how a KV head's score is made from its query heads' (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                   help="greedy decode steps per sample (default: answer length + 16)")
+                   help="greedy decode steps per sample (default: answer length + 32)")
     p.add_argument("--recall-threshold", type=float, default=defaults.recall_threshold,
                    help="keep a sample when the answer's unigram recall exceeds this (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
