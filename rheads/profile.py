@@ -184,3 +184,25 @@ def aggregate_kv_scores(query_scores: list[list[float]], num_kv_heads: int,
         chunks = [row[k * group:(k + 1) * group] for k in range(num_kv_heads)]
         out.append([max(c) if how == "max" else sum(c) / len(c) for c in chunks])
     return out
+
+
+def profile_dirs() -> list[Path]:
+    """Where shipped profiles are looked up: $RHEADS_PROFILES, the checkout's profiles/, ./profiles."""
+    import os
+
+    dirs = [Path(p) for p in os.environ.get("RHEADS_PROFILES", "").split(os.pathsep) if p]
+    return dirs + [Path(__file__).resolve().parents[1] / "profiles", Path.cwd() / "profiles"]
+
+
+def find_profile(model_name: str) -> Path:
+    """The shipped profile for a model (by Hugging Face id or its last part), or a ProfileError saying how to make one."""
+    candidates = [f"{model_name}.json", f"{model_name.split('/')[-1]}.json"]
+    for directory in profile_dirs():
+        for name in candidates:
+            if (directory / name).is_file():
+                return directory / name
+    raise ProfileError(
+        f"no shipped profile for {model_name!r} (looked in {', '.join(str(d) for d in profile_dirs())}). "
+        f"Make one with `rheads profile {model_name} --out profiles/{model_name.split('/')[-1]}.json`, "
+        "or serve with --budget 1.0 --profile none for an ordinary full cache."
+    )

@@ -1,0 +1,102 @@
+"""Head-split attention over a packed batch, registered as a transformers attention function.
+
+transformers runs the model's own modules (projections, RoPE, MLP); at each layer it hands us the
+new tokens' post-RoPE query/key/value for the whole packed batch. We write the keys and values into
+the head-split cache and attend: full heads over their whole history, streaming heads over the
+attention sinks plus the last `window` positions (a key at position k is visible to a query at q
+when k <= q and (k < sink or q - k < window)). This module is the plain-PyTorch reference; it runs
+anywhere torch does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .cache import HeadSplitCache
+
+ATTENTION_NAME = "rheads_head_split"
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of the packed batch: tokens [begin, end) at positions start..start+n-1."""
+
+    begin: int
+    end: int
+    start: int
+    slot: int
+    page_table: torch.Tensor  # page ids covering positions 0..start+n-1
+
+
+@dataclass
+class BatchMeta:
+    cache: HeadSplitCache
+    seqs: list[SeqSlice]
+    positions: torch.Tensor  # [tokens]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+            scaling: float, sink: int | None = None, window: int | None = None) -> torch.Tensor:
+    """q: [n, Hq, D]; k, v: [m, Hkv, D] -> [n, Hq, D], causal by position, optionally sink + window."""
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        visible &= (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < window)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1).transpose(0, 1)
+    v = v.repeat_interleave(groups, dim=1).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=visible, scale=scaling)
+    return out.transpose(0, 1)
+
+
+def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling) -> torch.Tensor:
+    page = cache.config.page_size
+    keys, values = cache.full_k[layer], cache.full_v[layer]
+    keys[seq.page_table[pos // page], pos % page] = k
+    values[seq.page_table[pos // page], pos % page] = v
+    history = torch.arange(seq.start + len(pos), device=pos.device)
+    where = (seq.page_table[history // page], history % page)
+    return _attend(q, keys[where], values[where], pos, history, scaling)
+
+
+def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling) -> torch.Tensor:
+    sink, window = cache.config.sink, cache.config.window
+    ring_k, ring_v = cache.ring_k[layer][seq.slot], cache.ring_v[layer][seq.slot]
+    device = pos.device
+    held = torch.cat([torch.arange(min(sink, seq.start), device=device),
+                      torch.arange(max(sink, seq.start - window), seq.start, device=device)])
+    slots = cache.ring_index(held)
+    out = _attend(q, torch.cat([ring_k[slots], k]), torch.cat([ring_v[slots], v]), pos,
+                  torch.cat([held, pos]), scaling, sink, window)
+    last = pos[-1]
+    keep = (pos < sink) | (pos > last - window)  # only these survive in the ring; no duplicate writes
+    ring_k[cache.ring_index(pos[keep])] = k[keep]
+    ring_v[cache.ring_index(pos[keep])] = v[keep]
+    return out
+
+
+def head_split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: query [1, H, N, D], key/value [1, Hkv, N, D] -> [1, N, H, D]."""
+    meta: BatchMeta = kwargs["rheads_batch"]
+    cache, layer = meta.cache, module.layer_idx
+    num_full = cache.split.num_full[layer]
+    groups = query.shape[1] // key.shape[1]
+    split_q = num_full * groups
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    for seq in meta.seqs:
+        rows = slice(seq.begin, seq.end)
+        pos = meta.positions[rows]
+        if num_full:
+            out[rows, :split_q] = _full_heads(cache, layer, seq, q[rows, :split_q], k[rows, :num_full],
+                                              v[rows, :num_full], pos, scaling)
+        if num_full < key.shape[1]:
+            out[rows, split_q:] = _streaming_heads(cache, layer, seq, q[rows, split_q:], k[rows, num_full:],
+                                                   v[rows, num_full:], pos, scaling)
+    return out[None], None
+
+
+AttentionInterface.register(ATTENTION_NAME, head_split_attention)

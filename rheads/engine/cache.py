@@ -1,0 +1,136 @@
+"""The head-split KV cache: full heads in shared fixed-size pages, streaming heads in per-sequence rings.
+
+Full (retrieval) heads of every layer share one page numbering: page p holds `page_size` tokens of
+every full head of every layer, so a sequence needs one block table. Streaming heads get one slot per
+running sequence: `sink` first tokens plus a ring of the last `window` tokens, which never grows.
+All storage is allocated up front from a byte budget; the accounting below is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .heads import HeadSplit
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = 16
+    sink: int = 64
+    window: int = 256
+    memory_bytes: int = 512 << 20  # KV memory for both pools together
+    max_num_seqs: int = 64  # window slots (and so the most sequences resident at once)
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+class CacheFullError(RuntimeError):
+    """Not enough free pages or slots; the scheduler waits or preempts."""
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What the pools hold now, and what a full cache would hold for the same tokens."""
+
+    pages_total: int
+    pages_used: int
+    slots_total: int
+    slots_used: int
+    bytes_used: int
+    bytes_full_equivalent: int
+    bytes_capacity: int
+
+    @property
+    def usage_fraction(self) -> float:
+        return self.bytes_used / self.bytes_capacity if self.bytes_capacity else 0.0
+
+
+class HeadSplitCache:
+    """Storage and allocation for one model's KV cache under a given head split."""
+
+    def __init__(self, split: HeadSplit, head_dim: int, config: CacheConfig):
+        self.split, self.config, self.head_dim = split, config, head_dim
+        elt = torch.empty((), dtype=config.dtype).element_size()
+        full_heads = sum(split.num_full)
+        stream_heads = split.num_layers * split.num_kv_heads - full_heads
+        self.window_slots = config.sink + config.window
+        self.bytes_per_page = config.page_size * full_heads * 2 * head_dim * elt
+        self.bytes_per_slot = self.window_slots * stream_heads * 2 * head_dim * elt
+        self.bytes_per_token_full = split.num_layers * split.num_kv_heads * 2 * head_dim * elt
+        budget = config.memory_bytes
+        if self.bytes_per_slot:
+            slots = min(config.max_num_seqs, budget // self.bytes_per_slot if not full_heads
+                        else (budget // 2) // self.bytes_per_slot)
+        else:
+            slots = config.max_num_seqs
+        pages = (budget - slots * self.bytes_per_slot) // self.bytes_per_page if full_heads else 0
+        if slots < 1 or (full_heads and pages < 1):
+            raise ValueError(f"KV memory budget of {budget} bytes holds no sequence: raise it")
+        self.num_pages, self.num_slots = int(pages), int(slots)
+        shape_full = lambda n: (self.num_pages, config.page_size, n, head_dim)  # noqa: E731
+        shape_ring = lambda n: (self.num_slots, self.window_slots, n, head_dim)  # noqa: E731
+        make = lambda shape: torch.zeros(shape, dtype=config.dtype, device=config.device)  # noqa: E731
+        self.full_k = [make(shape_full(n)) if n else None for n in split.num_full]
+        self.full_v = [make(shape_full(n)) if n else None for n in split.num_full]
+        stream = [split.num_kv_heads - n for n in split.num_full]
+        self.ring_k = [make(shape_ring(n)) if n else None for n in stream]
+        self.ring_v = [make(shape_ring(n)) if n else None for n in stream]
+        self.free_pages = list(range(self.num_pages - 1, -1, -1))
+        self.free_slots = list(range(self.num_slots - 1, -1, -1))
+        self.tokens: dict[int, int] = {}  # slot -> tokens cached, for the full-equivalent figure
+
+    # -- allocation -------------------------------------------------------------------------------
+    @property
+    def has_full_heads(self) -> bool:
+        return self.num_pages > 0
+
+    def pages_for(self, num_tokens: int) -> int:
+        if not self.has_full_heads:
+            return 0
+        return -(-num_tokens // self.config.page_size)
+
+    def can_admit(self, num_tokens: int, reserve_pages: int = 0) -> bool:
+        return bool(self.free_slots) and self.pages_for(num_tokens) + reserve_pages <= len(self.free_pages)
+
+    def allocate_slot(self) -> int:
+        if not self.free_slots:
+            raise CacheFullError("no free window slot")
+        slot = self.free_slots.pop()
+        self.tokens[slot] = 0
+        return slot
+
+    def grow(self, slot: int, pages: list[int], num_tokens: int) -> None:
+        """Make `pages` cover `num_tokens` tokens (appending new pages); record the token count."""
+        need = self.pages_for(num_tokens) - len(pages)
+        if need > len(self.free_pages):
+            raise CacheFullError(f"need {need} pages, {len(self.free_pages)} free")
+        for _ in range(max(need, 0)):
+            pages.append(self.free_pages.pop())
+        self.tokens[slot] = num_tokens
+
+    def release(self, slot: int | None, pages: list[int]) -> None:
+        """Return a sequence's pages and slot to the pools (idempotent for an empty sequence)."""
+        self.free_pages.extend(reversed(pages))
+        pages.clear()
+        if slot is not None:
+            self.tokens.pop(slot, None)
+            self.free_slots.append(slot)
+
+    def usage(self) -> CacheUsage:
+        page = self.config.page_size
+        pages_used = self.num_pages - len(self.free_pages)
+        slots_used = self.num_slots - len(self.free_slots)
+        full_equivalent = sum(-(-n // page) * page for n in self.tokens.values()) * self.bytes_per_token_full
+        return CacheUsage(
+            pages_total=self.num_pages, pages_used=pages_used, slots_total=self.num_slots,
+            slots_used=slots_used, bytes_used=pages_used * self.bytes_per_page + slots_used * self.bytes_per_slot,
+            bytes_full_equivalent=full_equivalent,
+            bytes_capacity=self.num_pages * self.bytes_per_page + self.num_slots * self.bytes_per_slot,
+        )
+
+    def ring_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Where each token position lives in a streaming slot: sinks in place, the rest in a ring."""
+        sink, window = self.config.sink, self.config.window
+        return torch.where(positions < sink, positions, sink + (positions - sink) % window)

@@ -1,0 +1,98 @@
+"""Which KV heads keep the full history, and the one-time weight permutation that makes them contiguous.
+
+After `permute_attention_heads`, layer l's first `num_full[l]` KV heads (and their query heads) are
+the retrieval heads, so the cache and the attention work on two dense slices per layer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..profile import Profile
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """Per layer, the original indices of the KV heads that keep a full cache."""
+
+    full: tuple[tuple[int, ...], ...]
+    num_kv_heads: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.full)
+
+    @property
+    def num_full(self) -> list[int]:
+        return [len(heads) for heads in self.full]
+
+    @property
+    def fraction_full(self) -> float:
+        return sum(self.num_full) / (self.num_layers * self.num_kv_heads)
+
+    def order(self, layer: int) -> list[int]:
+        """KV heads of a layer in cache order: full heads first, then streaming heads."""
+        full = self.full[layer]
+        return list(full) + [h for h in range(self.num_kv_heads) if h not in full]
+
+    @classmethod
+    def uniform(cls, num_layers: int, num_kv_heads: int, full: bool) -> "HeadSplit":
+        heads = tuple(range(num_kv_heads)) if full else ()
+        return cls(tuple(heads for _ in range(num_layers)), num_kv_heads)
+
+
+def _from_ranking(ranked: list[tuple[int, int]], count: int, num_layers: int, num_kv_heads: int) -> HeadSplit:
+    chosen = sorted(ranked[:count])
+    return HeadSplit(tuple(tuple(h for l, h in chosen if l == layer) for layer in range(num_layers)),
+                     num_kv_heads)
+
+
+def select_heads(profile: Profile, budget: float | None = None, threshold: float | None = None) -> HeadSplit:
+    """Retrieval KV heads by a global budget (fraction of all KV heads, top scores) or a score threshold.
+
+    Ties are broken by (layer, head) so a profile and a budget always give the same split.
+    """
+    if (budget is None) == (threshold is None):
+        raise ValueError("give exactly one of budget or threshold")
+    scores = profile.kv_head_scores
+    layers, kv = len(scores), len(scores[0])
+    ranked = sorted(((l, h) for l in range(layers) for h in range(kv)), key=lambda lh: (-scores[lh[0]][lh[1]], lh))
+    if threshold is not None:
+        count = sum(scores[l][h] > threshold for l, h in ranked)
+    else:
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {budget}")
+        count = round(budget * layers * kv)
+    return _from_ranking(ranked, count, layers, kv)
+
+
+def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int) -> HeadSplit:
+    """The same number of full heads as `budget` would give, chosen at random (the control)."""
+    ranked = [(l, h) for l in range(num_layers) for h in range(num_kv_heads)]
+    random.Random(seed).shuffle(ranked)
+    return _from_ranking(ranked, round(budget * num_layers * num_kv_heads), num_layers, num_kv_heads)
+
+
+def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
+    return weight_or_bias.view(-1, block, *weight_or_bias.shape[1:])[index].reshape(weight_or_bias.shape)
+
+
+@torch.no_grad()
+def permute_attention_heads(model, split: HeadSplit) -> None:
+    """Reorder each layer's q/k/v/o projections so the layer's full KV heads come first (exact)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads
+    for layer_idx, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        kv_order = torch.tensor(split.order(layer_idx))
+        q_order = (kv_order[:, None] * group + torch.arange(group)).flatten()
+        for proj, order in ((attn.q_proj, q_order), (attn.k_proj, kv_order), (attn.v_proj, kv_order)):
+            proj.weight.copy_(_rows(proj.weight, order, head_dim))
+            if proj.bias is not None:
+                proj.bias.copy_(_rows(proj.bias, order, head_dim))
+        o = attn.o_proj.weight  # [hidden, heads * head_dim]: permute input columns
+        o.copy_(_rows(o.t().contiguous(), q_order, head_dim).t())

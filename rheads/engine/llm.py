@@ -1,0 +1,213 @@
+"""The engine: requests in, tokens out, one scheduler step at a time; and an offline `LLM` on top.
+
+    llm = LLM("smollm2-135m-instruct", budget=0.5)
+    outputs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models import load_model, resolve_model
+from ..profile import ModelIdentity, Profile, find_profile
+from .attention import ATTENTION_NAME
+from .cache import CacheConfig, CacheUsage, HeadSplitCache
+from .heads import HeadSplit, permute_attention_heads, select_heads
+from .runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import RequestOutput, SamplingParams, Sequence, Status
+
+
+@dataclass
+class EngineConfig:
+    budget: float | None = 1.0  # fraction of KV heads with a full cache (None: use threshold)
+    threshold: float | None = None  # or: every KV head scoring above this keeps a full cache
+    sink: int = 64
+    window: int = 256
+    page_size: int = 16
+    kv_cache_memory: int = 512 << 20  # bytes for both pools
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, duplicate id); the message is for the client."""
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, split: HeadSplit, config: EngineConfig, model_name: str = "model"):
+        self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
+        self.model_name = model_name
+        text_config = model.config
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        permute_attention_heads(model, split)
+        model.config._attn_implementation = ATTENTION_NAME
+        self.cache = HeadSplitCache(split, head_dim, CacheConfig(
+            page_size=config.page_size, sink=config.sink, window=config.window,
+            memory_bytes=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
+            dtype=config.dtype, device=config.device))
+        self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.sequences: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @classmethod
+    def from_model(cls, model_spec: str | None, profile: str | Path | None = "auto",
+                   config: EngineConfig | None = None, trust_remote_code: bool = False) -> "LLMEngine":
+        """Load a model and choose its heads from its profile ("auto": the shipped one; None: full cache)."""
+        config = config or EngineConfig()
+        source = resolve_model(model_spec)
+        model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
+                                      trust_remote_code=trust_remote_code)
+        identity = ModelIdentity.from_config(model.config, source.name)
+        if profile is None:
+            if config.budget not in (0.0, 1.0) or config.threshold is not None:
+                raise ValueError("a budget between 0 and 1 or a threshold needs a profile")
+            split = HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, config.budget == 1.0)
+        else:
+            loaded = Profile.load(find_profile(source.name) if profile == "auto" else profile)
+            loaded.check_fits(identity)
+            split = select_heads(loaded, budget=config.budget if config.threshold is None else None,
+                                 threshold=config.threshold)
+        return cls(model, tokenizer, split, config, model_name=source.name)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more ({total})."
+            )
+        if self.cache.pages_for(total) > self.cache.num_pages and self.cache.has_full_heads:
+            raise RequestError(
+                f"the request needs {total} tokens of KV cache but the whole cache holds "
+                f"{self.cache.num_pages * self.cache.config.page_size}; reduce max_tokens or the prompt."
+            )
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), generator=generator)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its cache; True if it was still unfinished."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.free(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def usage(self) -> CacheUsage:
+        return self.cache.usage()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, and report what each touched request produced."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.runner.run(chunks)
+        outputs, row = [], 0
+        for chunk in chunks:
+            if chunk.seq.num_cached == chunk.seq.num_tokens:  # the chunk reached the end: sample
+                outputs.append(self._append(chunk.seq, logits[row]))
+                row += 1
+        return outputs
+
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        token, logprob = sample(logits, seq.params, seq.generator)
+        params = seq.params
+        finish = None
+        new_ids = [token]
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            finish = "stop"
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        for stop in params.stop:
+            at = text.find(stop, max(0, len(seq.text) - len(stop)))
+            if at >= 0:
+                text, finish = text[:at], "stop"
+                break
+        if finish is None and (len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            finish = "length"
+        if finish is None and text.endswith("\ufffd"):
+            text = seq.text  # an incomplete UTF-8 sequence: wait for the next token
+        new_text, seq.text = text[len(seq.text):], text
+        if finish:
+            seq.status, seq.finish_reason = Status.FINISHED, finish
+            self.scheduler.free(seq)
+            self.sequences.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, new_ids, new_text, [logprob] if logprob else [], finish is not None,
+                             finish, len(seq.prompt_ids), len(seq.output_ids))
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list
+
+
+class LLM:
+    """Offline batch generation in the spirit of vLLM's `LLM`: every prompt is submitted, then stepped."""
+
+    def __init__(self, model: str | None = None, profile: str | Path | None = "auto", **config):
+        self.engine = LLMEngine.from_model(model, profile, EngineConfig(**config))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        params = params or SamplingParams()
+        ids = []
+        for i, prompt in enumerate(prompts):
+            prompt_ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+            self.engine.add_request(f"offline-{i}", prompt_ids, params)
+            ids.append(prompt_ids)
+        done: dict[str, Completion] = {}
+        parts: dict[str, list[RequestOutput]] = {f"offline-{i}": [] for i in range(len(prompts))}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                parts[out.request_id].append(out)
+        for i, prompt_ids in enumerate(ids):
+            rid = f"offline-{i}"
+            outs = parts[rid]
+            done[rid] = Completion(rid, prompt_ids, [t for o in outs for t in o.new_token_ids],
+                                   "".join(o.new_text for o in outs), outs[-1].finish_reason,
+                                   [lp for o in outs for lp in o.new_logprobs])
+        return [done[f"offline-{i}"] for i in range(len(prompts))]
