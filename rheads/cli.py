@@ -57,6 +57,60 @@ def build_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
 
+def parse_memory(text: str) -> int | float:
+    """'512MiB', '4GB', '1073741824' -> bytes; a number in (0, 1] -> that fraction of free GPU memory."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, scale in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered[: -len(unit)]) * scale)
+    value = float(lowered)
+    if 0 < value <= 1:
+        return value
+    return int(value)
+
+
+def build_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL with a full KV cache for its retrieval heads and sink + window caches for "
+        "the rest, behind /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, "
+        "/health and /metrics (Prometheus).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="preset name, Hugging Face id, local model directory or .gguf file")
+    p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
+    p.add_argument("--profile", default="auto",
+                   help="'auto' (the shipped profile for MODEL), a profile JSON, or 'none' (budget 1.0 or 0 only)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="fraction of KV heads keeping a full cache, top by profile score "
+                   "(default: 0.5 with a profile, 1.0 with --profile none)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="instead of --budget: every KV head scoring above this keeps a full cache")
+    p.add_argument("--sink", type=int, default=64, help="attention-sink tokens kept by streaming heads")
+    p.add_argument("--window", type=int, default=256, help="recent tokens kept by streaming heads")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per page of the full-head pool")
+    p.add_argument("--kv-cache-memory", type=parse_memory, default="512MiB",
+                   help="KV memory for both pools: bytes with a unit (4GiB) or, on a GPU, a fraction of free memory")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in the running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
+    p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before new ones get 429")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $RHEADS_API_KEY, else no key)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model names the API accepts (default: the model's Hugging Face id and the preset name)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    p.add_argument("--log-level", default="info", help="uvicorn log level")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rheads",
@@ -66,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rheads {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     build_profile_parser(sub)
+    build_serve_parser(sub)
     return parser
 
 
@@ -138,6 +193,47 @@ def run_show(argv: list[str]) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import uvicorn
+
+    from server.app import ServerSettings, create_app
+
+    from .engine import EngineConfig, LLMEngine
+    from .models import PRESETS, resolve_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    memory = args.kv_cache_memory
+    if isinstance(memory, float):
+        if not device.startswith("cuda"):
+            raise SystemExit("rheads: error: a fractional --kv-cache-memory needs a GPU; give bytes, e.g. 2GiB")
+        memory = int(torch.cuda.mem_get_info()[0] * memory)
+    profile = None if args.profile == "none" else args.profile
+    budget = args.budget if args.budget is not None else (1.0 if profile is None else 0.5)
+    config = EngineConfig(budget=None if args.threshold is not None else budget, threshold=args.threshold,
+                          sink=args.sink, window=args.window, page_size=args.page_size,
+                          kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len, device=device, dtype=dtype)
+    model = args.model_flag or args.model
+    engine = LLMEngine.from_model(model, profile, config, trust_remote_code=args.trust_remote_code)
+    source = resolve_model(model)
+    names = args.served_model_name or [source.name] + ([source.preset] if source.preset in PRESETS else [])
+    usage = engine.usage()
+    print(f"rheads: {source.name}: {sum(engine.split.num_full)} of {engine.split.num_layers * engine.split.num_kv_heads} "
+          f"KV heads full (budget {engine.split.fraction_full:.2f}); KV pools {usage.bytes_capacity / 2**20:.0f} MiB: "
+          f"{usage.pages_total} pages, {usage.slots_total} window slots", file=sys.stderr)
+    settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("RHEADS_API_KEY"),
+                              max_waiting=args.max_waiting)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import ModelNotFoundError
     from .profile import ProfileError
@@ -151,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "profile":
             return run_profile(args)
+        if args.command == "serve":
+            return run_serve(args)
         build_parser().print_help()
         return 2
-    except (ProfileError, ModelNotFoundError) as error:
+    except (ProfileError, ModelNotFoundError, ValueError) as error:
         print(f"rheads: error: {error}", file=sys.stderr)
         return 2
 

@@ -67,7 +67,7 @@ def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, 
     ring_k, ring_v = cache.ring_k[layer][seq.slot], cache.ring_v[layer][seq.slot]
     device = pos.device
     held = torch.cat([torch.arange(min(sink, seq.start), device=device),
-                      torch.arange(max(sink, seq.start - window), seq.start, device=device)])
+                      torch.arange(max(sink, seq.start - window), max(sink, seq.start), device=device)])
     slots = cache.ring_index(held)
     out = _attend(q, torch.cat([ring_k[slots], k]), torch.cat([ring_v[slots], v]), pos,
                   torch.cat([held, pos]), scaling, sink, window)

@@ -1,0 +1,346 @@
+"""The OpenAI-compatible HTTP API over the engine: completions, chat, models, tokenize, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rheads.engine import LLMEngine, RequestOutput, SamplingParams
+from rheads.engine.llm import RequestError
+
+from .engine_client import EngineClient, QueueFullError
+from .metrics import Metrics
+from .protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest, Usage,
+    completion_logprobs, new_id, now,
+)
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    api_key: str | None = None
+    max_waiting: int = 256
+    retry_after_seconds: int = 1
+
+
+class APIError(Exception):
+    """An error for the client, rendered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(error.status, error.message, error.type, error.param), error.status,
+                        headers=error.headers)
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    first = error.errors()[0] if error.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return (f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")), param
+
+
+class Generation:
+    """One API request's engine work, prompts x n choices, merged into one stream as outputs come."""
+
+    def __init__(self, client: EngineClient, metrics: Metrics, prompts: list[list[int]],
+                 params: SamplingParams, n: int, request_id: str):
+        self.client, self.metrics = client, metrics
+        self.choices = [(i * n + j, ids) for i, ids in enumerate(prompts) for j in range(n)]
+        self.streams = []
+        try:  # submit every choice before answering, so a refusal is a clean 4xx with nothing left running
+            for index, ids in self.choices:
+                seed = None if params.seed is None else params.seed + index
+                self.streams.append(client.submit(f"{request_id}-{index}", ids,
+                                                  SamplingParams(**{**params.__dict__, "seed": seed})))
+        except (RequestError, QueueFullError):
+            for stream in self.streams:
+                client.abort(stream.request_id)
+            raise
+        metrics.prompt_tokens.inc(sum(len(ids) for _, ids in self.choices))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(index, stream, queue))
+                 for (index, _), stream in zip(self.choices, self.streams)]
+        try:
+            for _ in range(len(tasks)):
+                while (item := await queue.get()) is not None:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump(self, index: int, stream, queue: asyncio.Queue) -> None:
+        arrival = last = time.perf_counter()
+        try:
+            async for out in stream:
+                stamp = time.perf_counter()
+                if out.new_token_ids:
+                    first = last == arrival
+                    (self.metrics.ttft if first else self.metrics.itl).observe(stamp - last)
+                    self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                    last = stamp
+                if out.finished:
+                    self.metrics.e2e.observe(stamp - arrival)
+                    self.metrics.finished(out.finish_reason)
+                await queue.put((index, out))
+        finally:
+            queue.put_nowait(None)
+
+
+def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app; the engine thread starts with the app and stops with it."""
+    metrics = Metrics(settings.served_model_names[0])
+    client = EngineClient(engine, metrics, settings.max_waiting)
+    tokenizer = engine.tokenizer
+    model_name = settings.served_model_names[0]
+    app = FastAPI(title="rheads", version="0.1.0",
+                  description="OpenAI-compatible server with a retrieval-head-aware KV cache.")
+    app.state.client, app.state.engine, app.state.metrics = client, engine, metrics
+    app.router.on_shutdown.append(client.shutdown)
+
+    async def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                           "AuthenticationError")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, error: APIError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(error)
+        return JSONResponse(error_body(400, message, "BadRequestError", param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(error.status_code, "HTTPError")
+        return JSONResponse(error_body(error.status_code, str(error.detail), kind), error.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(error).__name__}", "InternalServerError"), 500)
+
+    def check_model(body: SamplingFields | TokenizeRequest | DetokenizeRequest) -> None:
+        if body.model is not None and body.model not in settings.served_model_names:
+            raise APIError(404, f"The model `{body.model}` does not exist. Served: {model_name}.",
+                           "NotFoundError", "model")
+
+    def chat_prompt(messages) -> list[int]:
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        if not tokenizer.chat_template:
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
+                           "BadRequestError", "messages")
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sampling(body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(body.top_k, 0), seed=body.seed, stop=body.stop or [],
+                              stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
+                              logprobs=logprobs)
+
+    def start(prompts: list[list[int]], params: SamplingParams, n: int, request_id: str,
+              param: str) -> Generation:
+        try:
+            return Generation(client, metrics, prompts, params, n, request_id)
+        except RequestError as error:
+            raise APIError(400, str(error), "BadRequestError", param) from error
+        except QueueFullError as error:
+            raise APIError(429, f"server busy: {error}; retry later", "RateLimitError",
+                           headers={"Retry-After": str(settings.retry_after_seconds)}) from error
+
+    def usage_of(prompts: list[list[int]], n: int, outputs: dict[int, int]) -> Usage:
+        prompt = sum(len(p) for p in prompts) * n
+        completion = sum(outputs.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def sse(payload: dict | str) -> str:
+        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    def engine_error(out: RequestOutput) -> APIError:
+        return APIError(500, f"the engine failed while serving this request: {out.error}", "InternalServerError")
+
+    # -- completions ------------------------------------------------------------------------------
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest):
+        check_model(body)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported", "BadRequestError", "echo")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", "BadRequestError", "suffix")
+        prompts = [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in body.prompts()]
+        if any(not p for p in prompts):
+            raise APIError(400, "a prompt is empty", "BadRequestError", "prompt")
+        params = sampling(body, body.max_tokens or 16, body.logprobs)
+        rid = new_id("cmpl")
+        gen = start(prompts, params, body.n, rid, "prompt")
+        created = now()
+        echo = {i * body.n + j: tokenizer.decode(p) if body.echo else ""
+                for i, p in enumerate(prompts) for j in range(body.n)}
+
+        def logprob_block(outs: list) -> dict | None:
+            if body.logprobs is None:
+                return None
+            tokens = [token_text(lp.token_id) for lp in outs]
+            return completion_logprobs(tokens, [lp.logprob for lp in outs],
+                                       [{token_text(t): v for t, v in lp.top} for lp in outs],
+                                       [0] * len(outs))
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def events() -> AsyncIterator[str]:
+                counts: dict[int, int] = {}
+                async for index, out in gen:
+                    if out.error:
+                        yield sse(error_body(500, engine_error(out).message, "InternalServerError"))
+                        break
+                    counts[index] = out.num_output_tokens
+                    text = echo.pop(index, "") + out.new_text
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                               "choices": [{"index": index, "text": text, "logprobs": logprob_block(out.new_logprobs),
+                                            "finish_reason": out.finish_reason}]})
+                if include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                               "choices": [], "usage": usage_of(prompts, body.n, counts).model_dump()})
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        texts: dict[int, str] = {}
+        logprobs: dict[int, list] = {}
+        finish: dict[int, str] = {}
+        counts: dict[int, int] = {}
+        async for index, out in gen:
+            if out.error:
+                raise engine_error(out)
+            texts[index] = texts.get(index, echo[index]) + out.new_text
+            logprobs.setdefault(index, []).extend(out.new_logprobs)
+            counts[index], finish[index] = out.num_output_tokens, out.finish_reason
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "text": texts[i], "logprobs": logprob_block(logprobs[i]),
+                             "finish_reason": finish[i]} for i in sorted(texts)],
+                "usage": usage_of(prompts, body.n, counts).model_dump()}
+
+    # -- chat -------------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatCompletionRequest):
+        check_model(body)
+        prompt = chat_prompt(body.messages)
+        room = engine.max_model_len - len(prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
+        top = body.top_logprobs if body.logprobs else None
+        params = sampling(body, max_tokens, (top or 0) if body.logprobs else None)
+        rid = new_id("chatcmpl")
+        gen = start([prompt], params, body.n, rid, "messages")
+        created = now()
+
+        def logprob_block(outs: list) -> dict | None:
+            if not body.logprobs:
+                return None
+            entry = lambda t, v: {"token": token_text(t), "logprob": v,  # noqa: E731
+                                  "bytes": list(token_text(t).encode())}
+            return {"content": [{**entry(lp.token_id, lp.logprob),
+                                 "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in outs]}
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def events() -> AsyncIterator[str]:
+                head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+                for i in range(body.n):
+                    yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]})
+                counts: dict[int, int] = {}
+                async for index, out in gen:
+                    if out.error:
+                        yield sse(error_body(500, engine_error(out).message, "InternalServerError"))
+                        break
+                    counts[index] = out.num_output_tokens
+                    delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+                    yield sse({**head, "choices": [{"index": index, "delta": delta,
+                                                    "logprobs": logprob_block(out.new_logprobs),
+                                                    "finish_reason": out.finish_reason}]})
+                if include_usage:
+                    yield sse({**head, "choices": [], "usage": usage_of([prompt], body.n, counts).model_dump()})
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        texts: dict[int, str] = {}
+        logprobs: dict[int, list] = {}
+        finish: dict[int, str] = {}
+        counts: dict[int, int] = {}
+        async for index, out in gen:
+            if out.error:
+                raise engine_error(out)
+            texts[index] = texts.get(index, "") + out.new_text
+            logprobs.setdefault(index, []).extend(out.new_logprobs)
+            counts[index], finish[index] = out.num_output_tokens, out.finish_reason
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                             "logprobs": logprob_block(logprobs[i]), "finish_reason": finish[i]}
+                            for i in sorted(texts)],
+                "usage": usage_of([prompt], body.n, counts).model_dump()}
+
+    # -- the rest ---------------------------------------------------------------------------------
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "rheads", "root": engine.model_name,
+             "max_model_len": engine.max_model_len} for name in settings.served_model_names]}
+
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize(body: TokenizeRequest):
+        check_model(body)
+        ids = chat_prompt(body.messages) if body.messages is not None else \
+            tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body)
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "BadRequestError", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,57 @@
+"""Prometheus metrics, named after vLLM's with an `rheads:` prefix, plus the KV saving itself."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    """One registry per server, so that several servers (tests) never share counters."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"rheads:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(f"rheads:{name}", doc, labels, buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting for cache memory or a batch slot.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of the KV cache (both pools) in use, 0-1.")
+        self.kv_bytes = gauge("kv_cache_bytes_used", "Bytes of KV cache held by resident sequences.")
+        self.kv_full = gauge("kv_cache_bytes_full_equivalent",
+                             "Bytes a full (every head, every token) cache would hold for the same tokens.")
+        self.kv_pages = gauge("kv_cache_pages_used", "Pages of the full-head pool in use.")
+        self.kv_slots = gauge("kv_cache_window_slots_used", "Streaming-head window slots in use.")
+        self.preemptions = gauge("num_preemptions", "Sequences preempted (and recomputed) so far.")
+        self.prompt_tokens = Counter("rheads:prompt_tokens", "Prompt tokens processed.", labels,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("rheads:generation_tokens", "Tokens generated.", labels,
+                                         registry=r).labels(model_name)
+        self.requests = Counter("rheads:request_success", "Finished requests by finish reason.",
+                                labels + ["finished_reason"], registry=r)
+        self.model_name = model_name
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency from arrival to last token.")
+
+    def observe_engine(self, engine) -> None:
+        """Copy the engine's queue and cache state into the gauges (called from the engine thread)."""
+        usage = engine.usage()
+        self.running.set(engine.num_running)
+        self.waiting.set(engine.num_waiting)
+        self.kv_usage.set(usage.usage_fraction)
+        self.kv_bytes.set(usage.bytes_used)
+        self.kv_full.set(usage.bytes_full_equivalent)
+        self.kv_pages.set(usage.pages_used)
+        self.kv_slots.set(usage.slots_used)
+        self.preemptions.set(engine.scheduler.num_preemptions)
+
+    def finished(self, reason: str | None) -> None:
+        self.requests.labels(self.model_name, reason or "unknown").inc()
