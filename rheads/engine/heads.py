@@ -81,14 +81,14 @@ def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor, block: int) -> torc
 
 
 @torch.no_grad()
-def permute_attention_heads(model, split: HeadSplit) -> None:
-    """Reorder each layer's q/k/v/o projections so the layer's full KV heads come first (exact)."""
+def _permute(model, orders: list[list[int]]) -> None:
+    """Reorder each layer's KV heads (with their query heads) into `orders[layer]`."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     group = config.num_attention_heads // config.num_key_value_heads
-    for layer_idx, layer in enumerate(model.model.layers):
+    for layer, kv_list in zip(model.model.layers, orders):
         attn = layer.self_attn
-        kv_order = torch.tensor(split.order(layer_idx))
+        kv_order = torch.tensor(kv_list)
         q_order = (kv_order[:, None] * group + torch.arange(group)).flatten()
         for proj, order in ((attn.q_proj, q_order), (attn.k_proj, kv_order), (attn.v_proj, kv_order)):
             proj.weight.copy_(_rows(proj.weight, order, head_dim))
@@ -96,3 +96,17 @@ def permute_attention_heads(model, split: HeadSplit) -> None:
                 proj.bias.copy_(_rows(proj.bias, order, head_dim))
         o = attn.o_proj.weight  # [hidden, heads * head_dim]: permute input columns
         o.copy_(_rows(o.t().contiguous(), q_order, head_dim).t())
+
+
+def permute_attention_heads(model, split: HeadSplit) -> None:
+    """Reorder each layer's q/k/v/o projections so the layer's full KV heads come first (exact)."""
+    _permute(model, [split.order(layer) for layer in range(split.num_layers)])
+
+
+def restore_attention_heads(model, split: HeadSplit) -> None:
+    """Undo permute_attention_heads, so one loaded model can serve several splits in turn."""
+    inverse = []
+    for layer in range(split.num_layers):
+        order = split.order(layer)
+        inverse.append(sorted(range(len(order)), key=order.__getitem__))
+    _permute(model, inverse)

@@ -166,6 +166,8 @@ class LLMEngine:
             finish = "length"
         if finish is None and text.endswith("\ufffd"):
             text = seq.text  # an incomplete UTF-8 sequence: wait for the next token
+        if finish is None and params.stop:  # hold back what may be the start of a stop string
+            text = text[:max(len(seq.text), len(text) - max(map(len, params.stop)) + 1)]
         new_text, seq.text = text[len(seq.text):], text
         if finish:
             seq.status, seq.finish_reason = Status.FINISHED, finish

@@ -16,6 +16,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop[0] = False  # always keep the best token (a top_p below float32's range rounds to 0)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -23,7 +24,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, TokenLogprob | None]:
     """Pick the next token from a [vocab] float row; log-probabilities are the model's, before filtering."""
     logits = logits.float()
-    if params.temperature == 0:
+    if params.temperature < 1e-5:  # as vLLM: greedy, since dividing by a tiny temperature overflows to nan
         token = int(logits.argmax())
     else:
         filtered = _filter(logits / params.temperature, params.top_k, params.top_p)
