@@ -1,0 +1,255 @@
+"""The profiler on hand-built cases and tiny random models: copy test, attention, prompts, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+from rheads.models import resolve_model
+from rheads.niah import NiahPrompt, _template_parts, build_prompt, load_needles, unigram_recall
+from rheads.profile import ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord
+from rheads.profiler import ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_model, run_sample, summarise
+
+SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-135M-Instruct.json"
+TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+            intermediate_size=128, max_position_embeddings=4096)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run best on one thread
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The SmolLM2 tokenizer of the preset (converted into $RHEADS_CACHE on first use)."""
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+
+
+# --- copy test ---------------------------------------------------------------------------------
+
+def test_copy_hits_hand_built() -> None:
+    #                         0   1   2   3   4   5   6   7
+    prompt_ids = torch.tensor([12, 11, 12, 13, 14, 12, 16, 17])
+    span = (2, 5)  # tokens 12, 13, 14; token 12 also sits outside the span at 0 and 5
+    argmax = torch.tensor([
+        [2, 3, 5, 9],  # in span + same token; in span, other token; outside (end) + same; a generated position
+        [4, 2, 0, 1],  # in span, other token; in span + same; outside (before) + same; outside, other
+        [5, 5, 2, 2],  # outside + same twice; in span + same twice
+    ])
+    expected = torch.tensor([[True, False, False, False],
+                             [False, True, False, False],
+                             [False, False, True, True]])
+    assert torch.equal(copy_hits(argmax, 12, prompt_ids, span), expected)
+    assert not copy_hits(argmax, 99, prompt_ids, span).any()
+
+
+# --- the profiling attention against transformers' attention -----------------------------------
+
+def _tiny_model(kind: str, vocab_size: int = 128, seed: int = 0):
+    """A tiny random Llama or Qwen2 in fp32, eval mode, with peaky attention (large init)."""
+    torch.manual_seed(seed)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    config = cls(vocab_size=vocab_size, initializer_range=0.2, **TINY)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def _decode_argmaxes(model, ids: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
+    """run_sample's decode, teacher-forced with `tokens`, returning every step's [layers, heads] argmax."""
+    store = _KVStore(model.config.num_hidden_layers)
+    n = ids.numel()
+    model.model(input_ids=ids[None, :-1], position_ids=torch.arange(n - 1)[None], use_cache=False,
+                rheads_store=store)
+    inputs, out = [int(ids[-1]), *tokens[:-1]], []
+    for step, token in enumerate(inputs):
+        model.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[n - 1 + step]]),
+                    use_cache=False, rheads_store=store)
+        out.append(torch.stack(store.argmax).clone())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_profiling_attention_matches_transformers(kind: str) -> None:
+    model = _tiny_model(kind, vocab_size=16)  # a small vocabulary, so that some heads do copy
+    torch.manual_seed(1)
+    ids = torch.randint(0, 16, (48,))
+    n, span = 12, (0, 48)
+    greedy = {}
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        out = model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        greedy[impl] = out[0, ids.numel():].tolist()
+    assert greedy["sdpa"] == greedy["eager"] and len(greedy["sdpa"]) == n
+
+    model.config._attn_implementation = ATTENTION_NAME
+    result = run_sample(model, NiahPrompt(ids.tolist(), span, span), n, set(), span)
+    assert result.response_ids == greedy["sdpa"]
+    ours = _decode_argmaxes(model, ids, result.response_ids)
+
+    model.config._attn_implementation = "eager"
+    full = torch.cat([ids, torch.tensor(result.response_ids)])
+    with torch.inference_mode():
+        attentions = model(full[None], output_attentions=True).attentions  # per layer [1, heads, T, T]
+    copies = torch.zeros_like(result.copies)
+    for step in range(n):
+        row = ids.numel() - 1 + step
+        eager = torch.stack([a[0, :, row, :row + 1].argmax(-1) for a in attentions])
+        assert torch.equal(ours[step], eager), f"step {step}"
+        copies += copy_hits(eager, result.response_ids[step], ids, span)
+    assert torch.equal(result.copies, copies) and copies.sum() > 0
+
+
+# --- prompts and scoring -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("reference, response, expected", [
+    ("take a walk in Chaoyang Park", "take a walk in Chaoyang Park", 1.0),
+    ("take a walk in the park", "I would walk to a lake", 2 / 6),
+    ("Take a WALK, in the Park!", "take a walk in the park", 1.0),
+    ("can't ride a horse", "cant ride a horse", 0.6),  # "can't" is two words: can, t
+    ("the cat and the dog", "the cat", 2 / 5),
+    ("the cat and the dog", "the the the dog and cat", 1.0),
+    ("the cat", "", 0.0),
+    ("", "anything", 0.0),
+])
+def test_unigram_recall(reference: str, response: str, expected: float) -> None:
+    assert unigram_recall(reference, response) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("length", [400, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_build_prompt(tokenizer, length: int, depth: float) -> None:
+    for needle in load_needles():
+        prompt = build_prompt(tokenizer, needle, length, depth)
+        ids = prompt.input_ids
+        assert len(ids) == length
+        a0, a1 = prompt.answer_span
+        n0, n1 = prompt.needle_span
+        assert n0 <= a0 < a1 <= n1
+        answer = tokenizer.decode(ids[a0:a1]).strip().lower()
+        real = needle.real_needle.strip().lower()
+        assert real in answer and len(answer) <= len(real) + 12
+        assert needle.needle in tokenizer.decode(ids[n0:n1])
+
+        before, after = _template_parts(tokenizer, needle.question)
+        assert ids[:len(before)] == before and ids[len(ids) - len(after):] == after
+        budget = length - len(before) - len(after) - (n1 - n0)
+        insert, wanted = n0 - len(before), round(depth * budget)
+        assert 0 <= wanted - insert <= 80  # moved back by less than a long sentence
+        if 0 < wanted < budget:
+            assert "." in tokenizer.decode([ids[n0 - 1]])  # right after a full stop
+        else:
+            assert insert == wanted  # the very start or end of the context
+
+
+# --- summarise ---------------------------------------------------------------------------------
+
+def _identity(name: str = "org/tiny") -> ModelIdentity:
+    return ModelIdentity(name=name, architecture="LlamaForCausalLM", num_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16)
+
+
+def _sample(kept: bool, scores: dict[str, float]) -> SampleRecord:
+    return SampleRecord(needle_index=0, context_length=100, depth=0.5, prompt_tokens=100, response="x",
+                        recall=1.0 if kept else 0.0, kept=kept, head_scores=scores)
+
+
+@pytest.mark.parametrize("how, kv", [("max", [[0.375, 0.0], [0.0, 0.5]]),
+                                     ("mean", [[0.1875, 0.0], [0.0, 0.25]])])
+def test_summarise(how: str, kv: list[list[float]]) -> None:
+    samples = [_sample(True, {"0-1": 0.5, "1-3": 1.0}), _sample(True, {"0-1": 0.25}),
+               _sample(False, {"0-0": 1.0, "1-2": 1.0})]  # the dropped sample must not count
+    profile = summarise(_identity(), ProfileMethod(name="retrieval_head_niah", kv_aggregate=how), samples)
+    assert (profile.samples_total, profile.samples_kept) == (3, 2)
+    assert profile.query_head_scores == [[0.0, 0.375, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]]
+    assert profile.kv_head_scores == kv
+    assert profile.samples == samples
+
+
+def test_summarise_nothing_kept() -> None:
+    profile = summarise(_identity(), ProfileMethod(name="retrieval_head_niah"), [_sample(False, {"0-0": 1.0})])
+    assert profile.samples_kept == 0 and profile.query_head_scores == [[0.0] * 4] * 2
+
+
+# --- profile_model: resume and determinism -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer (and vocabulary), saved as a model directory."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model = _tiny_model("llama", vocab_size=len(tokenizer))
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _needles_file(path: Path, index: int) -> Path:
+    needle = load_needles()[index]
+    path.write_text(json.dumps(needle.__dict__) + "\n")
+    return path
+
+
+def _config(needles: Path, depths: list[float]) -> ProfileConfig:
+    return ProfileConfig(lengths=[200, 150], depths=depths, needles_file=needles)
+
+
+def test_profile_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
+    needles = _needles_file(tmp_path / "needles.jsonl", 1)
+    out = tmp_path / "p.json"
+    first = profile_model(str(tiny_model_dir), _config(needles, [0.0, 1.0]), out)
+    assert first.samples_total == 4 and first.model.name == "tiny-llama"
+    assert [(s.context_length, s.depth) for s in first.samples] == [(150, 0.0), (150, 1.0), (200, 0.0), (200, 1.0)]
+    assert all(s.prompt_tokens == s.context_length for s in first.samples)
+
+    second = profile_model(str(tiny_model_dir), _config(needles, [0.0, 0.5, 1.0]), out)
+    assert second.samples_total == 6
+    assert second.samples[:4] == first.samples
+    assert [(s.context_length, s.depth) for s in second.samples[4:]] == [(150, 0.5), (200, 0.5)]
+    assert second.method.params["depths"] == [0.0, 0.5, 1.0]
+    assert Profile.load(out) == second
+
+    saved = out.read_text()
+    third = profile_model(str(tiny_model_dir), _config(needles, [0.0, 0.5, 1.0]), out)
+    assert third.samples == second.samples and out.read_text() == saved
+
+    other = _needles_file(tmp_path / "other.jsonl", 0)
+    with pytest.raises(ProfileError, match="needles"):
+        profile_model(str(tiny_model_dir), _config(other, [0.0]), out)
+    assert out.read_text() == saved
+
+
+def test_profile_deterministic(tiny_model_dir: Path, tmp_path: Path) -> None:
+    needles = _needles_file(tmp_path / "needles.jsonl", 1)
+    config = _config(needles, [0.0, 1.0])
+    profile_model(str(tiny_model_dir), config, tmp_path / "a.json")
+    profile_model(str(tiny_model_dir), config, tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
+# --- a profile on the wrong model --------------------------------------------------------------
+
+QWEN25_05B = dict(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896,
+                  intermediate_size=4864, vocab_size=151936, rope_theta=1000000.0,
+                  architectures=["Qwen2ForCausalLM"])
+
+
+def _smollm2_profiles(tmp_path: Path) -> list[Profile]:
+    """A profile in the shipped format for the SmolLM2 preset, plus the shipped file when present."""
+    config = AutoConfig.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+    identity = ModelIdentity.from_config(config, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    summarise(identity, ProfileMethod(name="retrieval_head_niah"), []).save(tmp_path / "smol.json")
+    profiles = [Profile.load(tmp_path / "smol.json")]
+    if SHIPPED_SMOLLM2.is_file():
+        profiles.append(Profile.load(SHIPPED_SMOLLM2))
+    return profiles
+
+
+def test_profile_on_wrong_model_names_num_layers(tmp_path: Path) -> None:
+    qwen = ModelIdentity.from_config(Qwen2Config(**QWEN25_05B), "Qwen/Qwen2.5-Coder-0.5B-Instruct")
+    for profile in _smollm2_profiles(tmp_path):
+        assert profile.model.num_layers == 30
+        with pytest.raises(ProfileError, match="num_layers: profile has 30, model has 24"):
+            profile.check_fits(qwen)
