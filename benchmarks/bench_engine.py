@@ -60,24 +60,32 @@ def footprint_table(config: LlamaConfig, budgets: list[float], contexts: list[in
 
 def decode_throughput(model, split, context: int, batch: int, steps: int, memory: int, device: str,
                       dtype: torch.dtype, sink: int, window: int) -> dict:
-    """Prefill `batch` prompts of `context` tokens, then time `steps` decode steps of the whole batch."""
+    """Prefill `batch` prompts of `context` tokens, then time `steps` decode steps of the whole batch.
+
+    Sequences that finish prefill early decode while the others prefill, so max_tokens leaves room for
+    those tokens and for the timed steps, which start once every sequence is decoding.
+    """
+    chunk = 2048
+    max_tokens = steps + batch * (context // chunk + 1) + 1
     engine = LLMEngine(model, _Tokenizer(), split, EngineConfig(
         budget=None, sink=sink, window=window, kv_cache_memory=memory, max_num_seqs=batch,
-        max_num_batched_tokens=2048, max_model_len=context + steps + 8, device=device, dtype=dtype))
+        max_num_batched_tokens=chunk, max_model_len=context + max_tokens, device=device, dtype=dtype))
     generator = torch.Generator().manual_seed(0)
     for i in range(batch):
         ids = torch.randint(0, model.config.vocab_size, (context,), generator=generator).tolist()
-        engine.add_request(str(i), ids, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+        engine.add_request(str(i), ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     start = time.perf_counter()
     while any(s.in_prefill or s.num_cached == 0 for s in engine.sequences.values()):
         engine.step()
     sync(device)
     prefill = time.perf_counter() - start
     start, tokens = time.perf_counter(), 0
-    while engine.has_unfinished():
+    for _ in range(steps):
         tokens += len(engine.step())
     sync(device)
     decode = time.perf_counter() - start
+    for request_id in list(engine.sequences):
+        engine.abort(request_id)
     usage = engine.usage()
     restore_attention_heads(model, split)
     return {"context": context, "batch": batch, "prefill_s": prefill, "decode_s": decode,

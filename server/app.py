@@ -258,6 +258,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         check_model(body)
         prompt = chat_prompt(body.messages)
         room = engine.max_model_len - len(prompt)
+        if engine.cache.has_full_heads:  # by default, no more than the whole full-head pool can hold
+            room = min(room, engine.cache.num_pages * engine.cache.config.page_size - len(prompt))
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = body.top_logprobs if body.logprobs else None
         params = sampling(body, max_tokens, (top or 0) if body.logprobs else None)
