@@ -5,7 +5,8 @@ new tokens' post-RoPE query/key/value for the whole packed batch. We write the k
 the head-split cache and attend: full heads over their whole history, streaming heads over the
 attention sinks plus the last `window` positions (a key at position k is visible to a query at q
 when k <= q and (k < sink or q - k < window)). This module is the plain-PyTorch reference; it runs
-anywhere torch does.
+anywhere torch does. Sequences that decode one token this step are handled together instead, by
+`decode.paged_decode` (a Triton kernel on CUDA) reading both pools in place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .cache import HeadSplitCache
+from .decode import paged_decode
 
 ATTENTION_NAME = "rheads_head_split"
 
@@ -33,10 +35,26 @@ class SeqSlice:
 
 
 @dataclass
+class DecodeBatch:
+    """The sequences feeding exactly one token this step, as device tensors built once per step."""
+
+    rows: torch.Tensor  # [B] their rows in the packed batch
+    page_table: torch.Tensor  # [B, max pages] int32, padded with 0
+    page_ids: torch.Tensor  # [B] page holding the new token
+    page_offsets: torch.Tensor  # [B] its place in that page
+    lengths: torch.Tensor  # [B] int32 tokens in the full-head cache after this token
+    slots: torch.Tensor  # [B] streaming slot of each sequence
+    ring_offsets: torch.Tensor  # [B] ring index of the new token
+    ring_lengths: torch.Tensor  # [B] int32 valid ring entries after this token
+    max_length: int
+
+
+@dataclass
 class BatchMeta:
     cache: HeadSplitCache
-    seqs: list[SeqSlice]
+    seqs: list[SeqSlice]  # sequences fed through the per-sequence path (prefill chunks)
     positions: torch.Tensor  # [tokens]
+    decode: DecodeBatch | None = None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -87,6 +105,8 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
     split_q = num_full * groups
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     out = torch.empty_like(q)
+    if meta.decode is not None:
+        out[meta.decode.rows] = _decode(cache, layer, meta.decode, q, k, v, num_full, split_q, scaling)
     for seq in meta.seqs:
         rows = slice(seq.begin, seq.end)
         pos = meta.positions[rows]
@@ -97,6 +117,26 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
             out[rows, split_q:] = _streaming_heads(cache, layer, seq, q[rows, split_q:], k[rows, num_full:],
                                                    v[rows, num_full:], pos, scaling)
     return out[None], None
+
+
+def _decode(cache: HeadSplitCache, layer: int, batch: DecodeBatch, q, k, v, num_full: int, split_q: int,
+            scaling: float) -> torch.Tensor:
+    """Write each decoding sequence's new K/V into its pools, then attend with one call per head group."""
+    q, k, v = q[batch.rows], k[batch.rows], v[batch.rows]
+    out = torch.empty_like(q)
+    if num_full:
+        keys, values = cache.full_k[layer], cache.full_v[layer]
+        keys[batch.page_ids, batch.page_offsets] = k[:, :num_full]
+        values[batch.page_ids, batch.page_offsets] = v[:, :num_full]
+        out[:, :split_q] = paged_decode(q[:, :split_q], keys, values, batch.page_table, batch.lengths, scaling,
+                                        batch.max_length)
+    if num_full < k.shape[1]:
+        keys, values = cache.ring_k[layer], cache.ring_v[layer]
+        keys[batch.slots, batch.ring_offsets] = k[:, num_full:]
+        values[batch.slots, batch.ring_offsets] = v[:, num_full:]
+        out[:, split_q:] = paged_decode(q[:, split_q:], keys, values, batch.slots[:, None], batch.ring_lengths,
+                                        scaling, cache.window_slots)
+    return out
 
 
 AttentionInterface.register(ATTENTION_NAME, head_split_attention)
