@@ -208,13 +208,18 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         echo = {i * body.n + j: tokenizer.decode(p) if body.echo else ""
                 for i, p in enumerate(prompts) for j in range(body.n)}
 
-        def logprob_block(outs: list) -> dict | None:
+        offsets: dict[int, int] = {}  # characters of each choice's text before its next token
+
+        def logprob_block(index: int, outs: list) -> dict | None:
             if body.logprobs is None:
                 return None
             tokens = [token_text(lp.token_id) for lp in outs]
+            starts = []
+            for token in tokens:
+                starts.append(offsets.get(index, 0))
+                offsets[index] = starts[-1] + len(token)
             return completion_logprobs(tokens, [lp.logprob for lp in outs],
-                                       [{token_text(t): v for t, v in lp.top} for lp in outs],
-                                       [0] * len(outs))
+                                       [{token_text(t): v for t, v in lp.top} for lp in outs], starts)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -228,7 +233,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                     counts[index] = out.num_output_tokens
                     text = echo.pop(index, "") + out.new_text
                     yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                               "choices": [{"index": index, "text": text, "logprobs": logprob_block(out.new_logprobs),
+                               "choices": [{"index": index, "text": text, "logprobs": logprob_block(index, out.new_logprobs),
                                             "finish_reason": out.finish_reason}]})
                 if include_usage:
                     yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
@@ -248,7 +253,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             logprobs.setdefault(index, []).extend(out.new_logprobs)
             counts[index], finish[index] = out.num_output_tokens, out.finish_reason
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "text": texts[i], "logprobs": logprob_block(logprobs[i]),
+                "choices": [{"index": i, "text": texts[i], "logprobs": logprob_block(i, logprobs[i]),
                              "finish_reason": finish[i]} for i in sorted(texts)],
                 "usage": usage_of(prompts, body.n, counts).model_dump()}
 

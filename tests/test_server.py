@@ -332,13 +332,15 @@ def test_completion_logprobs(client, reference):
     assert out.choices[0].text == reference["text"][:len(out.choices[0].text)]
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens == 6
     assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
     for chosen, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert logprob <= 0 and 1 <= len(top) <= 2
         assert max(top.values()) == pytest.approx(logprob, abs=1e-5)  # greedy takes the best token
     stream = client.completions.create(model=PRESET, prompt=REF_PROMPT, max_tokens=6, temperature=0, logprobs=2,
                                        stream=True)
-    streamed = [t for c in stream for t in c.choices[0].logprobs.tokens]
-    assert streamed == lp.tokens
+    chunks = [c.choices[0].logprobs for c in stream]
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.text_offset] == lp.text_offset
 
 
 def test_chat_logprobs(client):
