@@ -6,8 +6,8 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +57,20 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     return (f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")), param
+
+
+@dataclass
+class Choice:
+    """One choice's output gathered for a non-streaming response."""
+
+    text: str
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+def include_usage(body: SamplingFields) -> bool:
+    return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
 
 class Generation:
@@ -190,6 +204,35 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     def engine_error(out: RequestOutput) -> APIError:
         return APIError(500, f"the engine failed while serving this request: {out.error}", "InternalServerError")
 
+    async def collect(gen: Generation, prefix: dict[int, str]) -> dict[int, Choice]:
+        """Every choice's whole output (non-streaming responses)."""
+        choices: dict[int, Choice] = {}
+        async for index, out in gen:
+            if out.error:
+                raise engine_error(out)
+            choice = choices.setdefault(index, Choice(prefix.get(index, "")))
+            choice.text += out.new_text
+            choice.logprobs.extend(out.new_logprobs)
+            choice.finish_reason, choice.tokens = out.finish_reason, out.num_output_tokens
+        return dict(sorted(choices.items()))
+
+    async def sse_stream(gen: Generation, head: dict, chunk: Callable[[int, RequestOutput], dict],
+                         usage: Callable[[dict[int, int]], Usage] | None,
+                         opening: list[dict] | None = None) -> AsyncIterator[str]:
+        """SSE events: opening chunks, one chunk per output, the usage chunk if asked, then [DONE]."""
+        for choice in opening or []:
+            yield sse({**head, "choices": [choice]})
+        counts: dict[int, int] = {}
+        async for index, out in gen:
+            if out.error:
+                yield sse(error_body(500, engine_error(out).message, "InternalServerError"))
+                break
+            counts[index] = out.num_output_tokens
+            yield sse({**head, "choices": [chunk(index, out)]})
+        if usage is not None:
+            yield sse({**head, "choices": [], "usage": usage(counts).model_dump()})
+        yield sse("[DONE]")
+
     # -- completions ------------------------------------------------------------------------------
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest):
@@ -221,41 +264,21 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             return completion_logprobs(tokens, [lp.logprob for lp in outs],
                                        [{token_text(t): v for t, v in lp.top} for lp in outs], starts)
 
+        usage = (lambda counts: usage_of(prompts, body.n, counts)) if include_usage(body) else None
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
 
-            async def events() -> AsyncIterator[str]:
-                counts: dict[int, int] = {}
-                async for index, out in gen:
-                    if out.error:
-                        yield sse(error_body(500, engine_error(out).message, "InternalServerError"))
-                        break
-                    counts[index] = out.num_output_tokens
-                    text = echo.pop(index, "") + out.new_text
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                               "choices": [{"index": index, "text": text, "logprobs": logprob_block(index, out.new_logprobs),
-                                            "finish_reason": out.finish_reason}]})
-                if include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                               "choices": [], "usage": usage_of(prompts, body.n, counts).model_dump()})
-                yield sse("[DONE]")
+            def chunk(index: int, out: RequestOutput) -> dict:
+                return {"index": index, "text": echo.pop(index, "") + out.new_text,
+                        "logprobs": logprob_block(index, out.new_logprobs), "finish_reason": out.finish_reason}
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(sse_stream(gen, head, chunk, usage), media_type="text/event-stream")
 
-        texts: dict[int, str] = {}
-        logprobs: dict[int, list] = {}
-        finish: dict[int, str] = {}
-        counts: dict[int, int] = {}
-        async for index, out in gen:
-            if out.error:
-                raise engine_error(out)
-            texts[index] = texts.get(index, echo[index]) + out.new_text
-            logprobs.setdefault(index, []).extend(out.new_logprobs)
-            counts[index], finish[index] = out.num_output_tokens, out.finish_reason
+        choices = await collect(gen, echo)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "text": texts[i], "logprobs": logprob_block(i, logprobs[i]),
-                             "finish_reason": finish[i]} for i in sorted(texts)],
-                "usage": usage_of(prompts, body.n, counts).model_dump()}
+                "choices": [{"index": i, "text": c.text, "logprobs": logprob_block(i, c.logprobs),
+                             "finish_reason": c.finish_reason} for i, c in choices.items()],
+                "usage": usage_of(prompts, body.n, {i: c.tokens for i, c in choices.items()}).model_dump()}
 
     # -- chat -------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
@@ -280,45 +303,25 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             return {"content": [{**entry(lp.token_id, lp.logprob),
                                  "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in outs]}
 
+        usage = (lambda counts: usage_of([prompt], body.n, counts)) if include_usage(body) else None
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for i in range(body.n)]
 
-            async def events() -> AsyncIterator[str]:
-                head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
-                for i in range(body.n):
-                    yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
-                counts: dict[int, int] = {}
-                async for index, out in gen:
-                    if out.error:
-                        yield sse(error_body(500, engine_error(out).message, "InternalServerError"))
-                        break
-                    counts[index] = out.num_output_tokens
-                    delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-                    yield sse({**head, "choices": [{"index": index, "delta": delta,
-                                                    "logprobs": logprob_block(out.new_logprobs),
-                                                    "finish_reason": out.finish_reason}]})
-                if include_usage:
-                    yield sse({**head, "choices": [], "usage": usage_of([prompt], body.n, counts).model_dump()})
-                yield sse("[DONE]")
+            def chunk(index: int, out: RequestOutput) -> dict:
+                delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+                return {"index": index, "delta": delta, "logprobs": logprob_block(out.new_logprobs),
+                        "finish_reason": out.finish_reason}
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(sse_stream(gen, head, chunk, usage, opening), media_type="text/event-stream")
 
-        texts: dict[int, str] = {}
-        logprobs: dict[int, list] = {}
-        finish: dict[int, str] = {}
-        counts: dict[int, int] = {}
-        async for index, out in gen:
-            if out.error:
-                raise engine_error(out)
-            texts[index] = texts.get(index, "") + out.new_text
-            logprobs.setdefault(index, []).extend(out.new_logprobs)
-            counts[index], finish[index] = out.num_output_tokens, out.finish_reason
+        choices = await collect(gen, {})
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                             "logprobs": logprob_block(logprobs[i]), "finish_reason": finish[i]}
-                            for i in sorted(texts)],
-                "usage": usage_of([prompt], body.n, counts).model_dump()}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": logprob_block(c.logprobs), "finish_reason": c.finish_reason}
+                            for i, c in choices.items()],
+                "usage": usage_of([prompt], body.n, {i: c.tokens for i, c in choices.items()}).model_dump()}
 
     # -- the rest ---------------------------------------------------------------------------------
     @app.get("/v1/models", dependencies=[Depends(check_key)])
