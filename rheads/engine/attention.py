@@ -46,7 +46,18 @@ class DecodeBatch:
     slots: torch.Tensor  # [B] streaming slot of each sequence
     ring_offsets: torch.Tensor  # [B] ring index of the new token
     ring_lengths: torch.Tensor  # [B] int32 valid ring entries after this token
-    max_length: int
+    max_length: int  # an upper bound of `lengths` known on the host (sizes the kernel's splits)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in self.__dict__.items() if isinstance(value, torch.Tensor)}
+
+    def to(self, device: torch.device) -> "DecodeBatch":
+        return DecodeBatch(**{**self.__dict__, **{k: v.to(device, non_blocking=True) for k, v in self.tensors().items()}})
+
+    def copy_into(self, static: "DecodeBatch") -> None:
+        """Fill a CUDA graph's static batch (same shapes) with this batch's values."""
+        for name, value in self.tensors().items():
+            getattr(static, name).copy_(value, non_blocking=True)
 
 
 @dataclass

@@ -69,8 +69,11 @@ class HeadSplitCache:
         if slots < 1 or (full_heads and pages < 1):
             raise ValueError(f"KV memory budget of {budget} bytes holds no sequence: raise it")
         self.num_pages, self.num_slots = int(pages), int(slots)
-        shape_full = lambda n: (self.num_pages, config.page_size, n, head_dim)  # noqa: E731
-        shape_ring = lambda n: (self.num_slots, self.window_slots, n, head_dim)  # noqa: E731
+        # One more page and slot than the budget holds: never handed out, they take the writes of the
+        # padding rows of a CUDA-graph decode batch (a few KiB, outside the accounting).
+        self.scratch_page, self.scratch_slot = self.num_pages, self.num_slots
+        shape_full = lambda n: (self.num_pages + 1, config.page_size, n, head_dim)  # noqa: E731
+        shape_ring = lambda n: (self.num_slots + 1, self.window_slots, n, head_dim)  # noqa: E731
         make = lambda shape: torch.zeros(shape, dtype=config.dtype, device=config.device)  # noqa: E731
         self.full_k = [make(shape_full(n)) if n else None for n in split.num_full]
         self.full_v = [make(shape_full(n)) if n else None for n in split.num_full]

@@ -44,7 +44,7 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        Q, K, V, BT, LENS, OUT, LSE, scale, tokens_per_split,
+        Q, K, V, BT, LENS, OUT, LSE, scale, TOKENS_PER_SPLIT,
         stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, PAGE: tl.constexpr,
@@ -54,6 +54,7 @@ if triton is not None:
         h = tl.program_id(1)
         s = tl.program_id(2)
         length = tl.load(LENS + b)
+        tokens_per_split = tl.load(TOKENS_PER_SPLIT)
         start = s * tokens_per_split
         end = tl.minimum(start + tokens_per_split, length)
         offs_g = tl.arange(0, GROUP_PAD)
@@ -98,14 +99,19 @@ if triton is not None:
 
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
                         lengths: torch.Tensor, scale: float, max_length: int, num_sms: int = 132) -> torch.Tensor:
-    """The Triton split-K kernel; `max_length` (a host int) sizes the splits without a device sync."""
+    """The Triton split-K kernel, free of host syncs (so it can be captured in a CUDA graph).
+
+    The number of splits comes from the batch shape and `max_length`, a host-side upper bound; the
+    tokens per split are computed on the device from the real lengths, so a graph captured for the
+    longest context still spreads a short batch over every split.
+    """
     batch, heads, dim = q.shape
     kv_heads, page_len = k.shape[2], k.shape[1]
     group = heads // kv_heads
     blocks = max(1, math.ceil(max_length / BLOCK_N))
     splits = max(1, min(blocks, math.ceil(2 * num_sms / (batch * kv_heads))))
-    tokens_per_split = math.ceil(blocks / splits) * BLOCK_N
-    splits = math.ceil(max_length / tokens_per_split) if max_length else 1
+    per_split = splits * BLOCK_N
+    tokens_per_split = ((lengths.max() + per_split - 1) // per_split * BLOCK_N).to(torch.int32)
     partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(batch, kv_heads, splits)](

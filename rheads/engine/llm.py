@@ -18,7 +18,7 @@ from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, permute_attention_heads, select_heads
 from .runner import ModelRunner
-from .sampler import sample
+from .sampler import sample_batch
 from .scheduler import Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
 
@@ -36,6 +36,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    cuda_graphs: bool = True  # on CUDA, replay captured graphs for pure decode steps
 
 
 class RequestError(ValueError):
@@ -55,8 +56,8 @@ class LLMEngine:
             memory_bytes=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
             dtype=config.dtype, device=config.device))
         self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
@@ -139,15 +140,11 @@ class LLMEngine:
         if not chunks:
             return []
         logits = self.runner.run(chunks)
-        outputs, row = [], 0
-        for chunk in chunks:
-            if chunk.seq.num_cached == chunk.seq.num_tokens:  # the chunk reached the end: sample
-                outputs.append(self._append(chunk.seq, logits[row]))
-                row += 1
-        return outputs
+        done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
+        picks = sample_batch(logits, [s.params for s in done], [s.generator for s in done])
+        return [self._append(seq, token, logprob) for seq, (token, logprob) in zip(done, picks)]
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
-        token, logprob = sample(logits, seq.params, seq.generator)
+    def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         params = seq.params
         finish = None
         new_ids = [token]

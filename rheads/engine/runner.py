@@ -1,4 +1,9 @@
-"""One forward pass over a packed batch of chunks, through the model's own transformers modules."""
+"""One forward pass over a packed batch of chunks, through the model's own transformers modules.
+
+On CUDA, a step in which every sequence decodes one token replays a CUDA graph captured for the next
+batch-size bucket (padding rows write to the cache's scratch page and slot): the whole step, 32 layers
+of small kernels, becomes one launch. Steps with prefill chunks run eagerly.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,25 @@ from .attention import BatchMeta, DecodeBatch, SeqSlice
 from .cache import HeadSplitCache
 from .scheduler import Chunk
 
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
 
 class ModelRunner:
-    def __init__(self, model, cache: HeadSplitCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: HeadSplitCache, max_model_len: int, cuda_graphs: bool = True):
+        self.model, self.cache, self.max_model_len = model, cache, max_model_len
         self.device = next(model.parameters()).device
+        self.max_pages = cache.pages_for(max_model_len)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[int, _DecodeGraph] = {}
+        self.graph_pool = None
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Feed every chunk; return logits [sampling chunks, vocab] for chunks that end a sequence."""
+        if self.use_graphs and all(c.num_tokens == 1 for c in chunks):
+            size = next((s for s in GRAPH_BATCH_SIZES if s >= len(chunks)), None)
+            if size is not None and size <= self.cache.num_slots:
+                return self._replay(chunks, size)
         ids, positions, slices, last, decoding = [], [], [], [], []
         for chunk in chunks:
             seq, begin = chunk.seq, len(ids)
@@ -32,7 +47,8 @@ class ModelRunner:
                 last.append(len(ids) - 1)
         device = self.device
         position_ids = torch.tensor(positions, device=device)
-        meta = BatchMeta(self.cache, slices, position_ids, self._decode_batch(decoding))
+        decode = self.decode_batch(decoding).to(device) if decoding else None
+        meta = BatchMeta(self.cache, slices, position_ids, decode)
         hidden = self.model.model(
             input_ids=torch.tensor(ids, device=device)[None], position_ids=position_ids[None],
             use_cache=False, rheads_batch=meta,
@@ -41,27 +57,73 @@ class ModelRunner:
             chunk.seq.num_cached += chunk.num_tokens
         return self.model.lm_head(hidden[torch.tensor(last, device=device)]) if last else hidden[:0]
 
-    def _decode_batch(self, decoding: list) -> DecodeBatch | None:
-        """Device tensors for the single-token sequences, built once and shared by every layer."""
-        if not decoding:
-            return None
+    def decode_batch(self, decoding: list[tuple[int, Chunk]], size: int | None = None,
+                     width: int | None = None) -> DecodeBatch:
+        """Host tensors for the single-token sequences (rows beyond them, up to `size`, are padding)."""
         cache, page = self.cache, self.cache.config.page_size
-        positions = [chunk.seq.num_cached for _, chunk in decoding]
-        widest = max(len(chunk.seq.pages) for _, chunk in decoding)
-        table = [chunk.seq.pages + [0] * (widest - len(chunk.seq.pages)) for _, chunk in decoding]
+        size = size or len(decoding)
+        positions = [chunk.seq.num_cached for _, chunk in decoding] + [0] * (size - len(decoding))
+        tables = [chunk.seq.pages for _, chunk in decoding] + [[]] * (size - len(decoding))
+        width = width or max(len(t) for t in tables) or 1
+        pad = cache.scratch_page
+        table = torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int32)
         pos = torch.tensor(positions)
-
-        def dev(values, dtype=torch.long) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
         return DecodeBatch(
-            rows=dev([begin for begin, _ in decoding]),
-            page_table=dev(table, torch.int32).reshape(len(decoding), widest),
-            page_ids=dev([row[p // page] if row else 0 for row, p in zip(table, positions)]),
-            page_offsets=dev(pos % page),
-            lengths=dev(pos + 1, torch.int32),
-            slots=dev([chunk.seq.slot for _, chunk in decoding]),
-            ring_offsets=dev(cache.ring_index(pos)),
-            ring_lengths=dev(torch.clamp(pos + 1, max=cache.window_slots), torch.int32),
+            rows=torch.tensor([begin for begin, _ in decoding] + list(range(len(decoding), size))),
+            page_table=table,
+            page_ids=table.gather(1, (pos // page).clamp(max=width - 1)[:, None])[:, 0].long(),
+            page_offsets=pos % page,
+            lengths=(pos + 1).to(torch.int32),
+            slots=torch.tensor([chunk.seq.slot for _, chunk in decoding] + [cache.scratch_slot] * (size - len(decoding))),
+            ring_offsets=cache.ring_index(pos),
+            ring_lengths=torch.clamp(pos + 1, max=cache.window_slots).to(torch.int32),
             max_length=max(positions) + 1,
         )
+
+    def _replay(self, chunks: list[Chunk], size: int) -> torch.Tensor:
+        graph = self.graphs.get(size)
+        if graph is None:
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()
+            graph = self.graphs[size] = _DecodeGraph(self, size)
+        decoding = [(i, chunk) for i, chunk in enumerate(chunks)]
+        graph.replay(self.decode_batch(decoding, size, self.max_pages),
+                     [c.seq.all_ids[c.seq.num_cached] for c in chunks])
+        for chunk in chunks:
+            chunk.seq.num_cached += 1
+        return graph.logits[:len(chunks)]
+
+
+class _DecodeGraph:
+    """A decode step captured for one batch size: static inputs filled per step, logits read out."""
+
+    def __init__(self, runner: ModelRunner, size: int):
+        self.size = size
+        device = runner.device
+        self.batch = runner.decode_batch([], size, runner.max_pages).to(device)
+        self.batch.max_length = runner.max_model_len
+        self.input_ids = torch.zeros(1, size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(1, size, dtype=torch.long, device=device)
+        meta = BatchMeta(runner.cache, [], self.positions[0], self.batch)
+
+        def forward() -> torch.Tensor:
+            hidden = runner.model.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=False,
+                                        rheads_batch=meta).last_hidden_state[0]
+            return runner.model.lm_head(hidden)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()  # warm-up: Triton compiles, cuBLAS picks its kernels (writes go to scratch)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.logits = forward()
+
+    def replay(self, batch: DecodeBatch, token_ids: list[int]) -> None:
+        positions = batch.lengths.long() - 1
+        ids = torch.tensor(token_ids + [0] * (self.size - len(token_ids)))
+        self.input_ids[0].copy_(ids, non_blocking=True)
+        self.positions[0].copy_(positions, non_blocking=True)
+        batch.copy_into(self.batch)
+        self.graph.replay()

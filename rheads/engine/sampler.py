@@ -21,10 +21,21 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows to nan)
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[tuple[int, TokenLogprob | None]]:
+    """Next tokens for a [rows, vocab] batch: one argmax (one device sync) serves every plain greedy row."""
+    greedy = logits.argmax(-1).tolist()
+    return [(greedy[row], None) if p.temperature < GREEDY_BELOW and p.logprobs is None else sample(logits[row], p, g)
+            for row, (p, g) in enumerate(zip(params, generators))]
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, TokenLogprob | None]:
     """Pick the next token from a [vocab] float row; log-probabilities are the model's, before filtering."""
     logits = logits.float()
-    if params.temperature < 1e-5:  # as vLLM: greedy, since dividing by a tiny temperature overflows to nan
+    if params.temperature < GREEDY_BELOW:
         token = int(logits.argmax())
     else:
         filtered = _filter(logits / params.temperature, params.top_k, params.top_p)
