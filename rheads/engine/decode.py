@@ -98,7 +98,8 @@ if triton is not None:
 
 
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
-                        lengths: torch.Tensor, scale: float, max_length: int, num_sms: int = 132) -> torch.Tensor:
+                        lengths: torch.Tensor, scale: float, max_length: int, num_sms: int = 132,
+                        block: int = BLOCK_N, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """The Triton split-K kernel, free of host syncs (so it can be captured in a CUDA graph).
 
     The number of splits comes from the batch shape and `max_length`, a host-side upper bound; the
@@ -108,10 +109,10 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     batch, heads, dim = q.shape
     kv_heads, page_len = k.shape[2], k.shape[1]
     group = heads // kv_heads
-    blocks = max(1, math.ceil(max_length / BLOCK_N))
+    blocks = max(1, math.ceil(max_length / block))
     splits = max(1, min(blocks, math.ceil(2 * num_sms / (batch * kv_heads))))
-    per_split = splits * BLOCK_N
-    tokens_per_split = ((lengths.max() + per_split - 1) // per_split * BLOCK_N).to(torch.int32)
+    per_split = splits * block
+    tokens_per_split = ((lengths.max() + per_split - 1) // per_split * block).to(torch.int32)
     partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(batch, kv_heads, splits)](
@@ -119,8 +120,8 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         block_table.stride(0), partial.stride(0), partial.stride(1), partial.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_len, BLOCK=BLOCK_N,
-        IEEE=q.dtype == torch.float32,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_len, BLOCK=block,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     weights = torch.softmax(lse, dim=-1).nan_to_num_(0.0)  # splits past a sequence's end weigh 0
     return (partial * weights[..., None]).sum(2).to(q.dtype)
