@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
 from .cache import HeadSplitCache
@@ -68,12 +69,20 @@ class BatchMeta:
     decode: DecodeBatch | None = None
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-            scaling: float, sink: int | None = None, window: int | None = None) -> torch.Tensor:
-    """q: [n, Hq, D]; k, v: [m, Hkv, D] -> [n, Hq, D], causal by position, optionally sink + window."""
-    visible = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        visible &= (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < window)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
+            k_pos: torch.Tensor | None, scaling: float, sink: int | None = None,
+            window: int | None = None) -> torch.Tensor:
+    """q: [n, Hq, D]; k, v: [m, Hkv, D] -> [n, Hq, D], causal by position, optionally sink + window.
+
+    Without positions, the queries are the last n of the m keys: a lower-right causal mask, which
+    lets SDPA use its fused kernels instead of materialising the mask.
+    """
+    if q_pos is None:
+        visible = causal_lower_right(q.shape[0], k.shape[0])
+    else:
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            visible &= (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < window)
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1).transpose(0, 1)
     v = v.repeat_interleave(groups, dim=1).transpose(0, 1)
@@ -88,7 +97,7 @@ def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, 
     values[seq.page_table[pos // page], pos % page] = v
     history = torch.arange(seq.start + len(pos), device=pos.device)
     where = (seq.page_table[history // page], history % page)
-    return _attend(q, keys[where], values[where], pos, history, scaling)
+    return _attend(q, keys[where], values[where], None, None, scaling)
 
 
 def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling) -> torch.Tensor:
