@@ -27,6 +27,26 @@ class ModelNotFoundError(RuntimeError):
     """The model spec names nothing that can be loaded here; the message says what to do."""
 
 
+class UnsupportedModelError(ValueError):
+    """The model's attention is of a kind the profiler and the engine do not implement."""
+
+
+def check_attention_supported(config) -> None:
+    """Refuse models whose attention our kernels would silently get wrong (sliding windows, soft-capping)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = any(kind != "full_attention" for kind in layer_types) or (
+        not layer_types and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+    problems = ["sliding-window attention layers"] if windowed else []
+    if getattr(config, "attn_logit_softcapping", None):
+        problems.append("attention logit soft-capping")
+    if problems:
+        raise UnsupportedModelError(
+            f"{config.model_type} with {' and '.join(problems)} is not supported yet: rheads implements full "
+            "causal attention with a per-head sink + window cache (Llama, Mistral without a window, Qwen2/3)."
+        )
+
+
 @dataclass(frozen=True)
 class Preset:
     """A real model available offline from PyPI packages that carry its GGUF file."""

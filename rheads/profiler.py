@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from .models import load_model, resolve_model
+from .models import check_attention_supported, load_model, resolve_model
 from .niah import Needle, NiahPrompt, build_prompt, haystack_files, load_needles, unigram_recall
 from .profile import (
     KvAggregate, ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord, aggregate_kv_scores,
@@ -174,6 +174,7 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
     """Run the grid (skipping samples already in `out`), saving the profile after every sample."""
     source = resolve_model(model_spec)
     model, tokenizer = load_model(source, device=device)
+    check_attention_supported(model.config)
     model.config._attn_implementation = ATTENTION_NAME
     identity = ModelIdentity.from_config(model.config, source.name)
     needles = load_needles(config.needles_file)

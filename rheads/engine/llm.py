@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import load_model, resolve_model
+from ..models import check_attention_supported, load_model, resolve_model
 from ..profile import ModelIdentity, Profile, find_profile
 from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
@@ -47,6 +47,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer, split: HeadSplit, config: EngineConfig, model_name: str = "model"):
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
+        check_attention_supported(model.config)
         text_config = model.config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         permute_attention_heads(model, split)
