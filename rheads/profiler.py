@@ -42,19 +42,26 @@ class ProfileConfig:
 
 
 class _KVStore:
-    """Contiguous per-layer K/V of the one sequence being profiled, plus each layer's last argmax row."""
+    """Per-layer K/V of the one sequence being profiled, in buffers sized once for the whole sample
+    (appending never copies the history), plus each layer's last argmax row."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity = capacity
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.length = [0] * num_layers
         self.argmax: list[torch.Tensor | None] = [None] * num_layers
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            key = torch.cat([self.keys[layer], key], dim=2)
-            value = torch.cat([self.values[layer], value], dim=2)
-        self.keys[layer], self.values[layer] = key, value
-        return key, value
+        if self.keys[layer] is None:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            self.keys[layer] = key.new_empty(shape)
+            self.values[layer] = value.new_empty(shape)
+        start, end = self.length[layer], self.length[layer] + key.shape[2]
+        self.keys[layer][:, :, start:end] = key
+        self.values[layer][:, :, start:end] = value
+        self.length[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def _profiling_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -71,9 +78,7 @@ def _profiling_attention(module, query, key, value, attention_mask, scaling=None
         return out.reshape(batch, 1, heads, dim), None
     if key.shape[2] != q_len:
         raise RuntimeError("the profiler prefills a prompt in one pass")
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
     return out.transpose(1, 2), None
 
 
@@ -104,7 +109,7 @@ def run_sample(model, prompt: NiahPrompt, max_new_tokens: int, stop_ids: set[int
     """Prefill all but the last prompt token, then decode greedily, testing every head at every step."""
     device = next(model.parameters()).device
     layers = model.config.num_hidden_layers
-    store = _KVStore(layers)
+    store = _KVStore(layers, len(prompt.input_ids) + max_new_tokens)
     ids = torch.tensor(prompt.input_ids, device=device)
     body = model.model
     body(input_ids=ids[None, :-1], position_ids=torch.arange(ids.numel() - 1, device=device)[None],
@@ -193,7 +198,7 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
     stop_ids = {i for i in [tokenizer.eos_token_id, *(_generation_eos(model))] if i is not None}
     kept = sum(s.kept for s in samples)
     profile = summarise(identity, method, samples)
-    bar = tqdm(todo, desc=f"profiling {source.name}", unit="sample")
+    bar = tqdm(todo, desc=f"profiling {source.name}", unit="sample")  # closed when the loop ends
     for length, needle_index, depth in bar:
         needle = needles[needle_index]
         prompt = build_prompt(tokenizer, needle, length, depth, config.haystack_paths)

@@ -57,7 +57,7 @@ def _tiny_model(kind: str, vocab_size: int = 128, seed: int = 0):
 @torch.inference_mode()
 def _decode_argmaxes(model, ids: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
     """run_sample's decode, teacher-forced with `tokens`, returning every step's [layers, heads] argmax."""
-    store = _KVStore(model.config.num_hidden_layers)
+    store = _KVStore(model.config.num_hidden_layers, ids.numel() + len(tokens))
     n = ids.numel()
     model.model(input_ids=ids[None, :-1], position_ids=torch.arange(n - 1)[None], use_cache=False,
                 rheads_store=store)
