@@ -40,13 +40,19 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-major", action="store_true",
+                        help="store pages as [page, head, token, dim] (viewed as [page, token, head, dim])")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/decode_kernel.json"))
     args = parser.parse_args()
     batch, kv, group, dim, page = args.batch, args.kv_heads, 4, 128, 16
     pages_per_seq = args.context // page
     pages = batch * pages_per_seq
-    k = torch.randn(pages, page, kv, dim, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+    if args.head_major:
+        k = torch.randn(pages, kv, page, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        v = torch.randn(pages, kv, page, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    else:
+        k = torch.randn(pages, page, kv, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
     q = torch.randn(batch, kv * group, dim, device="cuda", dtype=torch.bfloat16)
     table = torch.randperm(pages, device="cuda").view(batch, pages_per_seq).to(torch.int32)
     lengths = torch.full((batch,), args.context, dtype=torch.int32, device="cuda")
@@ -65,7 +71,8 @@ def main() -> None:
     contiguous_v = v[table.long()].reshape(batch, -1, kv, dim).transpose(1, 2).contiguous()
     sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q.view(batch, kv * group, 1, dim), contiguous_k,
                                                             contiguous_v, enable_gqa=True))
-    print(f"KV read per call: {kv_bytes / 2**30:.2f} GiB ({batch} x {args.context} tokens, {kv} KV heads)")
+    layout = "[page, head, token, dim]" if args.head_major else "[page, token, head, dim]"
+    print(f"KV read per call: {kv_bytes / 2**30:.2f} GiB ({batch} x {args.context} tokens, {kv} KV heads), pages {layout}")
     print(f"{'block':>6} {'warps':>6} {'stages':>7} {'ms':>8} {'TB/s':>7}")
     for r in rows:
         print(f"{r['block']:>6} {r['warps']:>6} {r['stages']:>7} " +
