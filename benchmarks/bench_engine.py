@@ -33,6 +33,9 @@ SHAPES = {
 }
 
 
+PREFILL_CHUNK = 2048
+
+
 class _Tokenizer:
     """Enough of a tokenizer for token-id requests: the engine only decodes output text."""
 
@@ -65,7 +68,7 @@ def decode_throughput(model, split, context: int, batch: int, steps: int, memory
     Sequences that finish prefill early decode while the others prefill, so max_tokens leaves room for
     those tokens and for the timed steps, which start once every sequence is decoding.
     """
-    chunk = 2048
+    chunk = PREFILL_CHUNK
     max_tokens = steps + batch * (context // chunk + 1) + 1
     engine = LLMEngine(model, _Tokenizer(), split, EngineConfig(
         budget=None, sink=sink, window=window, kv_cache_memory=memory, max_num_seqs=batch,
@@ -90,6 +93,19 @@ def decode_throughput(model, split, context: int, batch: int, steps: int, memory
     restore_attention_heads(model, split)
     return {"context": context, "batch": batch, "prefill_s": prefill, "decode_s": decode,
             "decode_tokens": tokens, "tokens_per_s": tokens / decode, "kv_bytes_capacity": usage.bytes_capacity}
+
+
+def fitting(config: LlamaConfig, split, context: int, memory: int, args: argparse.Namespace) -> int:
+    """How many sequences decode_throughput can run for this split in `memory` (the cache's own sizes)."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = HeadSplitCache(split, head_dim, CacheConfig(sink=args.sink, window=args.window, memory_bytes=memory,
+                                                        max_num_seqs=args.max_num_seqs, dtype=torch.bfloat16,
+                                                        device="meta"))
+    for batch in range(min(cache.num_slots, args.max_num_seqs), 0, -1):
+        tokens = context + args.steps + batch * (context // PREFILL_CHUNK + 1) + 1  # as decode_throughput asks
+        if batch * cache.pages_for(tokens) <= cache.num_pages or not cache.has_full_heads:
+            return batch
+    return 1
 
 
 def sync(device: str) -> None:
@@ -136,6 +152,9 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=64)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=64, help="window slots reserved (engine default)")
+    parser.add_argument("--saturate", action="store_true",
+                        help="decode as many sequences as each budget fits in the KV memory (up to --max-num-seqs) "
+                        "instead of --batch: the throughput the memory saving buys")
     parser.add_argument("--skip-decode", action="store_true", help="only the footprint figures (no model)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/engine.json"))
     args = parser.parse_args()
@@ -155,7 +174,8 @@ def main() -> None:
         cells = [(b, c) for c in contexts for b in budgets]
         for budget, context in tqdm(cells, desc="decode throughput"):
             split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
-            runs.append({"budget": budget, **decode_throughput(model, split, context, args.batch, args.steps,
+            batch = fitting(config, split, context, memory, args) if args.saturate else args.batch
+            runs.append({"budget": budget, **decode_throughput(model, split, context, batch, args.steps,
                                                                memory, args.device, dtype, args.sink, args.window)})
     report["decode"] = runs
     if args.device.startswith("cuda"):

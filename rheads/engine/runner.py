@@ -30,7 +30,7 @@ class ModelRunner:
         """Feed every chunk; return logits [sampling chunks, vocab] for chunks that end a sequence."""
         if self.use_graphs and all(c.num_tokens == 1 for c in chunks):
             size = next((s for s in GRAPH_BATCH_SIZES if s >= len(chunks)), None)
-            if size is not None and size <= self.cache.num_slots:
+            if size is not None:  # padding rows use the scratch page and slot, not real ones
                 return self._replay(chunks, size)
         ids, positions, slices, last, decoding = [], [], [], [], []
         for chunk in chunks:
