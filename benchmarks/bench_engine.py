@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split
 from rheads.engine.cache import CacheConfig, HeadSplitCache
 from rheads.engine.heads import restore_attention_heads
+from rheads.profile import head_dim_of
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -48,7 +49,7 @@ class _Tokenizer:
 def footprint_table(config: LlamaConfig, budgets: list[float], contexts: list[int], memory: int,
                     sink: int, window: int, max_num_seqs: int) -> dict:
     """KV bytes per sequence by context and the most 32k sequences that fit, from the cache's own accounting."""
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     rows, fits = {}, {}
     for budget in budgets:
         split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
@@ -97,7 +98,7 @@ def decode_throughput(model, split, context: int, batch: int, steps: int, memory
 
 def fitting(config: LlamaConfig, split, context: int, memory: int, args: argparse.Namespace) -> int:
     """How many sequences decode_throughput can run for this split in `memory` (the cache's own sizes)."""
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     cache = HeadSplitCache(split, head_dim, CacheConfig(sink=args.sink, window=args.window, memory_bytes=memory,
                                                         max_num_seqs=args.max_num_seqs, dtype=torch.bfloat16,
                                                         device="meta"))

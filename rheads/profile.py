@@ -67,9 +67,14 @@ class ModelIdentity(BaseModel):
         return self.num_attention_heads // self.num_key_value_heads
 
 
+def head_dim_of(config: Any) -> int:
+    """Per-head width: the config's head_dim where it has one, else hidden_size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _config_value(config: Any, key: str) -> Any:
     if key == "head_dim":
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return head_dim_of(config)
     if key == "num_key_value_heads":
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if key == "rope_theta":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..profile import Profile
+from ..profile import Profile, head_dim_of
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor, block: int) -> torc
 def _permute(model, orders: list[list[int]]) -> None:
     """Reorder each layer's KV heads (with their query heads) into `orders[layer]`."""
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     group = config.num_attention_heads // config.num_key_value_heads
     for layer, kv_list in zip(model.model.layers, orders):
         attn = layer.self_attn

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..models import check_attention_supported, load_model, resolve_model
-from ..profile import ModelIdentity, Profile, find_profile
+from ..profile import ModelIdentity, Profile, find_profile, head_dim_of
 from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, permute_attention_heads, select_heads
@@ -49,7 +49,7 @@ class LLMEngine:
         self.model_name = model_name
         check_attention_supported(model.config)
         text_config = model.config
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        head_dim = head_dim_of(text_config)
         permute_attention_heads(model, split)
         model.config._attn_implementation = ATTENTION_NAME
         self.cache = HeadSplitCache(split, head_dim, CacheConfig(
