@@ -1,18 +1,21 @@
 """The bridge between asyncio request handlers and the engine, which steps in its own thread.
 
-Handlers call `generate`, an async iterator of RequestOutput. The engine thread steps whenever work
-is pending and hands each output to its request's asyncio queue. A handler that stops iterating
-(client gone, task cancelled) aborts its request, which frees its cache pages at once.
+Only the engine thread touches the engine: handlers validate a request (fixed settings only), then
+post it to an inbox that the thread drains before each step, so a long prefill step never blocks the
+event loop. Each output goes to its request's asyncio queue. A handler that stops iterating (client
+gone, task cancelled) posts an abort, which frees the request's cache pages before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from rheads.engine import LLMEngine, RequestOutput, SamplingParams
+from rheads.engine.llm import RequestError
 
 from .metrics import Metrics
 
@@ -30,10 +33,11 @@ class _Pending:
 class EngineClient:
     def __init__(self, engine: LLMEngine, metrics: Metrics, max_waiting: int = 256):
         self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
-        self._lock = threading.Lock()
+        self._inbox: deque[tuple] = deque()  # ("add", id, ids, params) / ("abort", id), in order
         self._work = threading.Event()
         self._stop = threading.Event()
         self._pending: dict[str, _Pending] = {}
+        self._waiting = 0  # requests posted but not yet running (read by handlers, for the 429 check)
         self._thread = threading.Thread(target=self._run, name="rheads-engine", daemon=True)
         self._thread.start()
 
@@ -51,15 +55,30 @@ class EngineClient:
         if pending is not None:
             pending.loop.call_soon_threadsafe(pending.queue.put_nowait, out)
 
+    def _drain_inbox(self) -> list[RequestOutput]:
+        failed = []
+        while self._inbox:
+            kind, request_id, *rest = self._inbox.popleft()
+            if kind == "abort":
+                self.engine.abort(request_id)
+                continue
+            try:
+                self.engine.add_request(request_id, *rest)
+            except RequestError as error:  # validated already; only a race (a duplicate id) lands here
+                failed.append(RequestOutput(request_id, [], "", [], True, "error", 0, 0, error=str(error)))
+        return failed
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                busy = self.engine.has_unfinished()
-                outputs = self._step() if busy else []
-                self.metrics.observe_engine(self.engine)
+            outputs = self._drain_inbox()
+            busy = self.engine.has_unfinished()
+            if busy:
+                outputs += self._step()
+            self._waiting = self.engine.num_waiting + len(self._inbox)
+            self.metrics.observe_engine(self.engine)
             for out in outputs:
                 self._deliver(out)
-            if not busy:
+            if not busy and not self._inbox:
                 self._work.wait(0.5)
                 self._work.clear()
 
@@ -76,21 +95,23 @@ class EngineClient:
             return failed
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
-        """Add a request now (raising RequestError or QueueFullError at once) and return its output stream."""
+        """Validate and post a request (RequestError or QueueFullError at once); return its output stream."""
+        if self._waiting >= self.max_waiting:
+            raise QueueFullError(f"{self._waiting} requests are already waiting")
+        if request_id in self._pending:
+            raise RequestError(f"request id {request_id!r} is already running")
+        self.engine.validate(prompt_ids, params)
         pending = _Pending(asyncio.get_running_loop())
-        with self._lock:
-            if self.engine.num_waiting >= self.max_waiting:
-                raise QueueFullError(f"{self.engine.num_waiting} requests are already waiting")
-            self.engine.add_request(request_id, prompt_ids, params)
-            self._pending[request_id] = pending
+        self._pending[request_id] = pending
+        self._waiting += 1
+        self._inbox.append(("add", request_id, prompt_ids, params))
         self._work.set()
         return RequestStream(self, request_id, pending.queue)
 
     def abort(self, request_id: str) -> None:
-        self._pending.pop(request_id, None)
-        with self._lock:
-            if self.engine.abort(request_id):
-                self.metrics.observe_engine(self.engine)
+        if self._pending.pop(request_id, None) is not None:
+            self._inbox.append(("abort", request_id))
+            self._work.set()
 
 
 class RequestStream:

@@ -88,6 +88,16 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already running")
+        self.validate(prompt_ids, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), generator=generator)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the request can never run here; reads only fixed settings (thread-safe)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -104,12 +114,6 @@ class LLMEngine:
                 f"the request needs {total} tokens of KV cache but the whole cache holds "
                 f"{self.cache.num_pages * self.cache.config.page_size}; reduce max_tokens or the prompt."
             )
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
-        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), generator=generator)
-        self.sequences[request_id] = seq
-        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its cache; True if it was still unfinished."""
