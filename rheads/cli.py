@@ -111,6 +111,84 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
+EVAL_EPILOG = """\
+examples:
+  rheads eval niah smollm2-135m-instruct --lengths 1000,2000 --depths 0,0.5,1 --num-needles 4 --out eval/smollm2
+  rheads eval niah qwen2.5-coder-0.5b-instruct --budgets 0.5,0.25 --random-seeds 0,1 --out eval/qwen
+  rheads eval properties profiles/SmolLM2-135M-Instruct.json profiles/Qwen2.5-Coder-0.5B-Instruct.json
+"""
+
+
+def _seeds(text: str) -> list[int]:
+    return [] if text.strip().lower() in ("", "none") else _ints(text)
+
+
+def build_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from .evaluate import EvalConfig
+
+    defaults = EvalConfig()
+    e = sub.add_parser(
+        "eval", help="evaluate cache configurations (needle in a haystack) and profile properties",
+        description="`rheads eval niah MODEL`: needle-in-a-haystack accuracy of the full cache, retrieval "
+        "heads at several budgets, random heads at the same budgets, and the window alone, through the "
+        "serving engine. `rheads eval properties PROFILE...`: sparsity and dynamic activation of profiles.",
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    esub = e.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+
+    n = esub.add_parser(
+        "niah", help="needle-in-a-haystack accuracy per cache configuration, through the engine",
+        description="Loads MODEL once and, for each cache configuration -- full (budget 1.0); the profile's "
+        "retrieval KV heads at each --budgets value; the same budgets with random KV heads for each "
+        "--random-seeds value; every head on the sink + window (budget 0) -- runs every (length, depth, "
+        "needle) prompt through the serving engine at once (continuous batching, greedy, max_tokens = "
+        "answer tokens + 32). A cell is correct when the answer's unigram recall exceeds 0.5. Writes "
+        "cells.jsonl (after every configuration; a rerun skips cells already there), summary.json, "
+        "heatmaps.png and accuracy_vs_memory.png into --out, and prints the summary table.",
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    n.add_argument("model", help="preset name, Hugging Face id, local model directory or .gguf file")
+    n.add_argument("--out", required=True, type=Path, help="output directory (an existing one is resumed)")
+    n.add_argument("--profile", default="auto",
+                   help="profile JSON for the retrieval configurations (default: the shipped profile of MODEL; "
+                   "'none' with --budgets '' runs full and window only)")
+    n.add_argument("--lengths", type=_ints, default=defaults.lengths,
+                   help="comma-separated context lengths in tokens (default: %(default)s)")
+    n.add_argument("--depths", type=_floats, default=defaults.depths,
+                   help="comma-separated needle depths in [0, 1] (default: %(default)s)")
+    n.add_argument("--needles", type=Path, default=None,
+                   help="needles JSONL with needle, question, real_needle (default: rheads/data/eval_needles.jsonl, "
+                   "12 needles no shipped profile was made with)")
+    n.add_argument("--num-needles", type=int, default=None, help="use only the first N needles (default: all)")
+    n.add_argument("--haystack", type=Path, nargs="+", default=None,
+                   help="haystack .txt files or directories "
+                   "(default: rheads/data/haystack, unseen by the shipped profiles)")
+    n.add_argument("--budgets", type=_floats, default=defaults.budgets,
+                   help="fractions of KV heads with a full cache, for retrieval and random (default: %(default)s)")
+    n.add_argument("--random-seeds", type=_seeds, default=defaults.random_seeds,
+                   help="seeds of the random-head control, '' or none for no random configs (default: %(default)s)")
+    n.add_argument("--sink", type=int, default=defaults.sink, help="attention-sink tokens (default: %(default)s)")
+    n.add_argument("--window", type=int, default=defaults.window, help="recent-window tokens (default: %(default)s)")
+    n.add_argument("--page-size", type=int, default=defaults.page_size, help="tokens per page (default: %(default)s)")
+    n.add_argument("--kv-cache-memory", type=parse_memory, default=None,
+                   help="KV pool bytes per engine, e.g. 1GiB (default: 512MiB or one longest full-cache sequence)")
+    n.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                   help="most sequences in a running batch (default: %(default)s)")
+    n.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                   help="tokens per engine step (default: %(default)s)")
+    n.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    n.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    n.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    n.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+
+    pr = esub.add_parser(
+        "properties", help="sparsity and dynamic activation of one or more profiles",
+        description="For each profile: the share of heads scoring > 0.1, > 0.5 and exactly 0 (query and KV "
+        "heads), and, from the per-sample records of kept samples, how many query heads copy in every "
+        "sample versus only in some, with a histogram of how often each head is active.")
+    pr.add_argument("profiles", type=Path, nargs="+", metavar="PROFILE", help="profile JSON files")
+    pr.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rheads",
@@ -121,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     build_profile_parser(sub)
     build_serve_parser(sub)
+    build_eval_parser(sub)
     return parser
 
 
@@ -234,8 +313,56 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    import torch
+
+    if args.eval_command == "properties":
+        from .evaluate import format_properties, profile_properties
+        from .profile import Profile
+
+        results = []
+        for path in args.profiles:
+            props = profile_properties(Profile.load(path))
+            props["path"] = str(path)
+            results.append(props)
+            print(format_properties(props) + "\n")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+            print(f"wrote {args.json}")
+        return 0
+    if args.eval_command != "niah":
+        try:
+            parser.parse_args(["eval", "--help"])
+        except SystemExit:
+            pass
+        return 2
+    from .evaluate import EvalConfig, evaluate_niah
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    memory = args.kv_cache_memory
+    if isinstance(memory, float):
+        raise SystemExit("rheads: error: give --kv-cache-memory in bytes, e.g. 2GiB")
+    config = EvalConfig(
+        lengths=args.lengths, depths=args.depths, needles_file=args.needles, num_needles=args.num_needles,
+        haystack_paths=args.haystack, budgets=args.budgets, random_seeds=args.random_seeds, sink=args.sink,
+        window=args.window, page_size=args.page_size, kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=dtype,
+    )
+    profile = None if args.profile == "none" else args.profile
+    result = evaluate_niah(args.model, config, args.out, profile=profile, trust_remote_code=args.trust_remote_code)
+    print(result.table)
+    print(f"\n{result.evaluated} cells evaluated now; results in {args.out}/ (cells.jsonl, summary.json, "
+          "heatmaps.png, accuracy_vs_memory.png)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .models import ModelNotFoundError
+    from .models import ModelNotFoundError, UnsupportedModelError
     from .profile import ProfileError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -249,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_profile(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "eval":
+            return run_eval(args, build_parser())
         build_parser().print_help()
         return 2
-    except (ProfileError, ModelNotFoundError, ValueError) as error:
+    except (ProfileError, ModelNotFoundError, UnsupportedModelError, ValueError) as error:
         print(f"rheads: error: {error}", file=sys.stderr)
         return 2
 
