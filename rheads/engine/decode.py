@@ -33,10 +33,9 @@ def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     keys = k[block_table].reshape(batch, -1, kv_heads, dim)  # [B, max_pages * page_len, Hkv, D]
     values = v[block_table].reshape(batch, -1, kv_heads, dim)
     visible = torch.arange(keys.shape[1], device=q.device)[None, :] < lengths[:, None]
-    groups = heads // kv_heads
-    keys = keys.repeat_interleave(groups, dim=2).transpose(1, 2)
-    values = values.repeat_interleave(groups, dim=2).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None], scale=scale)
+    out = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=visible[:, None, None], scale=scale,
+                                         enable_gqa=heads != kv_heads)
     return out[:, :, 0]
 
 

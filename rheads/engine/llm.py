@@ -50,12 +50,15 @@ class LLMEngine:
         check_attention_supported(model.config)
         text_config = model.config
         head_dim = head_dim_of(text_config)
-        permute_attention_heads(model, split)
-        model.config._attn_implementation = ATTENTION_NAME
         self.cache = HeadSplitCache(split, head_dim, CacheConfig(
             page_size=config.page_size, sink=config.sink, window=config.window,
             memory_bytes=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
             dtype=config.dtype, device=config.device))
+        # The engine owns the model from here: its heads are reordered and its attention is ours
+        # (restore_attention_heads gives the weights back; the cache was allocated first, so a
+        # budget too small to hold a sequence fails before the model is touched).
+        permute_attention_heads(model, split)
+        model.config._attn_implementation = ATTENTION_NAME
         self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
