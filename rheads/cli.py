@@ -108,6 +108,7 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
@@ -283,6 +284,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from .engine import EngineConfig, LLMEngine
     from .models import PRESETS, resolve_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
