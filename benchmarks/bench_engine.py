@@ -55,8 +55,7 @@ def footprint_table(config: LlamaConfig, budgets: list[float], contexts: list[in
         split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
         cache = HeadSplitCache(split, head_dim, CacheConfig(sink=sink, window=window, memory_bytes=memory,
                                                             max_num_seqs=max_num_seqs, dtype=torch.bfloat16, device="meta"))
-        per_seq = lambda n: cache.pages_for(n) * cache.bytes_per_page + cache.bytes_per_slot  # noqa: E731
-        rows[budget] = {n: per_seq(n) for n in contexts}
+        rows[budget] = {n: cache.footprint.bytes_for(n) for n in contexts}
         need = cache.pages_for(32768 + 128)
         fits[budget] = min(cache.num_slots, cache.num_pages // need if need else cache.num_slots)
     return {"bytes_per_sequence": rows, "max_concurrent_32k": fits}

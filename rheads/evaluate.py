@@ -88,14 +88,12 @@ def split_for(setting: CacheSetting, profile: Profile | None, num_layers: int, n
 
 def kv_bytes_per_sequence(split: HeadSplit, head_dim: int, element_size: int, page_size: int,
                           sink: int, window: int, num_tokens: int) -> int:
-    """What the engine's cache holds for one sequence of num_tokens tokens: its full-head pages + one
-    sink + window slot for the streaming heads (HeadSplitCache's bytes_per_page / bytes_per_slot)."""
-    full = sum(split.num_full)
-    stream = split.num_layers * split.num_kv_heads - full
-    pages = -(-num_tokens // page_size) if full else 0
-    per_page = page_size * full * 2 * head_dim * element_size
-    per_slot = (sink + window) * stream * 2 * head_dim * element_size
-    return pages * per_page + per_slot
+    """What the engine's cache holds for one sequence of num_tokens tokens (its own formula)."""
+    from .engine.cache import CacheConfig, Footprint
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[element_size]
+    config = CacheConfig(page_size=page_size, sink=sink, window=window, dtype=dtype)
+    return Footprint.of(split, head_dim, config).bytes_for(num_tokens)
 
 
 # --- settings of a run -----------------------------------------------------------------------------
@@ -212,23 +210,11 @@ class Generation:
 def generate(engine, prompts: list[list[int]], max_tokens: list[int],
              on_finish: Callable[[int], None] | None = None) -> list[Generation]:
     """Submit every prompt to the engine at once (greedy) and step until all have finished."""
+    from .engine.llm import generate_all
     from .engine.sequence import SamplingParams
 
-    texts: dict[str, list[str]] = {}
-    for i, (ids, budget) in enumerate(zip(prompts, max_tokens)):
-        rid = f"cell-{i}"
-        engine.add_request(rid, ids, SamplingParams(max_tokens=budget, temperature=0.0))
-        texts[rid] = []
-    done: dict[str, Generation] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            texts[out.request_id].append(out.new_text)
-            if out.finished:
-                done[out.request_id] = Generation("".join(texts[out.request_id]), out.finish_reason,
-                                                  out.num_output_tokens)
-                if on_finish:
-                    on_finish(int(out.request_id.split("-")[1]))
-    return [done[f"cell-{i}"] for i in range(len(prompts))]
+    requests = [(ids, SamplingParams(max_tokens=budget, temperature=0.0)) for ids, budget in zip(prompts, max_tokens)]
+    return [Generation(c.text, c.finish_reason, len(c.token_ids)) for c in generate_all(engine, requests, on_finish)]
 
 
 def _engine_config(config: EvalConfig, budget: float, memory: int):

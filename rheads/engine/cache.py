@@ -26,6 +26,33 @@ class CacheConfig:
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes per page, per window slot and per sequence under a head split: the analytic formula that
+    both the allocator and the reports use."""
+
+    page_size: int
+    bytes_per_page: int  # page_size tokens of every full head of every layer, K and V
+    bytes_per_slot: int  # sink + window entries of every streaming head of every layer, K and V
+    bytes_per_token_full: int  # one token of every head: what a full cache holds per token
+
+    @classmethod
+    def of(cls, split: HeadSplit, head_dim: int, config: CacheConfig) -> "Footprint":
+        elt = torch.empty((), dtype=config.dtype).element_size()
+        full_heads = sum(split.num_full)
+        stream_heads = split.num_layers * split.num_kv_heads - full_heads
+        return cls(config.page_size, config.page_size * full_heads * 2 * head_dim * elt,
+                   (config.sink + config.window) * stream_heads * 2 * head_dim * elt,
+                   split.num_layers * split.num_kv_heads * 2 * head_dim * elt)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size) if self.bytes_per_page else 0
+
+    def bytes_for(self, num_tokens: int) -> int:
+        """Bytes one sequence of num_tokens tokens holds: its full-head pages plus its window slot."""
+        return self.pages_for(num_tokens) * self.bytes_per_page + self.bytes_per_slot
+
+
 class CacheFullError(RuntimeError):
     """Not enough free pages or slots; the scheduler waits or preempts."""
 
@@ -52,13 +79,11 @@ class HeadSplitCache:
 
     def __init__(self, split: HeadSplit, head_dim: int, config: CacheConfig):
         self.split, self.config, self.head_dim = split, config, head_dim
-        elt = torch.empty((), dtype=config.dtype).element_size()
+        self.footprint = footprint = Footprint.of(split, head_dim, config)
         full_heads = sum(split.num_full)
-        stream_heads = split.num_layers * split.num_kv_heads - full_heads
         self.window_slots = config.sink + config.window
-        self.bytes_per_page = config.page_size * full_heads * 2 * head_dim * elt
-        self.bytes_per_slot = self.window_slots * stream_heads * 2 * head_dim * elt
-        self.bytes_per_token_full = split.num_layers * split.num_kv_heads * 2 * head_dim * elt
+        self.bytes_per_page, self.bytes_per_slot = footprint.bytes_per_page, footprint.bytes_per_slot
+        self.bytes_per_token_full = footprint.bytes_per_token_full
         budget = config.memory_bytes
         if self.bytes_per_slot:
             slots = min(config.max_num_seqs, budget // self.bytes_per_slot if not full_heads
@@ -90,9 +115,7 @@ class HeadSplitCache:
         return self.num_pages > 0
 
     def pages_for(self, num_tokens: int) -> int:
-        if not self.has_full_heads:
-            return 0
-        return -(-num_tokens // self.config.page_size)
+        return self.footprint.pages_for(num_tokens) if self.has_full_heads else 0
 
     def can_admit(self, num_tokens: int, reserve_pages: int = 0) -> bool:
         return bool(self.free_slots) and self.pages_for(num_tokens) + reserve_pages <= len(self.free_pages)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +193,30 @@ class Completion:
     logprobs: list
 
 
+def generate_all(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]],
+                 on_finish: Callable[[int], None] | None = None) -> list[Completion]:
+    """Submit every request at once, step the engine until all have finished, return them in order.
+
+    on_finish(i) is called as request i finishes (progress bars).
+    """
+    parts: dict[str, list[RequestOutput]] = {}
+    for i, (prompt_ids, params) in enumerate(requests):
+        engine.add_request(f"batch-{i}", prompt_ids, params)
+        parts[f"batch-{i}"] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            parts[out.request_id].append(out)
+            if out.finished and on_finish is not None:
+                on_finish(int(out.request_id.split("-")[1]))
+    completions = []
+    for i, (prompt_ids, _) in enumerate(requests):
+        outs = parts[f"batch-{i}"]
+        completions.append(Completion(f"batch-{i}", prompt_ids, [t for o in outs for t in o.new_token_ids],
+                                      "".join(o.new_text for o in outs), outs[-1].finish_reason,
+                                      [lp for o in outs for lp in o.new_logprobs]))
+    return completions
+
+
 class LLM:
     """Offline batch generation in the spirit of vLLM's `LLM`: every prompt is submitted, then stepped."""
 
@@ -201,20 +226,5 @@ class LLM:
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
         params = params or SamplingParams()
-        ids = []
-        for i, prompt in enumerate(prompts):
-            prompt_ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
-            self.engine.add_request(f"offline-{i}", prompt_ids, params)
-            ids.append(prompt_ids)
-        done: dict[str, Completion] = {}
-        parts: dict[str, list[RequestOutput]] = {f"offline-{i}": [] for i in range(len(prompts))}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                parts[out.request_id].append(out)
-        for i, prompt_ids in enumerate(ids):
-            rid = f"offline-{i}"
-            outs = parts[rid]
-            done[rid] = Completion(rid, prompt_ids, [t for o in outs for t in o.new_token_ids],
-                                   "".join(o.new_text for o in outs), outs[-1].finish_reason,
-                                   [lp for o in outs for lp in o.new_logprobs])
-        return [done[f"offline-{i}"] for i in range(len(prompts))]
+        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        return generate_all(self.engine, [(prompt_ids, params) for prompt_ids in ids])
