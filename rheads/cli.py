@@ -26,6 +26,21 @@ def _ints(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
+def _add_grid_arguments(p: argparse.ArgumentParser, defaults, out_help: str, needles_default: str,
+                        haystack_default: str) -> None:
+    """MODEL, --out and the needle-in-a-haystack grid, shared by `profile` and `eval niah`."""
+    p.add_argument("model", help="preset name, Hugging Face id, local model directory or .gguf file")
+    p.add_argument("--out", required=True, type=Path, help=out_help)
+    p.add_argument("--lengths", type=_ints, default=defaults.lengths,
+                   help="comma-separated context lengths in tokens (default: %(default)s)")
+    p.add_argument("--depths", type=_floats, default=defaults.depths,
+                   help="comma-separated needle depths in [0, 1] (default: %(default)s)")
+    p.add_argument("--needles", type=Path, default=None,
+                   help=f"needles JSONL with needle, question, real_needle (default: {needles_default})")
+    p.add_argument("--haystack", type=Path, nargs="+", default=None,
+                   help=f"haystack .txt files or directories (default: {haystack_default})")
+
+
 def build_profile_parser(sub: argparse._SubParsersAction) -> None:
     from .profiler import ProfileConfig
 
@@ -37,16 +52,8 @@ def build_profile_parser(sub: argparse._SubParsersAction) -> None:
         "generated (Wu et al. 2024). Resumable: an existing --out file gains the samples it lacks. "
         "Sub-commands: `rheads profile import ...`, `rheads profile show FILE`.",
         epilog=PROFILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="preset name, Hugging Face id, local model directory or .gguf file")
-    p.add_argument("--out", required=True, type=Path, help="profile JSON to write (or to resume)")
-    p.add_argument("--lengths", type=_ints, default=defaults.lengths,
-                   help="comma-separated context lengths in tokens (default: %(default)s)")
-    p.add_argument("--depths", type=_floats, default=defaults.depths,
-                   help="comma-separated needle depths in [0, 1] (default: %(default)s)")
-    p.add_argument("--needles", type=Path, default=None,
-                   help="needles JSONL with needle, question, real_needle (default: the 3 published needles)")
-    p.add_argument("--haystack", type=Path, nargs="+", default=None,
-                   help="haystack .txt files or directories (default: the text shipped with rheads)")
+    _add_grid_arguments(p, defaults, "profile JSON to write (or to resume)", "the 3 published needles",
+                        "the text shipped with rheads")
     p.add_argument("--kv-aggregate", choices=["max", "mean"], default=defaults.kv_aggregate,
                    help="how a KV head's score is made from its query heads' (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
@@ -68,6 +75,14 @@ def parse_memory(text: str) -> int | float:
     if 0 < value <= 1:
         return value
     return int(value)
+
+
+def parse_bytes(text: str) -> int:
+    """'1MiB', '64KiB', '1048576' -> bytes (a whole number of them, at least one)."""
+    value = int(text) if text.strip().isdigit() else parse_memory(text)
+    if isinstance(value, float) or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes (e.g. 1MiB or 1048576)")
+    return value
 
 
 def build_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -102,12 +117,23 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $RHEADS_API_KEY, else no key)")
+    p.add_argument("--protect-health-and-metrics", action="store_true",
+                   help="/health and /metrics need the API key too (default: they are open)")
+    p.add_argument("--max-request-bytes", type=parse_bytes, default=1 << 20,
+                   help="largest request body in bytes (a unit is allowed: 1MiB); a larger one gets 413")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the max model len)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="origins allowed by CORS, e.g. https://app.example.com (default: no CORS headers)")
+    p.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, how long in-flight requests may take to finish before being cut")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model names the API accepts (default: the model's Hugging Face id and the preset name)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model repos to run their own Python code (off: nothing else ever does)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
 
@@ -146,22 +172,13 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
         "cells.jsonl (after every configuration; a rerun skips cells already there), summary.json, "
         "heatmaps.png and accuracy_vs_memory.png into --out, and prints the summary table.",
         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    n.add_argument("model", help="preset name, Hugging Face id, local model directory or .gguf file")
-    n.add_argument("--out", required=True, type=Path, help="output directory (an existing one is resumed)")
+    _add_grid_arguments(n, defaults, "output directory (an existing one is resumed)",
+                        "rheads/data/eval_needles.jsonl, 12 needles no shipped profile was made with",
+                        "rheads/data/haystack, unseen by the shipped profiles")
     n.add_argument("--profile", default="auto",
                    help="profile JSON for the retrieval configurations (default: the shipped profile of MODEL; "
                    "'none' with --budgets '' runs full and window only)")
-    n.add_argument("--lengths", type=_ints, default=defaults.lengths,
-                   help="comma-separated context lengths in tokens (default: %(default)s)")
-    n.add_argument("--depths", type=_floats, default=defaults.depths,
-                   help="comma-separated needle depths in [0, 1] (default: %(default)s)")
-    n.add_argument("--needles", type=Path, default=None,
-                   help="needles JSONL with needle, question, real_needle (default: rheads/data/eval_needles.jsonl, "
-                   "12 needles no shipped profile was made with)")
     n.add_argument("--num-needles", type=int, default=None, help="use only the first N needles (default: all)")
-    n.add_argument("--haystack", type=Path, nargs="+", default=None,
-                   help="haystack .txt files or directories "
-                   "(default: rheads/data/haystack, unseen by the shipped profiles)")
     n.add_argument("--budgets", type=_floats, default=defaults.budgets,
                    help="fractions of KV heads with a full cache, for retrieval and random (default: %(default)s)")
     n.add_argument("--random-seeds", type=_seeds, default=defaults.random_seeds,
@@ -275,6 +292,7 @@ def run_show(argv: list[str]) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     import os
+    import signal
 
     import torch
     import uvicorn
@@ -310,9 +328,16 @@ def run_serve(args: argparse.Namespace) -> int:
           f"KV heads full (budget {engine.split.fraction_full:.2f}); KV pools {usage.bytes_capacity / 2**20:.0f} MiB: "
           f"{usage.pages_total} pages, {usage.slots_total} window slots", file=sys.stderr)
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("RHEADS_API_KEY"),
-                              max_waiting=args.max_waiting)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30)
+                              max_waiting=args.max_waiting, protect_health_and_metrics=args.protect_health_and_metrics,
+                              max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
+                              allowed_origins=args.allowed_origins or [])
+    app = create_app(engine, settings)
+    # On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish (up to the grace
+    # period; the engine thread serves them until the app shuts down), then raises the signal again
+    # under the handler it found: this one, so that a drained shutdown exits with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_grace_seconds)
     return 0
 
 
