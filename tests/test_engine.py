@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
 from rheads.engine.heads import permute_attention_heads, restore_attention_heads
@@ -43,9 +43,12 @@ MIXED = HeadSplit(((0, 1), (), (1,), (0,)), 2)
 # --- models and helpers ------------------------------------------------------------------------
 
 def tiny_model(kind: str, num_layers: int = 4, seed: int = 0, **overrides):
-    """A tiny random Llama or Qwen2 in fp32, eval mode, with peaky attention and non-zero biases."""
+    """A tiny random Llama, Mistral (no sliding window) or Qwen2 in fp32, eval mode, with peaky attention
+    and non-zero biases."""
     torch.manual_seed(seed)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
+    if kind == "mistral":
+        overrides = {"sliding_window": None, **overrides}
     config = cls(num_hidden_layers=num_layers, initializer_range=0.2, **{**TINY, **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -60,7 +63,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
 def model(request):
     return tiny_model(request.param)
 
@@ -192,7 +195,7 @@ def staggered(prompts: list[list[int]], params: SamplingParams, later_at: int = 
             later_at: [(f"r{i}", p, params) for i, p in enumerate(prompts[2:], start=2)]}
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_full_budget_equals_generate_tiny(kind, tokenizer) -> None:
     model = tiny_model(kind, num_layers=3)
     split = HeadSplit.uniform(3, 2, full=True)
