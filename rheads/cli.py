@@ -332,10 +332,11 @@ def run_serve(args: argparse.Namespace) -> int:
                               max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
                               allowed_origins=args.allowed_origins or [])
     app = create_app(engine, settings)
-    # On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish (up to the grace
-    # period; the engine thread serves them until the app shuts down), then raises the signal again
+    # On SIGTERM or SIGINT uvicorn stops accepting connections, lets in-flight requests finish (up to the
+    # grace period; the engine thread serves them until the app shuts down), then raises the signal again
     # under the handler it found: this one, so that a drained shutdown exits with status 0.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_grace_seconds)
     return 0

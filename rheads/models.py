@@ -168,7 +168,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"rheads: converting {gguf_path.name} into {out_dir} (once)", file=sys.stderr)
-    kwargs = {"gguf_file": gguf_path.name}
+    kwargs = {"gguf_file": gguf_path.name, "trust_remote_code": False}  # a GGUF file carries no code
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     model.hf_quantizer = None  # the weights are plain tensors now

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rheads.engine import LLMEngine, RequestOutput, SamplingParams
 from rheads.engine.llm import RequestError
 
 from .engine_client import EngineClient, QueueFullError
+from .guards import TOO_LARGE, BodySizeLimit, StrictJSONRoute
 from .metrics import Metrics
 from .protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest, Usage,
-    completion_logprobs, new_id, now,
+    completion_logprobs, error_body, new_id, now,
 )
 
 
@@ -30,8 +35,12 @@ from .protocol import (
 class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
-    max_waiting: int = 256
+    max_waiting: int = 256  # waiting requests before new ones get 429 (and the most choices one request may have)
     retry_after_seconds: int = 1
+    protect_health_and_metrics: bool = False  # True: /health and /metrics need the API key too
+    max_request_bytes: int = 1 << 20  # a larger request body gets 413
+    max_tokens_limit: int | None = None  # the largest max_tokens a request may ask for (None: max model len)
+    allowed_origins: list[str] = field(default_factory=list)  # CORS origins; empty: no CORS at all
 
 
 class APIError(Exception):
@@ -41,10 +50,6 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
-
-
-def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -87,10 +92,14 @@ class Generation:
                 self.streams.append(client.submit(f"{request_id}-{index}", ids,
                                                   SamplingParams(**{**params.__dict__, "seed": seed})))
         except (RequestError, QueueFullError):
-            for stream in self.streams:
-                client.abort(stream.request_id)
+            self.close()
             raise
         metrics.prompt_tokens.inc(sum(len(ids) for _, ids in self.choices))
+
+    def close(self) -> None:
+        """Abort every choice still unfinished (a no-op for finished ones), whether or not iteration began."""
+        for stream in self.streams:
+            self.client.abort(stream.request_id)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -104,6 +113,7 @@ class Generation:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.close()  # a pump cancelled before it started never aborted its request
 
     async def _pump(self, index: int, stream, queue: asyncio.Queue) -> None:
         arrival = last = time.perf_counter()
@@ -129,19 +139,31 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     client = EngineClient(engine, metrics, settings.max_waiting)
     tokenizer = engine.tokenizer
     model_name = settings.served_model_names[0]
+    max_tokens_limit = settings.max_tokens_limit or engine.max_model_len
     app = FastAPI(title="rheads", version="0.1.0",
                   description="OpenAI-compatible server with a retrieval-head-aware KV cache.")
+    app.router.route_class = StrictJSONRoute
     app.state.client, app.state.engine, app.state.metrics = client, engine, metrics
     app.router.on_shutdown.append(client.shutdown)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    if settings.allowed_origins:  # added last, so it wraps everything: errors carry CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+
+    # The key is compared as SHA-256 digests with compare_digest: the time taken says nothing about it,
+    # not even its length.
+    expected_key = hashlib.sha256(f"Bearer {settings.api_key}".encode()).digest()
 
     async def check_key(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {settings.api_key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        given = hashlib.sha256(request.headers.get("authorization", "").encode()).digest()
+        if not hmac.compare_digest(given, expected_key):
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            "AuthenticationError")
+
+    keyed = [Depends(check_key)]
+    open_or_keyed = keyed if settings.protect_health_and_metrics else []
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
@@ -154,7 +176,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(error.status_code, "HTTPError")
+        kind = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed",
+                413: TOO_LARGE}.get(error.status_code, "HTTPError")
         return JSONResponse(error_body(error.status_code, str(error.detail), kind), error.status_code)
 
     @app.exception_handler(Exception)
@@ -171,8 +194,23 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         if not tokenizer.chat_template:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
                            "BadRequestError", "messages")
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as error:  # a template may refuse a conversation (roles out of order)
+            raise APIError(400, f"the chat template refused these messages: {error}", "BadRequestError",
+                           "messages") from error
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def check_size(body: SamplingFields, num_prompts: int, param: str) -> None:
+        """Refuse what can never be served: too many tokens asked for, or more choices than may wait."""
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, name, None)
+            if value is not None and value > max_tokens_limit:
+                raise APIError(400, f"{name} is {value}, more than this server's limit of {max_tokens_limit}",
+                               "BadRequestError", name)
+        if num_prompts * body.n > settings.max_waiting:
+            raise APIError(400, f"{num_prompts * body.n} choices (prompts x n) asked for; this server takes at "
+                           f"most {settings.max_waiting} in one request", "BadRequestError", param)
 
     def sampling(body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -195,6 +233,10 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         completion = sum(outputs.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
+    def streaming(gen: Generation, events: AsyncIterator[str]) -> StreamingResponse:
+        """An SSE response; a client gone before the first event still has its requests aborted."""
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(gen.close))
+
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -204,8 +246,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     def engine_error(out: RequestOutput) -> APIError:
         return APIError(500, f"the engine failed while serving this request: {out.error}", "InternalServerError")
 
-    async def collect(gen: Generation, prefix: dict[int, str]) -> dict[int, Choice]:
-        """Every choice's whole output (non-streaming responses)."""
+    async def gather(gen: Generation, prefix: dict[int, str]) -> dict[int, Choice]:
         choices: dict[int, Choice] = {}
         async for index, out in gen:
             if out.error:
@@ -215,6 +256,24 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             choice.logprobs.extend(out.new_logprobs)
             choice.finish_reason, choice.tokens = out.finish_reason, out.num_output_tokens
         return dict(sorted(choices.items()))
+
+    async def disconnected(request: Request) -> None:
+        """Returns when the client goes away (the body is read by now, so the next message says so)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def collect(gen: Generation, prefix: dict[int, str], request: Request) -> dict[int, Choice]:
+        """Every choice's whole output (non-streaming responses); a client that leaves aborts them."""
+        gathering = asyncio.ensure_future(gather(gen, prefix))
+        leaving = asyncio.ensure_future(disconnected(request))
+        await asyncio.wait({gathering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        leaving.cancel()
+        if not gathering.done():  # the client left: abort its requests
+            gathering.cancel()
+            await asyncio.gather(gathering, leaving, return_exceptions=True)
+            gen.close()
+            raise APIError(499, "the client closed the connection", "ClientClosedRequest")
+        return gathering.result()
 
     async def sse_stream(gen: Generation, head: dict, chunk: Callable[[int, RequestOutput], dict],
                          usage: Callable[[dict[int, int]], Usage] | None,
@@ -234,9 +293,10 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         yield sse("[DONE]")
 
     # -- completions ------------------------------------------------------------------------------
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/completions", dependencies=keyed)
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body)
+        check_size(body, len(body.prompts()), "prompt")
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", "BadRequestError", "echo")
         if body.suffix:
@@ -272,23 +332,24 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                 return {"index": index, "text": echo.pop(index, "") + out.new_text,
                         "logprobs": logprob_block(index, out.new_logprobs), "finish_reason": out.finish_reason}
 
-            return StreamingResponse(sse_stream(gen, head, chunk, usage), media_type="text/event-stream")
+            return streaming(gen, sse_stream(gen, head, chunk, usage))
 
-        choices = await collect(gen, echo)
+        choices = await collect(gen, echo, request)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "text": c.text, "logprobs": logprob_block(i, c.logprobs),
                              "finish_reason": c.finish_reason} for i, c in choices.items()],
                 "usage": usage_of(prompts, body.n, {i: c.tokens for i, c in choices.items()}).model_dump()}
 
     # -- chat -------------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(body: ChatCompletionRequest):
+    @app.post("/v1/chat/completions", dependencies=keyed)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body)
+        check_size(body, 1, "n")
         prompt = chat_prompt(body.messages)
         room = engine.max_model_len - len(prompt)
         if engine.cache.has_full_heads:  # by default, no more than the whole full-head pool can hold
             room = min(room, engine.cache.num_pages * engine.cache.config.page_size - len(prompt))
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(min(room, max_tokens_limit), 1)
         top = body.top_logprobs if body.logprobs else None
         params = sampling(body, max_tokens, (top or 0) if body.logprobs else None)
         rid = new_id("chatcmpl")
@@ -314,9 +375,9 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                 return {"index": index, "delta": delta, "logprobs": logprob_block(out.new_logprobs),
                         "finish_reason": out.finish_reason}
 
-            return StreamingResponse(sse_stream(gen, head, chunk, usage, opening), media_type="text/event-stream")
+            return streaming(gen, sse_stream(gen, head, chunk, usage, opening))
 
-        choices = await collect(gen, {})
+        choices = await collect(gen, {}, request)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                              "logprobs": logprob_block(c.logprobs), "finish_reason": c.finish_reason}
@@ -324,20 +385,20 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                 "usage": usage_of([prompt], body.n, {i: c.tokens for i, c in choices.items()}).model_dump()}
 
     # -- the rest ---------------------------------------------------------------------------------
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=keyed)
     async def models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "rheads", "root": engine.model_name,
              "max_model_len": engine.max_model_len} for name in settings.served_model_names]}
 
-    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    @app.post("/tokenize", dependencies=keyed)
     async def tokenize(body: TokenizeRequest):
         check_model(body)
         ids = chat_prompt(body.messages) if body.messages is not None else \
             tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    @app.post("/detokenize", dependencies=keyed)
     async def detokenize(body: DetokenizeRequest):
         check_model(body)
         vocab = engine.model.config.vocab_size
@@ -345,11 +406,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"token ids must be in [0, {vocab})", "BadRequestError", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    @app.get("/health")
+    @app.get("/health", dependencies=open_or_keyed)
     async def health():
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=open_or_keyed)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

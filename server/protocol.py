@@ -139,6 +139,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -4,6 +4,7 @@ official `openai` client and by raw httpx.
 One engine (budget 0.5, the shipped profile) is built per module and served on a free 127.0.0.1 port
 with an API key; a second, one-slot engine without a key (max_waiting=1) serves the 429 test. Every
 error is checked for its exact status and OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+The serving helpers are in tests/serving.py (shared with tests/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -11,31 +12,22 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
+from serving import (  # tests/serving.py
+    KEY, MAX_MODEL_LEN, NAMES, PRESET, REPO, Served, assert_error, build_engine, free_port, offline_greedy, scrape,
+    sse_events, wait_idle,
+)
 
-from rheads.engine import EngineConfig, LLMEngine, SamplingParams
 from rheads.niah import haystack_files
 from server.app import ServerSettings, create_app
 
-REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "profiles" / "SmolLM2-135M-Instruct.json"
 OTHER_PROFILE = REPO / "profiles" / "meta-llama" / "Llama-3.1-8B-Instruct.json"
-PRESET = "smollm2-135m-instruct"
-NAMES = ["HuggingFaceTB/SmolLM2-135M-Instruct", PRESET]
-KEY = "sk-test-rheads"
-MAX_MODEL_LEN = 2048
 REF_PROMPT = "The three most important things to pack for a long hike are"
 REF_MAX_TOKENS = 16
 METRIC_NAMES = [
@@ -46,67 +38,7 @@ METRIC_NAMES = [
 ]
 
 
-# --- serving helpers -----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """An app under uvicorn in a background thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                self.stop()
-                raise RuntimeError("the test server did not come up")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
-
-
-def build_engine(**overrides) -> LLMEngine:
-    config = dict(budget=0.5, kv_cache_memory=64 << 20, max_num_seqs=8, max_num_batched_tokens=256,
-                  max_model_len=MAX_MODEL_LEN)
-    return LLMEngine.from_model(PRESET, profile=PROFILE, config=EngineConfig(**{**config, **overrides}))
-
-
-def offline_greedy(engine: LLMEngine, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str, str]:
-    """The engine's own greedy output, stepped directly (before any server owns the engine)."""
-    engine.add_request("offline-reference", prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    ids, text, finish = [], "", None
-    while engine.has_unfinished():
-        for out in engine.step():
-            ids += out.new_token_ids
-            text += out.new_text
-            finish = out.finish_reason
-    return ids, text, finish
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    """Two OpenMP threads thrash on a busy two-core box; one is several times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+# --- fixtures (one_thread_module: tests/conftest.py) -------------------------------------------------
 
 @pytest.fixture(scope="module")
 def engine(one_thread_module):
@@ -153,61 +85,6 @@ def http(served):
 def haystack_ids(engine) -> list[int]:
     text = "\n\n".join(p.read_text() for p in haystack_files())
     return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def scrape(base: str) -> dict[str, float]:
-    """/metrics as {sample name: value} (histogram buckets left out), checked to parse."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        samples[family.name] = samples.get(family.name, 0.0)
-        for s in family.samples:
-            if "le" not in s.labels:
-                samples[s.name] = s.value
-    return samples
-
-
-def wait_idle(base: str, timeout: float = 10.0) -> dict[str, float]:
-    """Poll /metrics until no request runs or waits and no KV byte is held; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = scrape(base)
-        idle = (m["rheads:kv_cache_bytes_used"] == 0 and m["rheads:num_requests_running"] == 0
-                and m["rheads:num_requests_waiting"] == 0)
-        if idle:
-            return m
-        if time.monotonic() > deadline:
-            pytest.fail(f"server still busy after {timeout}s: bytes_used={m['rheads:kv_cache_bytes_used']}, "
-                        f"running={m['rheads:num_requests_running']}, waiting={m['rheads:num_requests_waiting']}")
-        time.sleep(0.1)
-
-
-def assert_error(response: httpx.Response, status: int, type_: str | None = None, param: str | None = "any") -> dict:
-    """Exact status and OpenAI's error shape; returns the inner error object."""
-    assert response.status_code == status, (response.status_code, response.text)
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["type"], str) and error["type"], error
-    assert error["code"] == status
-    if type_ is not None:
-        assert error["type"] == type_, error
-    if param != "any":
-        assert error["param"] == param, error
-    return error
-
-
-def sse_events(response: httpx.Response):
-    """The JSON payloads of a server-sent event stream, up to [DONE]."""
-    for line in response.iter_lines():
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: "):]
-        if data == "[DONE]":
-            return
-        yield json.loads(data)
 
 
 # --- the API through the official client -----------------------------------------------------------
@@ -409,7 +286,7 @@ INVALID = [
     ("/v1/completions", {"prompt": [10**9]}, "prompt"),
     ("/v1/completions", {"prompt": [-3, 5]}, "prompt"),
     ("/v1/completions", {"max_tokens": 5}, "prompt"),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**6}, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**6}, "max_tokens"),
     ("/v1/chat/completions", {"max_tokens": 5}, "messages"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": "hello"}, "messages"),

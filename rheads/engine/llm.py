@@ -144,14 +144,37 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, and report what each touched request produced."""
+        """Schedule, run one forward pass, sample, and report what each touched request produced.
+
+        A failure while sampling or appending one request's token finishes that request alone with
+        finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises:
+        the batch's cache state is unknown then, so the caller fails what is in flight.
+        """
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         logits = self.runner.run(chunks)
         done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
-        picks = sample_batch(logits, [s.params for s in done], [s.generator for s in done])
-        return [self._append(seq, token, logprob) for seq, (token, logprob) in zip(done, picks)]
+        try:
+            picks = sample_batch(logits, [s.params for s in done], [s.generator for s in done])
+        except Exception:  # noqa: BLE001 - one row failed: sample each alone to find it
+            picks = [None] * len(done)
+        outputs = []
+        for row, (seq, pick) in enumerate(zip(done, picks)):
+            try:
+                token, logprob = pick or sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0]
+                outputs.append(self._append(seq, token, logprob))
+            except Exception as error:  # noqa: BLE001 - reported to this request's client
+                outputs.append(self._fail(seq, error))
+        return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Finish one request with an error and give its cache back."""
+        self.scheduler.free(seq)
+        self.sequences.pop(seq.request_id, None)
+        seq.status, seq.finish_reason = Status.FINISHED, "error"
+        return RequestOutput(seq.request_id, [], "", [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
+                             error=f"{type(error).__name__}: {error}")
 
     def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         params = seq.params
