@@ -530,11 +530,25 @@ def test_cli_serve_help():
         assert flag in r.stdout
 
 
-def test_cli_serve_refuses_another_models_profile():
+def _serve_with_profile(profile: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "rheads.cli", "serve", PRESET, "--profile", str(OTHER_PROFILE),
-                        "--port", str(free_port()), "--kv-cache-memory", "64MiB", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    return subprocess.run([sys.executable, "-m", "rheads.cli", "serve", PRESET, "--profile", str(profile),
+                           "--port", str(free_port()), "--kv-cache-memory", "64MiB", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+
+
+def test_cli_serve_refuses_another_models_profile():
+    r = _serve_with_profile(OTHER_PROFILE)
     assert r.returncode != 0
-    assert "rheads profile" in r.stderr, r.stderr[-2000:]
+    assert "rheads profile" in r.stderr and "num_attention_heads" in r.stderr, r.stderr[-2000:]
     assert "Uvicorn running" not in r.stderr
+
+
+@pytest.mark.parametrize("content", ['{"format_version": 1, "model": ', "not json at all", '{"format_version": 9}'])
+def test_cli_serve_refuses_a_corrupt_profile(tmp_path, content):
+    broken = tmp_path / "broken.json"
+    broken.write_text(content)
+    r = _serve_with_profile(broken)
+    assert r.returncode != 0
+    assert "not a valid rheads profile" in r.stderr and "rheads profile" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Uvicorn running" not in r.stderr
