@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,18 @@ def make_prompt(ids: list[int], index: int, length: int) -> list[int]:
     return [ids[(start + j) % len(ids)] for j in range(length)]
 
 
+
+async def sse_payloads(response: httpx.Response) -> AsyncIterator[dict | None]:
+    """The JSON payloads of a server-sent-events stream, then None for its closing [DONE]."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            yield None
+            return
+        yield json.loads(data)
+
 async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list[int], max_tokens: int,
                       t0: float, record: Record) -> None:
     """Stream one completion, filling `record` in place (so a cancelled request keeps what it got)."""
@@ -165,14 +178,10 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list
                 record.outcome = "rejected" if r.status_code in REJECTED else "failed"
                 return
             done = False
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
+            async for payload in sse_payloads(r):
+                if payload is None:
                     done = True
                     break
-                payload = json.loads(data)
                 if "error" in payload:
                     record.outcome, record.error = "failed", str(payload["error"].get("message"))[:300]
                     return

@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import MetricsSampler, haystack_ids, make_prompt, percentile  # noqa: E402
+from load import MetricsSampler, haystack_ids, make_prompt, percentile, sse_payloads  # noqa: E402
 from serve_compare import REPO, ServerProcess  # noqa: E402
 
 REJECTED = (429, 503)
@@ -95,14 +95,10 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
                 tally.add("lost", r.status_code, (await r.aread()).decode(errors="replace")[:120])
                 return 0.0
             chunks, finish, done = 0, None, False
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
+            async for payload in sse_payloads(r):
+                if payload is None:
                     done = True
                     break
-                payload = json.loads(data)
                 if "error" in payload:
                     tally.add("lost", 200, str(payload["error"].get("message"))[:120])
                     return 0.0
