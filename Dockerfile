@@ -2,7 +2,9 @@
 #   docker build -t rheads .
 #   docker run --gpus all -p 8000:8000 -v rheads-cache:/home/rheads/.cache/rheads rheads --model smollm2-135m-instruct
 #   docker run -p 8000:8000 rheads --device cpu            # CPU only
-FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+# Any PyTorch >= 2.11 CUDA runtime image works; override with --build-arg BASE=... (e.g. a CPU python image).
+ARG BASE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 RHEADS_CACHE=/home/rheads/.cache/rheads
 RUN useradd --create-home --uid 1000 rheads
