@@ -54,7 +54,8 @@ class Footprint:
 
 
 class CacheFullError(RuntimeError):
-    """Not enough free pages or slots; the scheduler waits or preempts."""
+    """An allocation beyond the free pages or slots: the scheduler checks (and preempts) before it
+    allocates, so this means a scheduling bug, not a full cache."""
 
 
 @dataclass(frozen=True)
