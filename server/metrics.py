@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+STEP_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -40,6 +41,15 @@ class Metrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.")
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency from arrival to last token.")
+        step_labels = labels + ["kind"]  # kind: "decode" (every sequence fed one token) or "mixed"
+        self.step_seconds = Histogram("rheads:engine_step_seconds", "Duration of one engine step.", step_labels,
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.step_seqs = Counter("rheads:engine_step_sequences", "Sequences scheduled, summed over steps.",
+                                 step_labels, registry=r)
+        self.step_kv_bytes = Counter("rheads:engine_step_kv_bytes", "KV bytes held after each step, summed over "
+                                     "steps (for decode steps: the bytes their attention read).", step_labels,
+                                     registry=r)
+        self._last_step = None
 
     def observe_engine(self, engine) -> None:
         """Copy the engine's queue and cache state into the gauges (called from the engine thread)."""
@@ -52,6 +62,13 @@ class Metrics:
         self.kv_pages.set(usage.pages_used)
         self.kv_slots.set(usage.slots_used)
         self.preemptions.set(engine.scheduler.num_preemptions)
+        step = engine.last_step
+        if step is not None and step is not self._last_step:
+            self._last_step = step
+            kind = "decode" if step.decode_only else "mixed"
+            self.step_seconds.labels(self.model_name, kind).observe(step.seconds)
+            self.step_seqs.labels(self.model_name, kind).inc(step.num_seqs)
+            self.step_kv_bytes.labels(self.model_name, kind).inc(step.kv_bytes)
 
     def finished(self, reason: str | None) -> None:
         self.requests.labels(self.model_name, reason or "unknown").inc()

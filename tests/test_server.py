@@ -19,6 +19,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serving import (  # tests/serving.py
     KEY, MAX_MODEL_LEN, NAMES, PRESET, REPO, Served, assert_error, build_engine, free_port, offline_greedy, scrape,
     sse_events, wait_idle,
@@ -502,7 +503,6 @@ def test_metrics_and_the_kv_saving_while_running(served, client, haystack_ids):
     for histogram in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
         assert m[f"rheads:{histogram}_count"] > 0 and m[f"rheads:{histogram}_sum"] > 0
     assert m["rheads:kv_cache_bytes_used"] == 0
-
     prompt = haystack_ids[:600]  # longer than sink + window (64 + 256): the streaming heads are capped
     body = {"prompt": prompt, "max_tokens": 1000, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.Client(base_url=served.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
@@ -518,6 +518,15 @@ def test_metrics_and_the_kv_saving_while_running(served, client, haystack_ids):
     after = wait_idle(served.base)
     assert after["rheads:kv_cache_bytes_full_equivalent"] == 0
     assert after["rheads:prompt_tokens_total"] >= m["rheads:prompt_tokens_total"] + 600
+    steps = {(s.name, s.labels["kind"]): s.value
+             for f in text_string_to_metric_families(httpx.get(f"{served.base}/metrics", timeout=10).text)
+             for s in f.samples if s.name.startswith("rheads:engine_step_") and "le" not in s.labels}
+    # the 600-token prompt's prefill steps, then one decode step per further token, each timed
+    assert steps["rheads:engine_step_seconds_count", "mixed"] >= 1
+    assert steps["rheads:engine_step_seconds_count", "decode"] >= 2
+    assert steps["rheads:engine_step_seconds_sum", "decode"] > 0
+    assert steps["rheads:engine_step_sequences_total", "decode"] >= 2
+    assert steps["rheads:engine_step_kv_bytes_total", "decode"] > 0
 
 
 # --- the command line --------------------------------------------------------------------------------

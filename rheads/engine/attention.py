@@ -84,10 +84,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
         if window is not None:
             visible &= (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < window)
     groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1).transpose(0, 1)
-    v = v.repeat_interleave(groups, dim=1).transpose(0, 1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=visible, scale=scaling)
-    return out.transpose(0, 1)
+    # 4-D [1, H, tokens, D]: SDPA's fused (flash / memory-efficient) kernels take only batched inputs;
+    # with 3-D ones it falls back to the math kernel, which materialises every score.
+    k = k.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
+    v = v.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=visible, scale=scaling)
+    return out[0].transpose(0, 1)
 
 
 def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling) -> torch.Tensor:

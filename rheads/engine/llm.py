@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,19 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay captured graphs for pure decode steps
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one engine step did and how long it took: the server's step metrics and the GPU benchmark's
+    step-time-versus-hardware-limit figure read it. Sampling syncs with the device, so `seconds` is
+    the step's real duration, not its launch time."""
+
+    decode_only: bool  # every scheduled sequence fed exactly one token
+    num_seqs: int
+    num_tokens: int
+    seconds: float
+    kv_bytes: int  # KV bytes held after the step: what a decode-only step's attention reads
+
+
 class RequestError(ValueError):
     """A request the engine cannot take (too long, duplicate id); the message is for the client."""
 
@@ -64,6 +78,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.sequences: dict[str, Sequence] = {}
+        self.last_step: StepStats | None = None
         self._arrivals = itertools.count()
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -150,9 +165,11 @@ class LLMEngine:
         finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises:
         the batch's cache state is unknown then, so the caller fails what is in flight.
         """
+        start = time.perf_counter()
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        num_tokens = sum(c.num_tokens for c in chunks)
         logits = self.runner.run(chunks)
         done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
         try:
@@ -166,6 +183,8 @@ class LLMEngine:
                 outputs.append(self._append(seq, token, logprob))
             except Exception as error:  # noqa: BLE001 - reported to this request's client
                 outputs.append(self._fail(seq, error))
+        self.last_step = StepStats(num_tokens == len(chunks), len(chunks), num_tokens,
+                                   time.perf_counter() - start, self.cache.usage().bytes_used)
         return outputs
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
