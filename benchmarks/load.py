@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from rheads.niah import haystack_files
 
 REJECTED = (429, 503)
+RHEADS_BODY = {"ignore_eos": True}  # fixed output lengths (vLLM's extension; peers may refuse the field)
 
 
 @dataclass
@@ -161,11 +162,11 @@ async def sse_payloads(response: httpx.Response) -> AsyncIterator[dict | None]:
             return
         yield json.loads(data)
 
-async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list[int], max_tokens: int,
-                      t0: float, record: Record) -> None:
+async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str | list[int], max_tokens: int,
+                      t0: float, record: Record, extra_body: dict | None = None) -> None:
     """Stream one completion, filling `record` in place (so a cancelled request keeps what it got)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **(RHEADS_BODY if extra_body is None else extra_body)}
     if model:
         body["model"] = model
     begin = time.perf_counter()
@@ -177,7 +178,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list
                 record.error = (await r.aread()).decode(errors="replace")[:300]
                 record.outcome = "rejected" if r.status_code in REJECTED else "failed"
                 return
-            done = False
+            done = finished = False
             async for payload in sse_payloads(r):
                 if payload is None:
                     done = True
@@ -187,11 +188,12 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list
                     return
                 if payload.get("choices"):
                     record.token_times.append(time.perf_counter() - begin)
+                    finished = finished or any(c.get("finish_reason") for c in payload["choices"])
                 if payload.get("usage"):
                     record.prompt_tokens = payload["usage"]["prompt_tokens"]
                     record.output_tokens = payload["usage"]["completion_tokens"]
             record.end = time.perf_counter() - begin
-            if done:
+            if done or finished:  # some servers (transformers serve) end the stream without [DONE]
                 record.outcome = "completed"
                 record.output_tokens = record.output_tokens or len(record.token_times)
                 record.prompt_tokens = record.prompt_tokens or len(prompt)
@@ -204,49 +206,75 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list
 async def run_load(base_url: str, concurrency: int = 8, requests: int = 64, duration: float = 300.0,
                    prompt_tokens: int = 600, max_tokens: int = 32, api_key: str | None = None,
                    model: str | None = None, metrics_interval: float = 0.25, request_timeout: float = 600.0,
-                   progress: bool = True, label: str = "load") -> dict:
-    """Run the load and return the summary (and every request's record under "records")."""
+                   progress: bool = True, label: str = "load",
+                   prompts: Callable[[int], str | list[int]] | None = None, rate: float | None = None,
+                   extra_body: dict | None = None) -> dict:
+    """Run the load and return the summary (and every request's record under "records").
+
+    Closed loop by default: `concurrency` clients, each sending its next request when the last one
+    ends. With `rate` (requests/s) it is open loop: request i starts at i / rate seconds whatever is in
+    flight (at most `concurrency` at once). `prompts(i)` gives request i's prompt (default: `prompt_tokens`
+    token ids of the shipped haystack, through the server's /tokenize). `extra_body` replaces the
+    rheads-specific fields (ignore_eos) for other servers.
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=request_timeout,
                                  limits=limits) as client, \
             httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10) as side:
-        ids = await haystack_ids(side)
+        if prompts is None:
+            ids = await haystack_ids(side)
+            prompts = lambda index: make_prompt(ids, index, prompt_tokens)  # noqa: E731
         if model is None:
             r = await side.get("/v1/models")
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
         sampler = MetricsSampler(side, metrics_interval)
-        before = await sampler.scrape() or {}
+        before = await sampler.scrape()  # None: no /metrics here (another server), so no sampling
         records: list[Record] = []
         issued = 0
         bar = tqdm(total=requests, desc=label, unit="req", disable=not progress, leave=False)
         t0 = time.perf_counter()
         deadline = t0 + duration
 
+        in_flight = asyncio.Semaphore(concurrency)
+
+        async def send(index: int) -> None:
+            record = Record("unfinished")
+            records.append(record)
+            async with in_flight:
+                await one_request(client, model, prompts(index), max_tokens, t0, record, extra_body)
+            bar.update(1)
+            bar.set_postfix(ok=sum(r.outcome == "completed" for r in records))
+
         async def worker() -> None:
             nonlocal issued
             while issued < requests and time.perf_counter() < deadline:
-                index = issued
                 issued += 1
-                record = Record("unfinished")
-                records.append(record)
-                await one_request(client, model, make_prompt(ids, index, prompt_tokens), max_tokens, t0, record)
-                bar.update(1)
-                bar.set_postfix(ok=sum(r.outcome == "completed" for r in records))
+                await send(issued - 1)
+
+        async def scheduled(index: int) -> None:
+            await asyncio.sleep(max(0.0, t0 + index / rate - time.perf_counter()))
+            if time.perf_counter() < deadline:
+                await send(index)
 
         stop = asyncio.Event()
-        sampling = asyncio.create_task(sampler.run(t0, stop))
-        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        sampling = asyncio.create_task(sampler.run(t0, stop)) if before is not None else None
+        if rate:
+            workers = [asyncio.create_task(scheduled(i)) for i in range(requests)]
+        else:
+            workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
         _, pending = await asyncio.wait(workers, timeout=max(deadline - time.perf_counter(), 0))
         for task in pending:  # the deadline: cancel what is still streaming (the server aborts it)
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         elapsed = time.perf_counter() - t0
         stop.set()
-        await sampling
+        if sampling is not None:
+            await sampling
         bar.close()
-        after = await sampler.scrape() or {}
+        after = (await sampler.scrape() or {}) if before is not None else {}
+        before = before or {}
 
     done = [r for r in records if r.outcome == "completed"]
     output_tokens = sum(r.output_tokens for r in done)
@@ -255,6 +283,7 @@ async def run_load(base_url: str, concurrency: int = 8, requests: int = 64, dura
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
     return {
         "config": {"base_url": base_url, "model": model, "concurrency": concurrency, "requests": requests,
+                   "rate": rate,
                    "duration_limit_s": duration, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens},
         "requests": {"sent": len(records), **counts},
         "elapsed_s": elapsed,
@@ -269,9 +298,31 @@ async def run_load(base_url: str, concurrency: int = 8, requests: int = 64, dura
         "server": {"prompt_tokens": delta("rheads:prompt_tokens_total"),
                    "generation_tokens": delta("rheads:generation_tokens_total"),
                    "preemptions": delta("rheads:num_preemptions")},
+        "decoding": decoding_concurrency(done),
         "errors": sorted({r.error for r in records if r.error})[:10],
         "records": [asdict(r) for r in records],
     }
+
+
+def decoding_concurrency(records: list[Record]) -> dict:
+    """Client-side view of what a server sustains, for servers without our metrics: the most requests
+    streaming tokens at once (between their first and last token), and the rate at which tokens
+    arrived while at least 90% of that many were streaming (the decode rate at saturation)."""
+    spans = [(r.start + r.token_times[0], r.start + r.token_times[-1]) for r in records if len(r.token_times) > 1]
+    if not spans:
+        return {"peak": 0, "tokens_per_s_at_peak": None, "seconds_at_peak": 0.0}
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], -e[1]))
+    level, peak, timeline = 0, 0, []
+    for t, delta in events:
+        level += delta
+        timeline.append((t, level))
+        peak = max(peak, level)
+    floor = math.ceil(0.9 * peak)
+    windows = [(t, t_next) for (t, n), (t_next, _) in zip(timeline, timeline[1:]) if n >= floor and t_next > t]
+    seconds = sum(b - a for a, b in windows)
+    arrivals = [r.start + x for r in records for x in r.token_times[1:]]
+    tokens = sum(any(a < x <= b for a, b in windows) for x in arrivals)
+    return {"peak": peak, "tokens_per_s_at_peak": tokens / seconds if seconds else None, "seconds_at_peak": seconds}
 
 
 # --- reporting -------------------------------------------------------------------------------------

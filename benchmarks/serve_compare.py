@@ -18,76 +18,13 @@ import datetime
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import ROWS, format_comparison, run_load  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`rheads serve` in a subprocess, its output in a log file; stopped with SIGINT, then SIGKILL."""
-
-    def __init__(self, name: str, flags: list[str], threads: int, startup_timeout: float, log_dir: Path):
-        self.name, self.port = name, free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "rheads.cli", "serve", *flags, "--host", "127.0.0.1",
-                    "--port", str(self.port), "--log-level", "warning"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false"}
-        self.log_path = log_dir / f"serve_{name.replace(' ', '_').replace('/', '_')}.log"
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        started = time.monotonic()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name}: `rheads serve` exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - started > startup_timeout:
-                self.stop()
-                raise RuntimeError(f"{name}: no /health after {startup_timeout:.0f}s:\n{self.output()}")
-            time.sleep(0.25)
-        self.startup_s = time.monotonic() - started
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return self.log_path.read_text()[-4000:]
-
-    def banner(self) -> str:
-        """The start-up line naming the head split and the pool sizes."""
-        return next((line for line in self.output().splitlines() if line.startswith("rheads: ")), "")
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        return self.proc.returncode
-
+from servers import REPO, ServerProcess, rheads_command  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -130,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rheads-serve-compare-") as logs:
         for name, flags in servers.items():
             print(f"[{name}] starting: rheads serve {' '.join(flags)}", file=sys.stderr, flush=True)
-            server = ServerProcess(name, flags, args.threads, args.startup_timeout, Path(logs))
+            server = ServerProcess(name, lambda port: rheads_command(flags, port), args.startup_timeout,
+                                   Path(logs), threads=args.threads)
             try:
                 print(f"[{name}] up in {server.startup_s:.1f}s on {server.base}; {server.banner()}",
                       file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,7 +94,7 @@ def fingerprint(fields: dict[str, Any]) -> str:
 class ProfileMethod(BaseModel):
     """How the scores were obtained: our needle-in-a-haystack profiler or an importer, with its settings."""
 
-    name: Literal["retrieval_head_niah", "import_retrieval_head", "import_duo_attention"]
+    name: Literal["retrieval_head_niah", "import_retrieval_head", "import_duo_attention", "synthetic_random"]
     kv_aggregate: KvAggregate = "max"
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -211,3 +212,16 @@ def find_profile(model_name: str) -> Path:
         f"Make one with `rheads profile {model_name} --out profiles/{model_name.split('/')[-1]}.json`, "
         "or serve with --budget 1.0 --profile none for an ordinary full cache."
     )
+
+
+def synthetic_profile(identity: ModelIdentity, seed: int = 0) -> Profile:
+    """Random scores for a model that has no real profile (random weights at a real shape).
+
+    Only for speed and memory benchmarks: those depend on how many KV heads keep a full cache, not on
+    which. The method name says so, so nobody mistakes it for a measured profile.
+    """
+    rng = random.Random(seed)
+    query = [[round(rng.random(), 4) for _ in range(identity.num_attention_heads)] for _ in range(identity.num_layers)]
+    return Profile(model=identity, method=ProfileMethod(name="synthetic_random", params={"seed": seed}),
+                   samples_total=0, samples_kept=0, query_head_scores=query,
+                   kv_head_scores=aggregate_kv_scores(query, identity.num_key_value_heads, how="max"))

@@ -1,0 +1,433 @@
+"""End to end over HTTP on a GPU: rheads at several budgets against `transformers serve`, in one run.
+
+The model: random bf16 weights at the Llama-3.1-8B shape (speed and memory depend on shapes, not on
+trained values), saved once into --workdir with the tokenizer from --tokenizer and no EOS token (every
+request runs to its fixed output length), plus a synthetic profile. For each configuration in turn --
+rheads at each --budgets value, then the peer `transformers serve --continuous-batching` with the same KV
+bytes -- the script starts the server on 127.0.0.1, warms it up and, for each --contexts length, runs:
+
+  saturation  as many concurrent requests as rheads' cache holds at that budget (the peer gets budget
+              1.0's number), each with a context-length prompt and --max-tokens outputs: output tokens/s,
+              the most requests streaming at once, tokens/s while that many stream;
+  rate        --rate-requests requests at a fixed rate: TTFT and inter-token latency p50/p99.
+
+GPU memory is polled throughout (NVML); rheads' step metrics give the decode step time against the
+hardware limit ((weights + KV bytes read) / the HBM bandwidth measured here by a device copy).
+Prints a table per context and writes --json (with --merge, updates the contexts it ran in an existing
+one, so 8k and 32k can run as two calls).
+
+    python benchmarks/gpu_serving.py --tokenizer .bench/tokenizer --contexts 8192 --json benchmarks/results/gpu_serving.json
+    python benchmarks/gpu_serving.py --tokenizer .bench/tokenizer --contexts 32768 --merge --json ...
+    python benchmarks/gpu_serving.py --shape tiny --device cpu --contexts 256 ...      # smoke run on a CPU
+
+Everything talks only to 127.0.0.1, is bounded in requests and time, and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import SHAPES  # noqa: E402
+from load import run_load  # noqa: E402
+from servers import REPO, ServerProcess, rheads_command  # noqa: E402
+
+from rheads.engine.cache import CacheConfig, HeadSplitCache  # noqa: E402
+from rheads.engine.heads import random_split  # noqa: E402
+from rheads.niah import haystack_files  # noqa: E402
+from rheads.profile import ModelIdentity, head_dim_of, synthetic_profile  # noqa: E402
+
+PEER = "transformers serve"
+GIB = 1 << 30
+
+
+# --- the model under test ------------------------------------------------------------------------
+
+def build_model_dir(workdir: Path, shape: str, tokenizer_dir: Path, device: str) -> Path:
+    """Random bf16 weights at `shape`, the tokenizer, no EOS; reused when already there."""
+    out = workdir / f"random-{shape}"
+    if (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape_fields = SHAPES[shape] | {"vocab_size": max(SHAPES[shape]["vocab_size"], len(tokenizer))}
+    config = LlamaConfig(**shape_fields, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    del model
+    tmp.rename(out)
+    return out
+
+
+def weights_read_per_step(config: LlamaConfig) -> int:
+    """Bytes of weights a decode step reads: every parameter but the embedding table (rows only)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())
+    return 2 * (total - model.get_input_embeddings().weight.numel())
+
+
+def capacity(config: LlamaConfig, budget: float, tokens: int, args: argparse.Namespace) -> int:
+    """How many sequences of `tokens` tokens rheads' cache holds at `budget` (its own allocator's sizes)."""
+    split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
+    cache = HeadSplitCache(split, head_dim_of(config), CacheConfig(
+        page_size=16, sink=args.sink, window=args.window, memory_bytes=int(args.kv_cache_gib * GIB),
+        max_num_seqs=args.max_num_seqs, dtype=torch.bfloat16, device="meta"))
+    if not cache.has_full_heads:
+        return cache.num_slots
+    return min(cache.num_slots, cache.num_pages // cache.pages_for(tokens))
+
+
+def hbm_bandwidth(device: str) -> float | None:
+    """Bytes/s of a large device-to-device copy (read + write), the bandwidth a decode step can reach."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.empty(2 * GIB, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    rate = 2 * src.numel() * reps / (time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return rate
+
+
+class GpuMemory:
+    """Polls the device's used memory (NVML) in a thread; `peak()` is the most seen since `reset()`."""
+
+    def __init__(self, interval: float = 0.2):
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        except Exception:  # noqa: BLE001 - no NVIDIA driver (CPU smoke runs): no figure
+            self._read = None
+        self.baseline = self._read() if self._read else 0
+        self._peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+        if self._read:
+            self._thread.start()
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._peak = max(self._peak, self._read())
+
+    def reset(self) -> None:
+        self._peak = self._read() if self._read else 0
+
+    def peak(self) -> int | None:
+        return self._peak - self.baseline if self._read else None
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# --- prompts and server metrics ------------------------------------------------------------------
+
+def make_prompts(tokenizer_dir: Path, length: int, count: int) -> list[str]:
+    """`count` different texts of `length` tokens each, cut from the shipped haystack at spread offsets."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer("\n\n".join(p.read_text() for p in haystack_files()), add_special_tokens=False)["input_ids"]
+    texts = []
+    for index in range(count):
+        start = (index * 7919) % len(ids)
+        window = [ids[(start + j) % len(ids)] for j in range(length)]
+        texts.append(tokenizer.decode(window))
+    return texts
+
+
+def step_totals(base_url: str) -> dict[str, dict[str, float]]:
+    """rheads' engine_step_* counters by kind ("decode", "mixed"); {} for servers without them."""
+    try:
+        text = httpx.get(f"{base_url}/metrics", timeout=10).text
+        families = list(text_string_to_metric_families(text))
+    except (httpx.HTTPError, ValueError):
+        return {}
+    names = {"rheads:engine_step_seconds_count": "steps", "rheads:engine_step_seconds_sum": "seconds",
+             "rheads:engine_step_sequences_total": "sequences", "rheads:engine_step_kv_bytes_total": "kv_bytes"}
+    out: dict[str, dict[str, float]] = {}
+    for family in families:
+        for s in family.samples:
+            if s.name in names:
+                out.setdefault(s.labels["kind"], {})[names[s.name]] = s.value
+    return out
+
+
+def decode_steps(before: dict, after: dict, weights_bytes: int, bandwidth: float | None) -> dict | None:
+    """Decode steps between two scrapes: mean time and batch, and time over the hardware limit."""
+    a, b = before.get("decode", {}), after.get("decode", {})
+    steps = b.get("steps", 0) - a.get("steps", 0)
+    if steps <= 0:
+        return None
+    seconds = b["seconds"] - a.get("seconds", 0)
+    kv = b["kv_bytes"] - a.get("kv_bytes", 0)
+    limit = (steps * weights_bytes + kv) / bandwidth if bandwidth else None
+    return {"steps": int(steps), "mean_step_s": seconds / steps,
+            "mean_batch": (b["sequences"] - a.get("sequences", 0)) / steps, "mean_kv_bytes_read": kv / steps,
+            "limit_step_s": limit / steps if limit else None, "step_over_limit": seconds / limit if limit else None}
+
+
+def brief(summary: dict) -> dict:
+    """The figures of one load phase that go into the report (records left out)."""
+    keep = ("config", "requests", "elapsed_s", "output_token_throughput", "output_tokens", "ttft_s", "itl_s",
+            "e2e_s", "decoding", "errors")
+    out = {k: summary[k] for k in keep}
+    if summary["kv"]["samples"]:
+        out["kv"] = {k: summary["kv"][k] for k in ("peak_bytes_used", "peak_bytes_full_equivalent", "peak_ratio",
+                                                    "peak_running", "peak_waiting")}
+    return out
+
+
+# --- one configuration ---------------------------------------------------------------------------
+
+def server_command(name: str, budget: float | None, model_dir: Path, profile: Path, args: argparse.Namespace,
+                   max_model_len: int, config: LlamaConfig):
+    if budget is None:  # the peer, with the same KV bytes as rheads (its blocks hold 256 tokens)
+        bytes_per_token = config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * 2 * 2
+        blocks = int(args.kv_cache_gib * GIB) // (256 * bytes_per_token)
+        return lambda port: [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
+                             "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
+                             "--port", str(port), "--device", args.device, "--dtype", "bfloat16",
+                             "--cb-block-size", "256", "--cb-num-blocks", str(blocks),
+                             "--cb-max-batch-tokens", str(args.max_num_batched_tokens), "--log-level", "warning"]
+    flags = [str(model_dir), "--profile", str(profile) if budget < 1 else "none", "--budget", f"{budget:g}",
+             "--kv-cache-memory", f"{args.kv_cache_gib}GiB", "--max-num-seqs", str(args.max_num_seqs),
+             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(max_model_len),
+             "--sink", str(args.sink), "--window", str(args.window), "--device", args.device,
+             "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32", "--served-model-name", name]
+    return lambda port: rheads_command(flags, port)
+
+
+def warm_up(base: str, model: str, extra_body: dict, sizes: list[int]) -> None:
+    """Short requests at each batch size, so CUDA graphs and kernels compile before anything is timed."""
+    for size in sizes:
+        asyncio.run(run_load(base, size, size, 120.0, max_tokens=4, model=model, progress=False,
+                             prompts=lambda i: f"warm up request {i}", extra_body=extra_body))
+
+
+def run_config(name: str, budget: float | None, setup: dict, args: argparse.Namespace, memory: GpuMemory,
+               logs: Path) -> dict:
+    config, contexts = setup["config"], setup["contexts"]
+    is_peer = budget is None
+    model = str(setup["model_dir"]) if is_peer else name
+    extra_body = {} if is_peer else None  # the peer refuses ignore_eos; its model dir has no EOS
+    memory.reset()
+    print(f"[{name}] starting", file=sys.stderr, flush=True)
+    server = ServerProcess(name, server_command(name, budget, setup["model_dir"], setup["profile"], args,
+                                                setup["max_model_len"], config),
+                           args.startup_timeout, logs, ready_path="/health")
+    out: dict = {"budget": budget, "contexts": {}}
+    try:
+        out["startup_s"], out["banner"] = server.startup_s, server.banner()
+        sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64) if s <= args.max_num_seqs] if not is_peer else [1, 4]
+        warm_up(server.base, model, extra_body or {}, sizes)
+        for context in contexts:
+            n = capacity(config, 1.0 if is_peer else budget, context + args.max_tokens, args)
+            prompts = setup["prompts"][context]
+            before = step_totals(server.base)
+            saturation = asyncio.run(run_load(
+                server.base, n, n, args.saturation_duration, max_tokens=args.max_tokens, model=model,
+                label=f"{name} {context} saturation", prompts=lambda i: prompts[i % len(prompts)],
+                extra_body=extra_body, request_timeout=args.saturation_duration + 30))
+            steps = decode_steps(before, step_totals(server.base), setup["weights_bytes"], setup["bandwidth"])
+            rate = asyncio.run(run_load(
+                server.base, 256, args.rate_requests, args.rate_duration, max_tokens=args.rate_max_tokens,
+                model=model, label=f"{name} {context} rate", prompts=lambda i: prompts[-1 - i % len(prompts)],
+                rate=args.rates[context], extra_body=extra_body, request_timeout=args.rate_duration + 30))
+            out["contexts"][str(context)] = {"offered_concurrency": n, "saturation": brief(saturation),
+                                             "decode_steps": steps, "rate": brief(rate)}
+            print(f"[{name}] {context}: {saturation['output_token_throughput']:.1f} tok/s with {n} offered, "
+                  f"peak streaming {saturation['decoding']['peak']}", file=sys.stderr, flush=True)
+    finally:
+        out["exit_code"] = server.stop()
+        out["log_tail"] = server.output()[-1500:]
+    out["peak_gpu_memory_bytes"] = memory.peak()
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if d is None:
+            return None
+        d = d.get(k)
+    return d
+
+
+ROWS = [  # label, path into a context's result, format
+    ("requests offered at once", ("offered_concurrency",), "{:.0f}"),
+    ("completed / sent", None, None),
+    ("most streaming at once", ("saturation", "decoding", "peak"), "{:.0f}"),
+    ("output tok/s (whole run)", ("saturation", "output_token_throughput"), "{:.1f}"),
+    ("output tok/s at peak streaming", ("saturation", "decoding", "tokens_per_s_at_peak"), "{:.1f}"),
+    ("mean decode step (ms)", ("decode_steps", "mean_step_s"), "{:.2f}", 1000),
+    ("mean decode batch", ("decode_steps", "mean_batch"), "{:.1f}"),
+    ("decode step / HW limit", ("decode_steps", "step_over_limit"), "{:.2f}"),
+    ("rate: TTFT p50 (ms)", ("rate", "ttft_s", "p50"), "{:.0f}", 1000),
+    ("rate: TTFT p99 (ms)", ("rate", "ttft_s", "p99"), "{:.0f}", 1000),
+    ("rate: ITL p50 (ms)", ("rate", "itl_s", "p50"), "{:.1f}", 1000),
+    ("rate: ITL p99 (ms)", ("rate", "itl_s", "p99"), "{:.1f}", 1000),
+    ("rate: completed / sent", None, None),
+]
+
+
+def format_context(report: dict, context: str) -> str:
+    names = [n for n, c in report["configs"].items() if context in c["contexts"]]
+    width = 32
+    lines = [f"{'context ' + context:<{width}}" + "".join(f"{n:>20}" for n in names), "-" * (width + 20 * len(names))]
+    for label, path, fmt, *scale in ROWS:
+        cells = []
+        for n in names:
+            r = report["configs"][n]["contexts"][context]
+            if path is None:
+                phase = r["rate" if label.startswith("rate") else "saturation"]["requests"]
+                cells.append(f"{phase['completed']}/{phase['sent']}")
+                continue
+            v = _get(r, *path)
+            cells.append("-" if v is None else fmt.format(v * (scale[0] if scale else 1)))
+        lines.append(f"{label:<{width}}" + "".join(f"{c:>20}" for c in cells))
+    mem = [report["configs"][n].get("peak_gpu_memory_bytes") for n in names]
+    lines.append(f"{'peak GPU memory (GiB)':<{width}}" + "".join(f"{'-' if m is None else f'{m / GIB:.1f}':>20}"
+                                                                for m in mem))
+    return "\n".join(lines)
+
+
+def ratios(report: dict) -> dict:
+    """The headline ratios at 32k (budget 0.5 over budget 1.0 and over the peer) and the step figure."""
+    def at(name: str, *path):
+        return _get(report["configs"].get(name), "contexts", "32768", *path)
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    half, full = "rheads-0.5", "rheads-1.0"
+    step = [at(n, "decode_steps", "step_over_limit") for n in (half, full)]
+    return {
+        "concurrency_ratio_32k": ratio(at(half, "saturation", "decoding", "peak"),
+                                       at(full, "saturation", "decoding", "peak")),
+        "throughput_ratio_32k": ratio(at(half, "saturation", "output_token_throughput"),
+                                      at(full, "saturation", "output_token_throughput")),
+        "decode_throughput_ratio_32k": ratio(at(half, "saturation", "decoding", "tokens_per_s_at_peak"),
+                                             at(full, "saturation", "decoding", "tokens_per_s_at_peak")),
+        "throughput_vs_peer_32k": ratio(at(half, "saturation", "output_token_throughput"),
+                                        at(PEER, "saturation", "output_token_throughput")),
+        "full_vs_peer_32k": ratio(at(full, "saturation", "output_token_throughput"),
+                                  at(PEER, "saturation", "output_token_throughput")),
+        "decode_step_over_limit": step[0],
+        "decode_step_over_limit_full": step[1],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tokenizer", type=Path, required=True, help="directory with the tokenizer files to serve with")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workdir", type=Path, default=REPO / ".bench", help="model directory and profile go here")
+    p.add_argument("--budgets", default="1.0,0.5,0.25", help="rheads configurations")
+    p.add_argument("--no-peer", action="store_true", help="leave `transformers serve` out")
+    p.add_argument("--contexts", default="8192,32768", help="prompt lengths in tokens")
+    p.add_argument("--kv-cache-gib", type=float, default=30.0, help="KV memory of every server")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=256, help="output tokens per saturation request")
+    p.add_argument("--saturation-duration", type=float, default=150.0, help="seconds before a saturation phase stops")
+    p.add_argument("--rate", default="8192:1.0,32768:0.25",
+                   help="requests/s per context for the fixed-rate phase (CONTEXT:RATE,...; others get the last)")
+    p.add_argument("--rate-requests", type=int, default=16)
+    p.add_argument("--rate-max-tokens", type=int, default=64)
+    p.add_argument("--rate-duration", type=float, default=90.0, help="seconds before a rate phase stops")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gpu_serving.json")
+    p.add_argument("--merge", action="store_true", help="update the contexts run here in an existing --json")
+    args = p.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rate_of = dict(tuple(map(float, kv.split(":"))) for kv in args.rate.split(","))
+    args.rates = {c: rate_of.get(float(c), list(rate_of.values())[-1]) for c in contexts}
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    bandwidth = hbm_bandwidth(args.device)
+    memory = GpuMemory()
+    print("building the model directory (random weights) ...", file=sys.stderr, flush=True)
+    model_dir = build_model_dir(args.workdir, args.shape, args.tokenizer, args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    config = AutoConfig.from_pretrained(model_dir)  # what the servers will load
+    profile = args.workdir / f"random-{args.shape}.profile.json"
+    synthetic_profile(ModelIdentity.from_config(config, str(model_dir))).save(profile)
+    most = max(capacity(config, b, c + args.max_tokens, args) for b in map(float, args.budgets.split(","))
+               for c in contexts)
+    setup = {"config": config, "contexts": contexts, "model_dir": model_dir, "profile": profile,
+             "max_model_len": max(contexts) + max(args.max_tokens, args.rate_max_tokens) + 64,
+             "weights_bytes": weights_read_per_step(config), "bandwidth": bandwidth,
+             "prompts": {c: make_prompts(args.tokenizer, c, max(most, args.rate_requests)) for c in contexts}}
+    configs: list[tuple[str, float | None]] = [(f"rheads-{float(b)}", float(b)) for b in args.budgets.split(",")]
+    if not args.no_peer:
+        configs.append((PEER, None))
+
+    report = json.loads(args.json.read_text()) if args.merge and args.json.exists() else {"configs": {}}
+    report.update({
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "date": datetime.date.today().isoformat(), "command": shlex.join(["python", *sys.argv]),
+        "shape": args.shape, "hbm_bandwidth_bytes_per_s": bandwidth, "weights_bytes_per_step": setup["weights_bytes"],
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    })
+    with tempfile.TemporaryDirectory(prefix="rheads-gpu-serving-") as logs:
+        for name, budget in configs:
+            try:
+                result = run_config(name, budget, setup, args, memory, Path(logs))
+            except RuntimeError as error:  # a server that does not start: reported, the others still run
+                print(error, file=sys.stderr)
+                result = {"budget": budget, "contexts": {}, "error": str(error)[-2000:]}
+            old = report["configs"].get(name, {"contexts": {}})
+            result["contexts"] = {**old.get("contexts", {}), **result["contexts"]}
+            report["configs"][name] = result
+    memory.close()
+    report["ratios"] = ratios(report)
+    tables = [format_context(report, str(c)) for c in sorted({int(c) for r in report["configs"].values()
+                                                               for c in r["contexts"]})]
+    report["tables"] = tables
+    print(f"\n{report['device']}, {args.shape} random bf16 weights, KV memory {args.kv_cache_gib} GiB per server, "
+          f"{args.max_tokens} output tokens (saturation), bandwidth "
+          f"{bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s")
+    for table in tables:
+        print(table, end="\n\n")
+    print(json.dumps(report["ratios"], indent=1))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
