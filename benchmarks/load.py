@@ -277,7 +277,8 @@ async def run_load(base_url: str, concurrency: int = 8, requests: int = 64, dura
         before = before or {}
 
     done = [r for r in records if r.outcome == "completed"]
-    output_tokens = sum(r.output_tokens for r in done)
+    # tokens streamed by requests cut off at the deadline count too (one chunk per token)
+    output_tokens = sum(r.output_tokens if r.outcome == "completed" else len(r.token_times) for r in records)
     prompt_total = sum(r.prompt_tokens for r in done)
     counts = {k: sum(r.outcome == k for r in records) for k in ("completed", "failed", "rejected", "unfinished")}
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
@@ -298,7 +299,7 @@ async def run_load(base_url: str, concurrency: int = 8, requests: int = 64, dura
         "server": {"prompt_tokens": delta("rheads:prompt_tokens_total"),
                    "generation_tokens": delta("rheads:generation_tokens_total"),
                    "preemptions": delta("rheads:num_preemptions")},
-        "decoding": decoding_concurrency(done),
+        "decoding": decoding_concurrency(records),
         "errors": sorted({r.error for r in records if r.error})[:10],
         "records": [asdict(r) for r in records],
     }
