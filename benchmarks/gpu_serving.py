@@ -253,12 +253,14 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
             before = step_totals(server.base)
             saturation = asyncio.run(run_load(
                 server.base, n, n, args.saturation_duration, max_tokens=args.max_tokens, model=model,
-                label=f"{name} {context} saturation", prompts=lambda i: prompts[i % len(prompts)],
+                label=f"{name} {context} saturation", progress=not args.no_progress,
+                prompts=lambda i: prompts[i % len(prompts)],
                 extra_body=extra_body, request_timeout=args.saturation_duration + 30))
             steps = decode_steps(before, step_totals(server.base), setup["weights_bytes"], setup["bandwidth"])
             rate = asyncio.run(run_load(
                 server.base, 256, args.rate_requests, args.rate_duration, max_tokens=args.rate_max_tokens,
-                model=model, label=f"{name} {context} rate", prompts=lambda i: prompts[-1 - i % len(prompts)],
+                model=model, label=f"{name} {context} rate", progress=not args.no_progress,
+                prompts=lambda i: prompts[-1 - i % len(prompts)],
                 rate=args.rates[context], extra_body=extra_body, request_timeout=args.rate_duration + 30))
             out["contexts"][str(context)] = {"offered_concurrency": n, "saturation": brief(saturation),
                                              "decode_steps": steps, "rate": brief(rate)}
@@ -370,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gpu_serving.json")
     p.add_argument("--merge", action="store_true", help="update the contexts run here in an existing --json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     args = p.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     rate_of = dict(tuple(map(float, kv.split(":"))) for kv in args.rate.split(","))
@@ -412,21 +415,26 @@ def main(argv: list[str] | None = None) -> int:
             old = report["configs"].get(name, {"contexts": {}})
             result["contexts"] = {**old.get("contexts", {}), **result["contexts"]}
             report["configs"][name] = result
+            save(report, args.json)  # after every configuration: a run cut short keeps what it measured
     memory.close()
-    report["ratios"] = ratios(report)
-    tables = [format_context(report, str(c)) for c in sorted({int(c) for r in report["configs"].values()
-                                                               for c in r["contexts"]})]
-    report["tables"] = tables
+    save(report, args.json)
     print(f"\n{report['device']}, {args.shape} random bf16 weights, KV memory {args.kv_cache_gib} GiB per server, "
           f"{args.max_tokens} output tokens (saturation), bandwidth "
           f"{bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s")
-    for table in tables:
+    for table in report["tables"]:
         print(table, end="\n\n")
     print(json.dumps(report["ratios"], indent=1))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {args.json}")
     return 0
+
+
+def save(report: dict, path: Path) -> None:
+    """Recompute the ratios and tables from what the report holds, and write it."""
+    report["ratios"] = ratios(report)
+    report["tables"] = [format_context(report, str(c)) for c in sorted({int(c) for r in report["configs"].values()
+                                                                        for c in r["contexts"]})]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
+from rheads.engine import attention
 from rheads.engine.heads import permute_attention_heads, restore_attention_heads
 from rheads.engine.llm import RequestError
 from rheads.models import load_model, resolve_model
@@ -268,8 +269,13 @@ def test_short_sequences_equal_full_attention(model, tokenizer, split) -> None:
         check_logprobs_against(reference_logprobs(model, ids, split), res, k=3)
 
 
-def test_window_larger_than_a_chunk_and_long_chunks(llama, tokenizer) -> None:
-    """A window wider than the chunk, and chunks wider than the window, both match the reference."""
+@pytest.mark.parametrize("band_block", [None, 4, 7], ids=["plain", "band-4", "band-7"])
+def test_window_larger_than_a_chunk_and_long_chunks(llama, tokenizer, band_block, monkeypatch) -> None:
+    """A window wider than the chunk, and chunks wider than the window, both match the reference; with a
+    small band block, chunks longer than it take the banded streaming-head path (blocks that straddle
+    the sinks, partial last blocks, bands past the last key)."""
+    if band_block:
+        monkeypatch.setattr(attention, "BAND_BLOCK", band_block)
     params = SamplingParams(max_tokens=5, logprobs=2, **GREEDY)
     prompts = [random_prompt(n, seed=300 + n) for n in (37, 50)]
     for window, chunk in ((16, 5), (5, 32)):

@@ -69,6 +69,18 @@ class BatchMeta:
     decode: DecodeBatch | None = None
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """q [B, n, Hq, D]; k, v [B, m, Hkv, D]; mask broadcastable to [B, 1, n, m] (or a CausalBias) -> [B, n, Hq, D].
+
+    Inputs go to SDPA as 4-D [B, H, tokens, D]: its fused (flash / memory-efficient) kernels take only
+    batched inputs; with 3-D ones it falls back to the math kernel, which materialises every score.
+    """
+    groups = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)
+    v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
             k_pos: torch.Tensor | None, scaling: float, sink: int | None = None,
             window: int | None = None) -> torch.Tensor:
@@ -80,16 +92,44 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     if q_pos is None:
         visible = causal_lower_right(q.shape[0], k.shape[0])
     else:
-        visible = k_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            visible &= (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < window)
-    groups = q.shape[1] // k.shape[1]
-    # 4-D [1, H, tokens, D]: SDPA's fused (flash / memory-efficient) kernels take only batched inputs;
-    # with 3-D ones it falls back to the math kernel, which materialises every score.
-    k = k.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
-    v = v.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=visible, scale=scaling)
-    return out[0].transpose(0, 1)
+        visible = _visible(q_pos[:, None], k_pos[None, :], sink, window)
+    return _sdpa(q[None], k[None], v[None], visible, scaling)[0]
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None, window: int | None) -> torch.Tensor:
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= (k_pos < sink) | (q_pos - k_pos < window)
+    return visible
+
+
+BAND_BLOCK = 256  # queries per block of the banded streaming-head attention
+
+
+def _attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 num_sinks: int, scaling: float, sink: int, window: int) -> torch.Tensor:
+    """Streaming-head attention for a long chunk, by blocks of queries: a block sees the sinks and the
+    keys from `window` - 1 before its first query to its last, so the work is O(n (sink + window + block))
+    instead of O(n m) and the mask stays small.
+
+    k_pos must be ascending: the first `num_sinks` keys are the sinks, the rest contiguous positions.
+    """
+    n, block = q.shape[0], BAND_BLOCK
+    blocks = -(-n // block)
+    pad = blocks * block - n
+    q_pos = F.pad(q_pos, (0, pad), value=int(q_pos[-1]))  # padding rows repeat the last query, then drop
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(blocks, block, *q.shape[1:])
+    qpb = q_pos.view(blocks, block)
+    first_rest = int(k_pos[num_sinks]) if k.shape[0] > num_sinks else 0
+    band = window - 1 + block
+    lo = torch.clamp(qpb[:, 0] - window + 1, min=sink) - first_rest + num_sinks  # index of each block's band start
+    index = lo.clamp(min=num_sinks)[:, None] + torch.arange(band, device=q.device)  # [blocks, band]
+    real = index < k.shape[0]  # a band running past the last key: those entries are masked, not duplicated
+    index = torch.cat([torch.arange(num_sinks, device=q.device).expand(blocks, -1), index.clamp(max=k.shape[0] - 1)], 1)
+    real = torch.cat([torch.ones(blocks, num_sinks, dtype=torch.bool, device=q.device), real], 1)
+    visible = _visible(qpb[:, :, None], k_pos[index][:, None, :], sink, window) & real[:, None, :]
+    out = _sdpa(qb, k[index], v[index], visible[:, None], scaling)
+    return out.reshape(blocks * block, *q.shape[1:])[:n]
 
 
 def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling) -> torch.Tensor:
@@ -109,8 +149,11 @@ def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, 
     held = torch.cat([torch.arange(min(sink, seq.start), device=device),
                       torch.arange(max(sink, seq.start - window), max(sink, seq.start), device=device)])
     slots = cache.ring_index(held)
-    out = _attend(q, torch.cat([ring_k[slots], k]), torch.cat([ring_v[slots], v]), pos,
-                  torch.cat([held, pos]), scaling, sink, window)
+    keys, values, key_pos = torch.cat([ring_k[slots], k]), torch.cat([ring_v[slots], v]), torch.cat([held, pos])
+    if len(pos) > BAND_BLOCK:
+        out = _attend_band(q, keys, values, pos, key_pos, min(sink, seq.start + len(pos)), scaling, sink, window)
+    else:
+        out = _attend(q, keys, values, pos, key_pos, scaling, sink, window)
     last = pos[-1]
     keep = (pos < sink) | (pos > last - window)  # only these survive in the ring; no duplicate writes
     ring_k[cache.ring_index(pos[keep])] = k[keep]
