@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
@@ -22,6 +23,7 @@ from .cache import HeadSplitCache
 from .decode import paged_decode
 
 ATTENTION_NAME = "rheads_head_split"
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -74,11 +76,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: floa
 
     Inputs go to SDPA as 4-D [B, H, tokens, D]: its fused (flash / memory-efficient) kernels take only
     batched inputs; with 3-D ones it falls back to the math kernel, which materialises every score.
+    cuDNN's kernel is left out: it builds a plan for every new shape (10-15 ms of CPU per call, measured
+    with benchmarks/profile_engine.py), and chunked prefill makes new shapes all the time.
     """
     groups = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(groups, dim=2).transpose(1, 2)
     v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
+    with sdpa_kernel(PREFILL_BACKENDS):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,

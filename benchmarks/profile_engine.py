@@ -1,0 +1,88 @@
+"""Where an engine step's time goes: torch.profiler over prefill and decode steps, per budget.
+
+Random weights at a real shape (default Llama-3.1-8B, bf16) with a synthetic split, like bench_engine.py.
+For each budget: feed `--batch` prompts of `--context` tokens in chunks of `--chunk` (profiled: the
+prefill steps), then `--steps` decode steps of the whole batch (profiled separately, CUDA graphs off
+so each kernel shows), and print the operators that take the most device time.
+
+    python benchmarks/profile_engine.py --context 8192 --batch 4 --budgets 1.0,0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import SHAPES, _Tokenizer, sync  # noqa: E402
+
+from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split  # noqa: E402
+from rheads.engine.heads import restore_attention_heads  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--budgets", default="1.0,0.5,0.25")
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens")
+    p.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    p.add_argument("--kv-memory-gib", type=float, default=20.0)
+    p.add_argument("--top", type=int, default=15, help="operators listed")
+    args = p.parse_args()
+    config = LlamaConfig(**SHAPES[args.shape])
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    for budget in map(float, args.budgets.split(",")):
+        split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
+        engine = LLMEngine(model, _Tokenizer(), split, EngineConfig(
+            budget=None, kv_cache_memory=int(args.kv_memory_gib * 2**30), max_num_seqs=args.batch,
+            max_num_batched_tokens=args.chunk, max_model_len=args.context + 4 * args.steps + 64,
+            device=args.device, dtype=dtype, cuda_graphs=False))
+        generator = torch.Generator().manual_seed(0)
+        for i in range(args.batch):
+            ids = torch.randint(0, config.vocab_size, (args.context,), generator=generator).tolist()
+            engine.add_request(str(i), ids, SamplingParams(max_tokens=4 * args.steps, temperature=0, ignore_eos=True))
+        engine.step()  # warm-up (kernels compile), outside the profile
+        sync(args.device)
+        start = time.perf_counter()
+        with profile(activities=activities) as prefill:
+            while any(s.in_prefill or s.num_cached == 0 for s in engine.sequences.values()):
+                engine.step()
+            sync(args.device)
+        prefill_s = time.perf_counter() - start
+        engine.step()
+        sync(args.device)
+        start = time.perf_counter()
+        with profile(activities=activities) as decode:
+            for _ in range(args.steps):
+                engine.step()
+            sync(args.device)
+        decode_s = (time.perf_counter() - start) / args.steps
+        print(f"\n=== budget {budget:g}: prefill (after the first chunk) {prefill_s:.2f} s; "
+              f"eager decode step {decode_s * 1000:.1f} ms (batch {args.batch}, context {args.context})")
+        print("--- prefill")
+        print(prefill.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+        print("--- decode")
+        print(decode.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+        for request_id in list(engine.sequences):
+            engine.abort(request_id)
+        restore_attention_heads(model, split)
+        del engine
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
