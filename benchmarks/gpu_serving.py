@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "date": datetime.date.today().isoformat(), "command": shlex.join(["python", *sys.argv]),
+        "commands": {**report.get("commands", {}), args.contexts: shlex.join(["python", *sys.argv])},
         "shape": args.shape, "hbm_bandwidth_bytes_per_s": bandwidth, "weights_bytes_per_step": setup["weights_bytes"],
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     })

@@ -23,6 +23,7 @@ except ImportError:  # CPU-only installs
     triton = None
 
 BLOCK_N = 64
+PROGRAMS_PER_SM = 2  # split-K programs per SM a launch aims for (more splits for small batches)
 
 
 def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
@@ -98,7 +99,8 @@ if triton is not None:
 
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
                         lengths: torch.Tensor, scale: float, max_length: int, num_sms: int = 132,
-                        block: int = BLOCK_N, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                        block: int = BLOCK_N, num_warps: int = 4, num_stages: int = 3,
+                        programs_per_sm: int = PROGRAMS_PER_SM) -> torch.Tensor:
     """The Triton split-K kernel, free of host syncs (so it can be captured in a CUDA graph).
 
     The number of splits comes from the batch shape and `max_length`, a host-side upper bound; the
@@ -109,7 +111,7 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     kv_heads, page_len = k.shape[2], k.shape[1]
     group = heads // kv_heads
     blocks = max(1, math.ceil(max_length / block))
-    splits = max(1, min(blocks, math.ceil(2 * num_sms / (batch * kv_heads))))
+    splits = max(1, min(blocks, math.ceil(programs_per_sm * num_sms / (batch * kv_heads))))
     per_split = splits * block
     tokens_per_split = ((lengths.max() + per_split - 1) // per_split * block).to(torch.int32)
     partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
