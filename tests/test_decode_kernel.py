@@ -51,6 +51,18 @@ def test_triton_equals_naive(dtype, tol, heads, kv_heads, dim):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("programs_per_sm", [1, 2, 8])
+def test_triton_split_counts(programs_per_sm):
+    """One split (no merge) for a batch that fills the GPU, several for a small one: same answer."""
+    from rheads.engine.decode import paged_decode_triton
+    for batch in (3, 300):
+        q, k, v, table, lengths = _case("cuda", torch.float32, batch=batch, heads=8, kv_heads=4, pages=128)
+        got = paged_decode_triton(q, k, v, table, lengths, 0.125, int(lengths.max()), 132,
+                                  programs_per_sm=programs_per_sm)
+        torch.testing.assert_close(got, _naive(q, k, v, table, lengths, 0.125), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
 def test_triton_ring_as_one_page():
     """A streaming slot of sink + window entries is one page; lengths below it mask unwritten entries."""
     q, k, v, _, _ = _case("cuda", torch.float32, page=320, pages=6)

@@ -23,7 +23,8 @@ except ImportError:  # CPU-only installs
     triton = None
 
 BLOCK_N = 64
-PROGRAMS_PER_SM = 2  # split-K programs per SM a launch aims for (more splits for small batches)
+PROGRAMS_PER_SM = 8  # split-K programs per SM a launch aims for: 8 reads 2.13 TB/s at 8 x 32k, 2 only 1.80
+                     # (H100, benchmarks/bench_decode_kernel.py --programs-per-sm 2,4,8,16)
 
 
 def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
@@ -124,6 +125,8 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_len, BLOCK=block,
         IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
+    if splits == 1:  # nothing to merge (a short window, or a batch that fills the GPU by itself)
+        return partial[:, :, 0].to(q.dtype)
     weights = torch.softmax(lse, dim=-1).nan_to_num_(0.0)  # splits past a sequence's end weigh 0
     return (partial * weights[..., None]).sum(2).to(q.dtype)
 
