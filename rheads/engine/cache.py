@@ -106,6 +106,11 @@ class HeadSplitCache:
         stream = [split.num_kv_heads - n for n in split.num_full]
         self.ring_k = [make(shape_ring(n)) if n else None for n in stream]
         self.ring_v = [make(shape_ring(n)) if n else None for n in stream]
+        # Each slot's block table, kept here as pages are appended (host memory): a decode step takes
+        # its rows instead of rebuilding [batch, max pages] from Python lists (3 ms at 14 x 32k).
+        # Entries past a sequence's pages are stale and never read; the scratch slot's row is all scratch.
+        self.block_tables = torch.full((self.num_slots + 1, max(self.num_pages, 1)), self.scratch_page,
+                                       dtype=torch.int32)
         self.free_pages = list(range(self.num_pages - 1, -1, -1))
         self.free_slots = list(range(self.num_slots - 1, -1, -1))
         self.tokens: dict[int, int] = {}  # slot -> tokens cached, for the full-equivalent figure
@@ -133,8 +138,10 @@ class HeadSplitCache:
         need = self.pages_for(num_tokens) - len(pages)
         if need > len(self.free_pages):
             raise CacheFullError(f"need {need} pages, {len(self.free_pages)} free")
-        for _ in range(max(need, 0)):
-            pages.append(self.free_pages.pop())
+        if need > 0:
+            start = len(pages)
+            pages.extend(self.free_pages.pop() for _ in range(need))
+            self.block_tables[slot, start:len(pages)] = torch.tensor(pages[start:], dtype=torch.int32)
         self.tokens[slot] = num_tokens
 
     def release(self, slot: int | None, pages: list[int]) -> None:

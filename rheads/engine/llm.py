@@ -195,6 +195,18 @@ class LLMEngine:
         return RequestOutput(seq.request_id, [], "", [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
                              error=f"{type(error).__name__}: {error}")
 
+    def _detokenize(self, seq: Sequence) -> str:
+        """The whole output's text, decoding only the last few tokens (as vLLM does): the tokens since the
+        last committed text, with the ones before them as context, so spaces and merges come out as a
+        full decode would. A trailing incomplete UTF-8 character ("\ufffd") is not committed yet."""
+        ids, decode = seq.output_ids, self.tokenizer.decode
+        prefix = decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        full = decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        text = seq.decoded + full[len(prefix):]
+        if not text.endswith("\ufffd") and len(full) > len(prefix):
+            seq.decoded, seq.prefix_offset, seq.read_offset = text, seq.read_offset, len(ids)
+        return text
+
     def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         params = seq.params
         finish = None
@@ -204,7 +216,7 @@ class LLMEngine:
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = self._detokenize(seq)
         for stop in params.stop:
             at = text.find(stop, max(0, len(seq.text) - len(stop)))
             if at >= 0:

@@ -20,7 +20,7 @@ class ModelRunner:
     def __init__(self, model, cache: HeadSplitCache, max_model_len: int, cuda_graphs: bool = True):
         self.model, self.cache, self.max_model_len = model, cache, max_model_len
         self.device = next(model.parameters()).device
-        self.max_pages = cache.pages_for(max_model_len)
+        self.max_pages = min(cache.pages_for(max_model_len), cache.block_tables.shape[1])  # a graph's table width
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _DecodeGraph] = {}
         self.graph_pool = None
@@ -63,10 +63,9 @@ class ModelRunner:
         cache, page = self.cache, self.cache.config.page_size
         size = size or len(decoding)
         positions = [chunk.seq.num_cached for _, chunk in decoding] + [0] * (size - len(decoding))
-        tables = [chunk.seq.pages for _, chunk in decoding] + [[]] * (size - len(decoding))
-        width = width or max(len(t) for t in tables) or 1
-        pad = cache.scratch_page
-        table = torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int32)
+        width = width or max((len(chunk.seq.pages) for _, chunk in decoding), default=0) or 1
+        slots = torch.tensor([chunk.seq.slot for _, chunk in decoding] + [cache.scratch_slot] * (size - len(decoding)))
+        table = cache.block_tables[slots, :width]  # rows past a sequence's pages are never read
         pos = torch.tensor(positions)
         return DecodeBatch(
             rows=torch.tensor([begin for begin, _ in decoding] + list(range(len(decoding), size))),
@@ -74,7 +73,7 @@ class ModelRunner:
             page_ids=table.gather(1, (pos // page).clamp(max=width - 1)[:, None])[:, 0].long(),
             page_offsets=pos % page,
             lengths=(pos + 1).to(torch.int32),
-            slots=torch.tensor([chunk.seq.slot for _, chunk in decoding] + [cache.scratch_slot] * (size - len(decoding))),
+            slots=slots,
             ring_offsets=cache.ring_index(pos),
             ring_lengths=torch.clamp(pos + 1, max=cache.window_slots).to(torch.int32),
             max_length=max(positions) + 1,

@@ -60,6 +60,9 @@ class Sequence:
     slot: int | None = None
     finish_reason: str | None = None
     text: str = ""  # detokenized output so far (up to any stop string)
+    decoded: str = ""  # the output ids decoded so far, committed up to `read_offset`
+    prefix_offset: int = 0  # incremental detokenization: decode [prefix_offset:] against [prefix_offset:read_offset]
+    read_offset: int = 0
     generator: torch.Generator | None = None
 
     @property
