@@ -120,6 +120,9 @@ class Profile(BaseModel):
     method: ProfileMethod
     samples_total: int = Field(ge=0)
     samples_kept: int = Field(ge=0)
+    # the budget `rheads serve` uses with this profile unless told otherwise: the smallest at which the
+    # retrieval heads kept the full cache's needle accuracy (`rheads eval niah`); None: not measured
+    default_budget: float | None = Field(default=None, gt=0, le=1)
     query_head_scores: list[list[float]]  # [layer][query head]
     kv_head_scores: list[list[float]]  # [layer][kv head]
     samples: list[SampleRecord] = Field(default_factory=list)

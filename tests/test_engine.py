@@ -790,3 +790,18 @@ def test_incremental_detokenization_equals_full_decode(tokenizer) -> None:
         got = LLMEngine._detokenize(owner, seq)
         assert got == tokenizer.decode(ids[:i], skip_special_tokens=True), i
     assert seq.read_offset > len(ids) - 10  # it really decoded incrementally
+
+
+def test_default_budget_comes_from_the_profile(tmp_path) -> None:
+    """Without --budget the engine takes the profile's measured default_budget; without a profile, 1.0."""
+    from pathlib import Path
+
+    shipped = Profile.load(Path(__file__).parents[1] / "profiles" / "SmolLM2-135M-Instruct.json")
+    assert shipped.default_budget == 0.5
+    shipped.model_copy(update={"default_budget": 0.25}).save(tmp_path / "quarter.json")
+    config = EngineConfig(budget=None, kv_cache_memory=64 << 20, max_num_seqs=2)
+    for profile, expected in (("auto", 0.5), (tmp_path / "quarter.json", 0.25), (None, 1.0)):
+        engine = LLMEngine.from_model("smollm2-135m-instruct", profile, config)
+        assert engine.split.fraction_full == pytest.approx(expected, abs=0.02), profile
+    engine = LLMEngine.from_model("smollm2-135m-instruct", "auto", EngineConfig(budget=0.1, kv_cache_memory=64 << 20))
+    assert engine.split.fraction_full == pytest.approx(0.1, abs=0.02)  # an explicit budget wins

@@ -25,9 +25,12 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
 
 
+DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (the imported ones)
+
+
 @dataclass
 class EngineConfig:
-    budget: float | None = 1.0  # fraction of KV heads with a full cache (None: use threshold)
+    budget: float | None = 1.0  # fraction of KV heads with a full cache (None: the profile's default_budget)
     threshold: float | None = None  # or: every KV head scoring above this keeps a full cache
     sink: int = 64
     window: int = 256
@@ -93,13 +96,15 @@ class LLMEngine:
                                       trust_remote_code=trust_remote_code)
         identity = ModelIdentity.from_config(model.config, source.name)
         if profile is None:
-            if config.budget not in (0.0, 1.0) or config.threshold is not None:
+            budget = 1.0 if config.budget is None else config.budget
+            if budget not in (0.0, 1.0) or config.threshold is not None:
                 raise ValueError("a budget between 0 and 1 or a threshold needs a profile")
-            split = HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, config.budget == 1.0)
+            split = HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, budget == 1.0)
         else:
             loaded = Profile.load(find_profile(source.name) if profile == "auto" else profile)
             loaded.check_fits(identity)
-            split = select_heads(loaded, budget=config.budget if config.threshold is None else None,
+            budget = config.budget if config.budget is not None else (loaded.default_budget or DEFAULT_BUDGET)
+            split = select_heads(loaded, budget=budget if config.threshold is None else None,
                                  threshold=config.threshold)
         return cls(model, tokenizer, split, config, model_name=source.name)
 
