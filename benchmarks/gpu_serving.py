@@ -165,10 +165,13 @@ def make_prompts(tokenizer_dir: Path, length: int, count: int) -> list[str]:
 def step_totals(base_url: str) -> dict[str, dict[str, float]]:
     """rheads' engine_step_* counters by kind ("decode", "mixed"); {} for servers without them."""
     try:
-        text = httpx.get(f"{base_url}/metrics", timeout=10).text
-        families = list(text_string_to_metric_families(text))
+        return _step_totals_from_text(httpx.get(f"{base_url}/metrics", timeout=10).text)
     except (httpx.HTTPError, ValueError):
         return {}
+
+
+def _step_totals_from_text(text: str) -> dict[str, dict[str, float]]:
+    families = list(text_string_to_metric_families(text))
     names = {"rheads:engine_step_seconds_count": "steps", "rheads:engine_step_seconds_sum": "seconds",
              "rheads:engine_step_sequences_total": "sequences", "rheads:engine_step_kv_bytes_total": "kv_bytes"}
     out: dict[str, dict[str, float]] = {}

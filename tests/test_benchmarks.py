@@ -1,0 +1,82 @@
+"""The benchmark drivers' own arithmetic: what they report must follow from what they measured."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_serving import decode_steps, ratios  # noqa: E402
+from load import Record, decoding_concurrency, percentile  # noqa: E402
+
+from rheads.engine.cache import CacheUsage  # noqa: E402
+from rheads.engine.llm import StepStats  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+
+
+def test_percentile_interpolates():
+    assert percentile([], 50) is None
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+
+
+def test_decoding_concurrency_counts_overlap_and_rate_at_peak():
+    # three streams: A 0-10 s, B 2-6 s, C 4-8 s (first to last token), one token a second each
+    records = [Record("completed", start=s, token_times=[float(t) for t in range(0, n + 1)])
+               for s, n in ((0.0, 10), (2.0, 4), (4.0, 4))]
+    view = decoding_concurrency(records)
+    assert view["peak"] == 3
+    assert view["seconds_at_peak"] == pytest.approx(2.0)  # 4 s to 6 s, all three streaming
+    assert view["tokens_per_s_at_peak"] == pytest.approx(3.0)  # 2 tokens each in (4, 6]
+    assert decoding_concurrency([Record("failed")])["peak"] == 0
+
+
+class _Engine:
+    """What Metrics.observe_engine reads, with a scripted last step."""
+
+    num_running = num_waiting = 0
+
+    class scheduler:  # noqa: N801 - mirrors LLMEngine.scheduler
+        num_preemptions = 0
+
+    def __init__(self):
+        self.last_step = None
+
+    def usage(self) -> CacheUsage:
+        return CacheUsage(1, 0, 1, 0, 0, 0, 1)
+
+
+def test_decode_step_figures_from_the_servers_own_metrics():
+    """gpu_serving reads rheads:engine_step_* as the server writes them: a contract between the two."""
+    import gpu_serving
+
+    metrics, engine = Metrics("m"), _Engine()
+    before = gpu_serving._step_totals_from_text(generate_latest(metrics.registry).decode())
+    for seconds, seqs, kv in ((0.02, 4, 4e9), (0.03, 8, 8e9)):
+        engine.last_step = StepStats(True, seqs, seqs, seconds, int(kv))
+        metrics.observe_engine(engine)
+    engine.last_step = StepStats(False, 2, 500, 0.5, int(1e9))  # a prefill step: not a decode step
+    metrics.observe_engine(engine)
+    metrics.observe_engine(engine)  # the same step seen twice counts once
+    after = gpu_serving._step_totals_from_text(generate_latest(metrics.registry).decode())
+    steps = decode_steps(before, after, weights_bytes=int(15e9), bandwidth=3e12)
+    assert steps["steps"] == 2 and steps["mean_batch"] == 6
+    assert steps["mean_step_s"] == pytest.approx(0.025)
+    limit = (2 * 15e9 + 12e9) / 3e12  # weights read by each step plus the KV both read
+    assert steps["step_over_limit"] == pytest.approx(0.05 / limit)
+    assert decode_steps(after, after, 1, 1.0) is None
+
+
+def test_ratios_read_the_32k_runs():
+    def run(peak, throughput, step):
+        return {"contexts": {"32768": {"saturation": {"output_token_throughput": throughput,
+                                                       "decoding": {"peak": peak, "tokens_per_s_at_peak": 2 * throughput}},
+                                        "decode_steps": {"step_over_limit": step}}}}
+    report = {"configs": {"rheads-1.0": run(7, 100.0, 1.5), "rheads-0.5": run(14, 150.0, 1.8),
+                          "transformers serve": run(6, 2.0, None)}}
+    r = ratios(report)
+    assert r["concurrency_ratio_32k"] == 2.0 and r["throughput_ratio_32k"] == 1.5
+    assert r["throughput_vs_peer_32k"] == 75.0 and r["decode_step_over_limit"] == 1.8
