@@ -41,6 +41,22 @@ def _add_grid_arguments(p: argparse.ArgumentParser, defaults, out_help: str, nee
                    help=f"haystack .txt files or directories (default: {haystack_default})")
 
 
+
+def _add_eval_runtime_arguments(p: argparse.ArgumentParser, dtype_what: str) -> None:
+    """Where and how an evaluation runs the model: threads, device, dtype, remote code."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help=f"{dtype_what} (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+
+
+def _add_eval_grid_arguments(p: argparse.ArgumentParser, defaults) -> None:
+    """The grid arguments of `eval niah` and `eval causality`: held-out needles and haystack by default."""
+    _add_grid_arguments(p, defaults, "output directory (an existing one is resumed)",
+                        "rheads/data/eval_needles.jsonl, 12 needles no shipped profile was made with",
+                        "rheads/data/haystack, unseen by the shipped profiles")
+
 def build_profile_parser(sub: argparse._SubParsersAction) -> None:
     from .profiler import ProfileConfig
 
@@ -100,8 +116,9 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="auto",
                    help="'auto' (the shipped profile for MODEL), a profile JSON, or 'none' (budget 1.0 or 0 only)")
     p.add_argument("--budget", type=float, default=None,
-                   help="fraction of KV heads keeping a full cache, top by profile score "
-                   "(default: 0.5 with a profile, 1.0 with --profile none)")
+                   help="fraction of KV heads keeping a full cache, top by profile score (default: the "
+                   "profile's default_budget, set from needle-accuracy measurements: 0.5 for both shipped "
+                   "profiles; 0.5 for imported ones; 1.0 with --profile none)")
     p.add_argument("--threshold", type=float, default=None,
                    help="instead of --budget: every KV head scoring above this keeps a full cache")
     p.add_argument("--sink", type=int, default=64, help="attention-sink tokens kept by streaming heads")
@@ -143,6 +160,8 @@ examples:
   rheads eval niah smollm2-135m-instruct --lengths 1000,2000 --depths 0,0.5,1 --num-needles 4 --out eval/smollm2
   rheads eval niah qwen2.5-coder-0.5b-instruct --budgets 0.5,0.25 --random-seeds 0,1 --out eval/qwen
   rheads eval properties profiles/SmolLM2-135M-Instruct.json profiles/Qwen2.5-Coder-0.5B-Instruct.json
+  rheads eval causality smollm2-135m-instruct --ks 0,5,10,20,50 --lengths 1000,2000 --depths 0.25,0.5,0.75 \
+      --num-needles 4 --random-seeds 0,1,2 --threads 1 --out eval/causality_smollm2
 """
 
 
@@ -158,7 +177,9 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
         "eval", help="evaluate cache configurations (needle in a haystack) and profile properties",
         description="`rheads eval niah MODEL`: needle-in-a-haystack accuracy of the full cache, retrieval "
         "heads at several budgets, random heads at the same budgets, and the window alone, through the "
-        "serving engine. `rheads eval properties PROFILE...`: sparsity and dynamic activation of profiles.",
+        "serving engine. `rheads eval properties PROFILE...`: sparsity and dynamic activation of profiles. "
+        "`rheads eval causality MODEL`: the paper's causality test, needle accuracy with the top-K retrieval "
+        "heads masked against K random non-retrieval heads masked.",
         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     esub = e.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
 
@@ -172,9 +193,7 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
         "cells.jsonl (after every configuration; a rerun skips cells already there), summary.json, "
         "heatmaps.png and accuracy_vs_memory.png into --out, and prints the summary table.",
         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_grid_arguments(n, defaults, "output directory (an existing one is resumed)",
-                        "rheads/data/eval_needles.jsonl, 12 needles no shipped profile was made with",
-                        "rheads/data/haystack, unseen by the shipped profiles")
+    _add_eval_grid_arguments(n, defaults)
     n.add_argument("--profile", default="auto",
                    help="profile JSON for the retrieval configurations (default: the shipped profile of MODEL; "
                    "'none' with --budgets '' runs full and window only)")
@@ -192,11 +211,33 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="most sequences in a running batch (default: %(default)s)")
     n.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
                    help="tokens per engine step (default: %(default)s)")
-    n.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    n.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    n.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    n.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    _add_eval_runtime_arguments(n, "weights and KV dtype")
+
+    from .causality import NON_RETRIEVAL_BELOW, CausalityConfig
+
+    causal_defaults = CausalityConfig()
+    c = esub.add_parser(
+        "causality", help="needle accuracy with the top-K retrieval heads masked vs K random heads masked",
+        description="The retrieval-head paper's causality test. Loads MODEL once; for each K in --ks, masks "
+        "the K query heads with the highest retrieval scores in the profile, and, for each --random-seeds "
+        f"value, K query heads drawn at random among those scoring below {NON_RETRIEVAL_BELOW:g}; a masked head "
+        "attends uniformly (its query is zeroed, so its output is the mean of the values it can see). Every "
+        "(length, depth, needle) prompt of `rheads eval niah`'s grid is answered by plain transformers "
+        "model.generate (greedy, KV cache, max_new_tokens = answer tokens + 32), not the serving engine; a "
+        "cell is correct when the answer's unigram recall exceeds 0.5. Writes cells.jsonl (after every cell; "
+        "a rerun skips cells already there), summary.json and accuracy_vs_masked_heads.png into --out, and "
+        "prints accuracy per K for both selections.",
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_eval_grid_arguments(c, causal_defaults)
+    c.add_argument("--ks", type=_ints, default=causal_defaults.ks,
+                   help="comma-separated numbers of query heads to mask; 0 is the unmasked model, the start "
+                   "of both curves (default: %(default)s)")
+    c.add_argument("--profile", default="auto",
+                   help="profile JSON whose query-head scores pick the heads (default: the shipped profile of MODEL)")
+    c.add_argument("--num-needles", type=int, default=None, help="use only the first N needles (default: all)")
+    c.add_argument("--random-seeds", type=_seeds, default=causal_defaults.random_seeds,
+                   help="seeds of the random-head control, '' or none for retrieval heads only (default: %(default)s)")
+    _add_eval_runtime_arguments(c, "weights dtype")
 
     pr = esub.add_parser(
         "properties", help="sparsity and dynamic activation of one or more profiles",
@@ -313,8 +354,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise SystemExit("rheads: error: a fractional --kv-cache-memory needs a GPU; give bytes, e.g. 2GiB")
         memory = int(torch.cuda.mem_get_info()[0] * memory)
     profile = None if args.profile == "none" else args.profile
-    budget = args.budget if args.budget is not None else (1.0 if profile is None else 0.5)
-    config = EngineConfig(budget=None if args.threshold is not None else budget, threshold=args.threshold,
+    config = EngineConfig(budget=args.budget, threshold=args.threshold,
                           sink=args.sink, window=args.window, page_size=args.page_size,
                           kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
@@ -361,18 +401,32 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
             print(f"wrote {args.json}")
         return 0
-    if args.eval_command != "niah":
+    if args.eval_command not in ("niah", "causality"):
         try:
             parser.parse_args(["eval", "--help"])
         except SystemExit:
             pass
         return 2
-    from .evaluate import EvalConfig, evaluate_niah
-
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.eval_command == "causality":
+        from .causality import PLOT_NAME, CausalityConfig, evaluate_causality
+
+        config = CausalityConfig(
+            lengths=args.lengths, depths=args.depths, needles_file=args.needles, num_needles=args.num_needles,
+            haystack_paths=args.haystack, random_seeds=args.random_seeds, ks=args.ks, device=args.device,
+            dtype=dtype,
+        )
+        result = evaluate_causality(args.model, config, args.out, profile=args.profile,
+                                    trust_remote_code=args.trust_remote_code)
+        print(result.table)
+        print(f"\n{result.evaluated} cells evaluated now; results in {args.out}/ (cells.jsonl, summary.json, "
+              f"{PLOT_NAME})")
+        return 0
+    from .evaluate import EvalConfig, evaluate_niah
+
     memory = args.kv_cache_memory
     if isinstance(memory, float):
         raise SystemExit("rheads: error: give --kv-cache-memory in bytes, e.g. 2GiB")

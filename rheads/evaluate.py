@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine.heads import HeadSplit, random_split, restore_attention_heads, select_heads
-from .niah import Needle, build_prompt, data_path, haystack_files, load_needles, unigram_recall
+from .niah import Needle, NiahPrompt, build_prompt, data_path, haystack_files, load_needles, unigram_recall
 from .profile import Profile, ProfileError
 
 SELECTIONS = ("full", "retrieval", "random", "window")
@@ -153,13 +153,37 @@ def score(needle: Needle, response: str, threshold: float = 0.5) -> tuple[float,
     return recall, recall > threshold
 
 
+def eval_needles(config: EvalConfig) -> tuple[list[Needle], list[Needle]]:
+    """(every needle of the needles file, the first config.num_needles of them: the ones evaluated)."""
+    all_needles = load_needles(config.needles_path())
+    needles = all_needles[:config.num_needles] if config.num_needles else all_needles
+    if not needles:
+        raise ValueError("no needles to evaluate")
+    return all_needles, needles
+
+
+def grid_prompts(model_config, tokenizer, needles: list[Needle], cells_grid: list[Cell],
+                 config: EvalConfig) -> tuple[dict[Cell, NiahPrompt], int]:
+    """Every cell's prompt, built once per run, and the most tokens an answer may add (answer + extra_tokens);
+    refuses a grid whose longest prompt plus that exceeds the model's context."""
+    prompts = {cell: build_prompt(tokenizer, needles[cell.needle], cell.length, cell.depth, config.haystack_paths)
+               for cell in cells_grid}
+    extra = max(p.answer_span[1] - p.answer_span[0] for p in prompts.values()) + config.extra_tokens
+    longest = max(len(p.input_ids) for p in prompts.values())
+    max_position = getattr(model_config, "max_position_embeddings", None)
+    if max_position and longest + extra > max_position:
+        raise ValueError(f"length {longest} + {extra} answer tokens exceeds the model's "
+                         f"{max_position}-token context")
+    return prompts, extra
+
+
 # --- output directory --------------------------------------------------------------------------------
 
-def _sha(data: bytes) -> str:
+def short_sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -181,15 +205,16 @@ def load_cells(out: Path) -> list[dict]:
 
 
 def save_cells(out: Path, cells: list[dict]) -> None:
-    _write_atomic(Path(out) / "cells.jsonl", "".join(json.dumps(c) + "\n" for c in cells))
+    write_atomic(Path(out) / "cells.jsonl", "".join(json.dumps(c) + "\n" for c in cells))
 
 
 RESUME_KEYS = ("model", "config_fingerprint", "profile_scores", "needles", "haystack_sha", "sink", "window",
                "dtype", "recall_threshold", "extra_tokens")
 
 
-def _check_resumable(old: dict, new: dict) -> None:
-    for key in RESUME_KEYS:
+def check_resumable(old: dict, new: dict, keys: tuple[str, ...] = RESUME_KEYS) -> None:
+    """Refuse to add cells to an --out directory whose meta.json differs from this run's in any of keys."""
+    for key in keys:
         if old.get(key) != new.get(key):
             raise ValueError(
                 f"cannot resume in this --out directory: its cells were made with a different {key} "
@@ -246,10 +271,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
     identity = ModelIdentity.from_config(model.config, model_name)
     if profile is not None:
         profile.check_fits(identity)
-    all_needles = load_needles(config.needles_path())
-    needles = all_needles[:config.num_needles] if config.num_needles else all_needles
-    if not needles:
-        raise ValueError("no needles to evaluate")
+    all_needles, needles = eval_needles(config)
     files = haystack_files(config.haystack_paths)
     settings = cache_settings(config.budgets, config.random_seeds)
     if profile is None and any(s.selection == "retrieval" for s in settings):
@@ -271,22 +293,14 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
               file=sys.stderr)
     meta_path = out / "meta.json"
     if meta_path.exists():
-        _check_resumable(json.loads(meta_path.read_text()), meta)
-    _write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
+        check_resumable(json.loads(meta_path.read_text()), meta)
+    write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
 
     # prompts once for the whole run
-    prompts: dict[Cell, Any] = {}
-    for cell in cells_grid:
-        prompt = build_prompt(tokenizer, needles[cell.needle], cell.length, cell.depth, config.haystack_paths)
-        prompts[cell] = prompt
+    prompts, extra = grid_prompts(model.config, tokenizer, needles, cells_grid, config)
     hidden = {cell_key("", c.length, c.depth, c.needle)[1:]:
               answer_hidden(prompts[c].answer_span, len(prompts[c].input_ids), config.sink, config.window)
               for c in cells_grid}
-    max_position = getattr(model.config, "max_position_embeddings", None)
-    extra = max(p.answer_span[1] - p.answer_span[0] for p in prompts.values()) + config.extra_tokens
-    if max_position and max(lengths) + extra > max_position:
-        raise ValueError(f"length {max(lengths)} + {extra} answer tokens exceeds the model's "
-                         f"{max_position}-token context")
     full_split = HeadSplit.uniform(layers, kv_heads, True)
     need = kv_bytes_per_sequence(full_split, head_dim, element_size, config.page_size, config.sink,
                                  config.window, max(lengths) + extra + config.page_size)
@@ -338,22 +352,27 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
                        "needles": len(needles), "cells_per_config": len(cells_grid)}
     table = format_summary(summary)
     summary["table"] = table
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_heatmaps(summary, out / "heatmaps.png")
     write_memory_plot(summary, out / "accuracy_vs_memory.png")
     return EvalResult(summary, evaluated, table)
 
 
-def _meta(model_name, identity, profile, profile_path, config, all_needles, files) -> dict:
-    profile_params = profile.method.params if profile is not None else {}
+def haystack_sha(files: list[Path]) -> str:
+    """A short hash of the haystack files' names and contents (a resumed run must use the same text)."""
     hay = hashlib.sha256()
     for f in files:
         hay.update(f.name.encode() + b"\0" + f.read_bytes())
+    return hay.hexdigest()[:16]
+
+
+def _meta(model_name, identity, profile, profile_path, config, all_needles, files) -> dict:
+    profile_params = profile.method.params if profile is not None else {}
     return {
         "model": model_name,
         "config_fingerprint": identity.config_fingerprint,
         "profile": profile_path,
-        "profile_scores": _sha(json.dumps(profile.kv_head_scores).encode()) if profile is not None else None,
+        "profile_scores": short_sha(json.dumps(profile.kv_head_scores).encode()) if profile is not None else None,
         "profile_method": profile.method.name if profile is not None else None,
         "profile_needles": [n.get("needle") if isinstance(n, dict) else n
                             for n in profile_params.get("needles", [])],
@@ -361,7 +380,7 @@ def _meta(model_name, identity, profile, profile_path, config, all_needles, file
         "needles_file": str(config.needles_path()),
         "needles": [asdict(n) for n in all_needles],
         "haystack": [str(f) for f in files],
-        "haystack_sha": hay.hexdigest()[:16],
+        "haystack_sha": haystack_sha(files),
         "sink": config.sink,
         "window": config.window,
         "page_size": config.page_size,
@@ -376,12 +395,15 @@ def _meta(model_name, identity, profile, profile_path, config, all_needles, file
 
 # --- summary ---------------------------------------------------------------------------------------------
 
-def _mean(xs: list[float]) -> float:
+def mean(xs: list[float]) -> float:
+    """The mean, nan for no values (a configuration with no cells yet)."""
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _std(xs: list[float]) -> float:
-    """Sample standard deviation over seeds (0 for a single seed)."""
+def std(xs: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for a single seed, nan where a seed has no cells yet)."""
+    if any(math.isnan(x) for x in xs):
+        return float("nan")
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
@@ -400,22 +422,22 @@ def summarise(cells: list[dict], settings: list[CacheSetting], splits: dict[str,
     for s in settings:
         mine = [c for c in cells if c["config"] == s.name
                 and cell_key("", c["length"], c["depth"], c["needle"])[1:] in wanted]
-        by_length = {str(n): _mean([c["correct"] for c in mine if c["length"] == n]) for n in lengths}
-        grid_acc = [[_mean([c["correct"] for c in mine if c["length"] == n and round(c["depth"], 6) == round(d, 6)])
+        by_length = {str(n): mean([c["correct"] for c in mine if c["length"] == n]) for n in lengths}
+        grid_acc = [[mean([c["correct"] for c in mine if c["length"] == n and round(c["depth"], 6) == round(d, 6)])
                      for n in lengths] for d in depths]
         configs.append({
             "name": s.name, "group": s.group, "selection": s.selection, "budget": s.budget, "seed": s.seed,
             "full_heads": sum(splits[s.name].num_full), "total_heads": total_heads,
             "kv_bytes_per_seq": kv_bytes[s.name],
             "kv_fraction_of_full": kv_bytes[s.name] / full_kv if full_kv else None,
-            "cells": len(mine), "accuracy": _mean([c["correct"] for c in mine]),
-            "recall": _mean([c["recall"] for c in mine]), "accuracy_by_length": by_length,
+            "cells": len(mine), "accuracy": mean([c["correct"] for c in mine]),
+            "recall": mean([c["recall"] for c in mine]), "accuracy_by_length": by_length,
             "accuracy_grid": grid_acc,  # [depth][length]
         })
         if hidden is not None:
             inside = [c["correct"] for c in mine if hidden.get(cell_key("", c["length"], c["depth"], c["needle"])[1:])]
             configs[-1]["cells_hidden"] = len(inside)
-            configs[-1]["accuracy_hidden"] = _mean(inside)
+            configs[-1]["accuracy_hidden"] = mean(inside)
     groups = []
     for name in dict.fromkeys(c["group"] for c in configs):
         members = [c for c in configs if c["group"] == name]
@@ -425,26 +447,27 @@ def summarise(cells: list[dict], settings: list[CacheSetting], splits: dict[str,
             "seeds": [m["seed"] for m in members if m["seed"] is not None],
             "full_heads": first["full_heads"], "total_heads": total_heads,
             "kv_bytes_per_seq": first["kv_bytes_per_seq"], "kv_fraction_of_full": first["kv_fraction_of_full"],
-            "accuracy": _mean([m["accuracy"] for m in members]),
-            "accuracy_std": _std([m["accuracy"] for m in members]),
-            "recall": _mean([m["recall"] for m in members]),
-            "recall_std": _std([m["recall"] for m in members]),
-            "accuracy_by_length": {n: _mean([m["accuracy_by_length"][n] for m in members])
+            "accuracy": mean([m["accuracy"] for m in members]),
+            "accuracy_std": std([m["accuracy"] for m in members]),
+            "recall": mean([m["recall"] for m in members]),
+            "recall_std": std([m["recall"] for m in members]),
+            "accuracy_by_length": {n: mean([m["accuracy_by_length"][n] for m in members])
                                    for n in first["accuracy_by_length"]},
-            "accuracy_by_length_std": {n: _std([m["accuracy_by_length"][n] for m in members])
+            "accuracy_by_length_std": {n: std([m["accuracy_by_length"][n] for m in members])
                                        for n in first["accuracy_by_length"]},
-            **({"accuracy_hidden": _mean([m["accuracy_hidden"] for m in members]),
-                "accuracy_hidden_std": _std([m["accuracy_hidden"] for m in members]),
+            **({"accuracy_hidden": mean([m["accuracy_hidden"] for m in members]),
+                "accuracy_hidden_std": std([m["accuracy_hidden"] for m in members]),
                 "cells_hidden": first["cells_hidden"]}
                if "accuracy_hidden" in first else {}),
         })
     return {"lengths": lengths, "depths": depths, "configs": configs, "groups": groups}
 
 
-def _fmt(mean: float, std: float | None = None, seeds: int = 1) -> str:
-    if mean != mean:  # nan: no cells
+def format_mean_std(value: float, spread: float | None = None, seeds: int = 1) -> str:
+    """'0.50±0.10' over several seeds, '0.50' for one, '-' for no cells (nan)."""
+    if value != value:  # nan: no cells
         return "-"
-    return f"{mean:.2f}±{std:.2f}" if seeds > 1 and std is not None else f"{mean:.2f}"
+    return f"{value:.2f}±{spread:.2f}" if seeds > 1 and spread is not None else f"{value:.2f}"
 
 
 def format_summary(summary: dict) -> str:
@@ -463,15 +486,16 @@ def format_summary(summary: dict) -> str:
         kv = f"{g['kv_bytes_per_seq'] / MIB:.2f} MiB"
         if g["kv_fraction_of_full"] is not None:
             kv += f" ({g['kv_fraction_of_full']:.0%})"
-        cols = "".join(f"{_fmt(g['accuracy_by_length'][str(n)], g['accuracy_by_length_std'][str(n)], seeds):>13}"
-                       for n in lengths)
+        cols = "".join(
+            f"{format_mean_std(g['accuracy_by_length'][str(n)], g['accuracy_by_length_std'][str(n)], seeds):>13}"
+            for n in lengths)
         out_col = ""
         if outside:
-            value = _fmt(g.get("accuracy_hidden", float("nan")), g.get("accuracy_hidden_std"), seeds)
+            value = format_mean_std(g.get("accuracy_hidden", float("nan")), g.get("accuracy_hidden_std"), seeds)
             out_col = f"{value:>13}"
         lines.append(f"{label:<{width}}{g['full_heads']:>7}/{g['total_heads']:<6}{kv:>22}{cols}"
-                     f"{_fmt(g['accuracy'], g['accuracy_std'], seeds):>13}{out_col}"
-                     f"{_fmt(g['recall'], g['recall_std'], seeds):>13}")
+                     f"{format_mean_std(g['accuracy'], g['accuracy_std'], seeds):>13}{out_col}"
+                     f"{format_mean_std(g['recall'], g['recall_std'], seeds):>13}")
     if outside:
         counted = next((g["cells_hidden"] for g in summary["groups"] if "cells_hidden" in g), 0)
         lines.append(f"acc hidden: accuracy on the {counted} cells per configuration whose answer lies wholly outside "
@@ -559,6 +583,24 @@ def write_memory_plot(summary: dict, png_path: Path) -> None:
 def evaluate_niah(model_spec: str, config: EvalConfig, out: Path, profile: str | Path | None = "auto",
                   trust_remote_code: bool = False) -> EvalResult:
     """Load the model once and evaluate every configuration ("auto": the shipped profile; None: none)."""
+    loaded = load_model_and_profile(model_spec, profile, config, trust_remote_code)
+    return run_niah_eval(loaded.model, loaded.tokenizer, loaded.name, loaded.profile, config, out,
+                         profile_path=loaded.profile_path)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str  # the model's Hugging Face id (or the path it was given by)
+    profile: Profile | None
+    profile_path: str | None
+
+
+def load_model_and_profile(model_spec: str, profile: str | Path | None, config: EvalConfig,
+                           trust_remote_code: bool = False) -> LoadedModel:
+    """The model in config's dtype and device, and its profile ("auto": the shipped one; None: none).
+    The profile is read first, so a missing one fails before the model is loaded."""
     from .models import load_model, resolve_model
     from .profile import find_profile
 
@@ -570,8 +612,7 @@ def evaluate_niah(model_spec: str, config: EvalConfig, out: Path, profile: str |
         loaded = Profile.load(profile_path)
     model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
                                   trust_remote_code=trust_remote_code)
-    return run_niah_eval(model, tokenizer, source.name, loaded, config, out,
-                         profile_path=str(profile_path) if profile_path else None)
+    return LoadedModel(model, tokenizer, source.name, loaded, str(profile_path) if profile_path else None)
 
 
 # --- profile properties ----------------------------------------------------------------------------------

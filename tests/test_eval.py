@@ -441,3 +441,13 @@ def test_summary_accuracy_on_hidden_answers() -> None:
     assert window["accuracy"] == pytest.approx(2 / 3) and window["accuracy_hidden"] == 0.0
     assert summary["groups"][0]["accuracy_hidden"] == 1.0 and window["cells_hidden"] == 1
     assert "acc hidden" in format_summary(summary)
+
+
+def test_std_over_seeds_with_a_missing_seed_is_nan():
+    """A partial run (one seed's configuration not evaluated yet) summarises instead of crashing."""
+    import math
+
+    from rheads.evaluate import mean, std
+
+    assert std([0.5, 0.7]) > 0 and std([0.5]) == 0.0
+    assert math.isnan(std([0.5, mean([])]))
