@@ -30,7 +30,8 @@ DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (
 
 @dataclass
 class EngineConfig:
-    budget: float | None = 1.0  # fraction of KV heads with a full cache (None: the profile's default_budget)
+    budget: float | None = None  # fraction of KV heads with a full cache; None: the profile's default_budget
+                                 # (1.0 without a profile), as `rheads serve` does without --budget
     threshold: float | None = None  # or: every KV head scoring above this keeps a full cache
     sink: int = 64
     window: int = 256
