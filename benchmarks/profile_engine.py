@@ -48,12 +48,12 @@ def main() -> None:
         split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
         engine = LLMEngine(model, _Tokenizer(), split, EngineConfig(
             budget=None, kv_cache_memory=int(args.kv_memory_gib * 2**30), max_num_seqs=args.batch,
-            max_num_batched_tokens=args.chunk, max_model_len=args.context + 4 * args.steps + 64,
+            max_num_batched_tokens=args.chunk, max_model_len=args.context + 8 * args.steps + 64,
             device=args.device, dtype=dtype, cuda_graphs=False))
         generator = torch.Generator().manual_seed(0)
         for i in range(args.batch):
             ids = torch.randint(0, config.vocab_size, (args.context,), generator=generator).tolist()
-            engine.add_request(str(i), ids, SamplingParams(max_tokens=4 * args.steps, temperature=0, ignore_eos=True))
+            engine.add_request(str(i), ids, SamplingParams(max_tokens=8 * args.steps, temperature=0, ignore_eos=True))
         engine.step()  # warm-up (kernels compile), outside the profile
         sync(args.device)
         start = time.perf_counter()
@@ -70,8 +70,21 @@ def main() -> None:
                 engine.step()
             sync(args.device)
         decode_s = (time.perf_counter() - start) / args.steps
+        gpu_s = sum(e.self_device_time_total for e in decode.key_averages()) / 1e6 / args.steps
+        graph_s = None
+        if args.device.startswith("cuda"):  # the same steps replayed as CUDA graphs, as served, unprofiled
+            engine.runner.use_graphs = True
+            engine.step()
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            sync(args.device)
+            graph_s = (time.perf_counter() - start) / args.steps
         print(f"\n=== budget {budget:g}: prefill (after the first chunk) {prefill_s:.2f} s; "
-              f"eager decode step {decode_s * 1000:.1f} ms (batch {args.batch}, context {args.context})")
+              f"eager decode step {decode_s * 1000:.1f} ms, of which {gpu_s * 1000:.1f} ms of device kernels; "
+              f"with CUDA graphs {'-' if graph_s is None else f'{graph_s * 1000:.1f}'} ms "
+              f"(batch {args.batch}, context {args.context})")
         print("--- prefill")
         print(prefill.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
         print("--- decode")
