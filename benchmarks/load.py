@@ -2,7 +2,8 @@
 
 Each request is a /v1/completions stream of a `--prompt-tokens`-token prompt cut from the haystack text
 shipped with rheads (tokenized once by the server's /tokenize, then sent as token ids, so every prompt
-has exactly that many tokens), with `--max-tokens` output tokens, temperature 0 and ignore_eos. The run
+has exactly that many tokens), with `--max-tokens` output tokens, temperature 0 and ignore_eos; closed loop
+(each client sends its next request when one ends) or, with `--rate`, open loop. The run
 stops after `--requests` requests or `--duration` seconds, whichever comes first (requests still in
 flight at the deadline are cancelled and counted as unfinished). While it runs, /metrics is sampled
 for the KV bytes held and the bytes a full cache would hold for the same tokens.
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=300.0, help="seconds before the run stops regardless")
     p.add_argument("--prompt-tokens", type=int, default=600, help="prompt length in tokens")
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (ignore_eos)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: start a request every 1/RATE seconds (at most --concurrency in flight)")
     p.add_argument("--metrics-interval", type=float, default=0.25, help="seconds between /metrics samples")
     p.add_argument("--json", type=Path, default=None, help="write the summary (and per-request records) here")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -413,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = asyncio.run(run_load(
             args.base_url.rstrip("/"), args.concurrency, args.requests, args.duration, args.prompt_tokens,
-            args.max_tokens, args.api_key, args.model, args.metrics_interval, progress=not args.no_progress))
+            args.max_tokens, args.api_key, args.model, args.metrics_interval, progress=not args.no_progress,
+            rate=args.rate))
     except httpx.HTTPStatusError as error:  # setup (/tokenize, /v1/models) refused: say why, briefly
         print(f"load: {error.request.url} answered {error.response.status_code}: {error.response.text[:300]}",
               file=sys.stderr)

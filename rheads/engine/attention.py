@@ -4,9 +4,10 @@ transformers runs the model's own modules (projections, RoPE, MLP); at each laye
 new tokens' post-RoPE query/key/value for the whole packed batch. We write the keys and values into
 the head-split cache and attend: full heads over their whole history, streaming heads over the
 attention sinks plus the last `window` positions (a key at position k is visible to a query at q
-when k <= q and (k < sink or q - k < window)). This module is the plain-PyTorch reference; it runs
-anywhere torch does. Sequences that decode one token this step are handled together instead, by
-`decode.paged_decode` (a Triton kernel on CUDA) reading both pools in place.
+when k <= q and (k < sink or q - k < window)). Prefill chunks go through SDPA one sequence at a time
+(fused kernels: full heads with a lower-right causal mask, streaming heads by blocks of queries over
+their band only); it runs anywhere torch does. Sequences that decode one token this step are handled
+together instead, by `decode.paged_decode` (a Triton kernel on CUDA) reading both pools in place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .decode import paged_decode
 
 ATTENTION_NAME = "rheads_head_split"
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+BAND_BLOCK = 256  # queries per block of the banded streaming-head attention (longer chunks take that path)
 
 
 @dataclass
@@ -106,9 +108,6 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None, window:
     if window is not None:
         visible &= (k_pos < sink) | (q_pos - k_pos < window)
     return visible
-
-
-BAND_BLOCK = 256  # queries per block of the banded streaming-head attention
 
 
 def _attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
