@@ -805,3 +805,13 @@ def test_default_budget_comes_from_the_profile(tmp_path) -> None:
         assert engine.split.fraction_full == pytest.approx(expected, abs=0.02), profile
     engine = LLMEngine.from_model("smollm2-135m-instruct", "auto", EngineConfig(budget=0.1, kv_cache_memory=64 << 20))
     assert engine.split.fraction_full == pytest.approx(0.1, abs=0.02)  # an explicit budget wins
+
+
+def test_token_ids_spans_prompt_and_output() -> None:
+    from rheads.engine.sequence import Sequence
+
+    seq = Sequence("r", [10, 11, 12], SamplingParams(), output_ids=[20, 21])
+    joined = seq.prompt_ids + seq.output_ids
+    for start in range(6):
+        for end in range(start, 6):
+            assert seq.token_ids(start, end) == joined[start:end], (start, end)

@@ -36,7 +36,7 @@ class ModelRunner:
         for chunk in chunks:
             seq, begin = chunk.seq, len(ids)
             start = seq.num_cached
-            ids.extend(seq.all_ids[start:start + chunk.num_tokens])
+            ids.extend(seq.token_ids(start, start + chunk.num_tokens))
             positions.extend(range(start, start + chunk.num_tokens))
             if chunk.num_tokens == 1:
                 decoding.append((begin, chunk))
@@ -87,7 +87,7 @@ class ModelRunner:
             graph = self.graphs[size] = _DecodeGraph(self, size)
         decoding = [(i, chunk) for i, chunk in enumerate(chunks)]
         graph.replay(self.decode_batch(decoding, size, self.max_pages),
-                     [c.seq.all_ids[c.seq.num_cached] for c in chunks])
+                     [c.seq.token_ids(c.seq.num_cached, c.seq.num_cached + 1)[0] for c in chunks])
         for chunk in chunks:
             chunk.seq.num_cached += 1
         return graph.logits[:len(chunks)]

@@ -65,9 +65,15 @@ class Sequence:
     read_offset: int = 0
     generator: torch.Generator | None = None
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without joining the two lists (a decode step asks
+        each sequence for one token; joining a 32k-token prompt for it costs more than the answer)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
     @property
     def num_tokens(self) -> int:
