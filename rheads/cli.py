@@ -57,6 +57,7 @@ def _add_eval_grid_arguments(p: argparse.ArgumentParser, defaults) -> None:
                         "rheads/data/eval_needles.jsonl, 12 needles no shipped profile was made with",
                         "rheads/data/haystack, unseen by the shipped profiles")
 
+
 def build_profile_parser(sub: argparse._SubParsersAction) -> None:
     from .profiler import ProfileConfig
 
