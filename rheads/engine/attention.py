@@ -111,20 +111,23 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None, window:
 
 
 def _attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                 num_sinks: int, scaling: float, sink: int, window: int) -> torch.Tensor:
+                 start: int, scaling: float, sink: int, window: int) -> torch.Tensor:
     """Streaming-head attention for a long chunk, by blocks of queries: a block sees the sinks and the
     keys from `window` - 1 before its first query to its last, so the work is O(n (sink + window + block))
     instead of O(n m) and the mask stays small.
 
-    k_pos must be ascending: the first `num_sinks` keys are the sinks, the rest contiguous positions.
+    The keys are `_streaming_heads`' layout for a chunk of positions start..start+n-1: the held sinks,
+    the held window, then the chunk, ascending; every index below comes from host integers, so the
+    step never waits for the device.
     """
     n, block = q.shape[0], BAND_BLOCK
+    num_sinks = min(sink, start + n)  # keys at positions below `sink` (held or new)
+    first_rest = max(sink, start - window)  # position of the first key after them
     blocks = -(-n // block)
     pad = blocks * block - n
-    q_pos = F.pad(q_pos, (0, pad), value=int(q_pos[-1]))  # padding rows repeat the last query, then drop
+    q_pos = F.pad(q_pos, (0, pad), value=start + n - 1)  # padding rows repeat the last query, then drop
     qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(blocks, block, *q.shape[1:])
     qpb = q_pos.view(blocks, block)
-    first_rest = int(k_pos[num_sinks]) if k.shape[0] > num_sinks else 0
     band = window - 1 + block
     lo = torch.clamp(qpb[:, 0] - window + 1, min=sink) - first_rest + num_sinks  # index of each block's band start
     index = lo.clamp(min=num_sinks)[:, None] + torch.arange(band, device=q.device)  # [blocks, band]
@@ -154,12 +157,15 @@ def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, 
                       torch.arange(max(sink, seq.start - window), max(sink, seq.start), device=device)])
     slots = cache.ring_index(held)
     keys, values, key_pos = torch.cat([ring_k[slots], k]), torch.cat([ring_v[slots], v]), torch.cat([held, pos])
-    if len(pos) > BAND_BLOCK:
-        out = _attend_band(q, keys, values, pos, key_pos, min(sink, seq.start + len(pos)), scaling, sink, window)
+    n = pos.shape[0]
+    if n > BAND_BLOCK:
+        out = _attend_band(q, keys, values, pos, key_pos, seq.start, scaling, sink, window)
     else:
         out = _attend(q, keys, values, pos, key_pos, scaling, sink, window)
-    last = pos[-1]
-    keep = (pos < sink) | (pos > last - window)  # only these survive in the ring; no duplicate writes
+    # only the new sinks and the last `window` new tokens survive in the ring (no duplicate writes);
+    # chosen by host arithmetic, not a boolean mask, which would make the step wait for the device
+    sinks_end = min(max(sink - seq.start, 0), n)
+    keep = torch.cat([torch.arange(sinks_end, device=device), torch.arange(max(sinks_end, n - window), n, device=device)])
     ring_k[cache.ring_index(pos[keep])] = k[keep]
     ring_v[cache.ring_index(pos[keep])] = v[keep]
     return out
