@@ -81,6 +81,15 @@ def build_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
 
+# serve's defaults by device: on a GPU the KV pools take most of the memory the weights leave (as
+# vLLM's --gpu-memory-utilization does) and a prefill chunk is large enough to keep the GEMMs busy
+# (8192 tokens: a 32k prefill in four steps, benchmarks/gpu_serving.py); on a CPU both stay small
+GPU_KV_FRACTION = 0.85
+GPU_BATCHED_TOKENS = 8192
+CPU_KV_MEMORY = "512MiB"
+CPU_BATCHED_TOKENS = 1024
+
+
 def parse_memory(text: str) -> int | float:
     """'512MiB', '4GB', '1073741824' -> bytes; a number in (0, 1] -> that fraction of free GPU memory."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
@@ -92,6 +101,14 @@ def parse_memory(text: str) -> int | float:
     if 0 < value <= 1:
         return value
     return int(value)
+
+
+def _or_auto(convert):
+    """An argparse type that also takes 'auto' (None: the caller picks by device)."""
+    def parse(text: str):
+        return None if text.strip().lower() == "auto" else convert(text)
+    parse.__name__ = convert.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def parse_bytes(text: str) -> int:
@@ -125,11 +142,14 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sink", type=int, default=64, help="attention-sink tokens kept by streaming heads")
     p.add_argument("--window", type=int, default=256, help="recent tokens kept by streaming heads")
     p.add_argument("--page-size", type=int, default=16, help="tokens per page of the full-head pool")
-    p.add_argument("--kv-cache-memory", type=parse_memory, default="512MiB",
-                   help="KV memory for both pools: bytes with a unit (4GiB) or, on a GPU, a fraction of free memory")
+    p.add_argument("--kv-cache-memory", type=_or_auto(parse_memory), default="auto",
+                   help="KV memory for both pools: bytes with a unit (4GiB) or, on a GPU, a fraction of the memory "
+                   f"free once the weights are loaded (auto: {GPU_KV_FRACTION:g} on a GPU, {CPU_KV_MEMORY} on a CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in the running batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
+    p.add_argument("--max-num-batched-tokens", type=_or_auto(int), default="auto",
+                   help=f"tokens per engine step, the prefill chunk (auto: {GPU_BATCHED_TOKENS} on a GPU, "
+                   f"{CPU_BATCHED_TOKENS} on a CPU)")
     p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
@@ -349,16 +369,16 @@ def run_serve(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    memory = args.kv_cache_memory
-    if isinstance(memory, float):
-        if not device.startswith("cuda"):
-            raise SystemExit("rheads: error: a fractional --kv-cache-memory needs a GPU; give bytes, e.g. 2GiB")
-        memory = int(torch.cuda.mem_get_info()[0] * memory)
+    gpu = device.startswith("cuda")
+    memory = args.kv_cache_memory or (GPU_KV_FRACTION if gpu else parse_memory(CPU_KV_MEMORY))
+    if isinstance(memory, float) and not gpu:
+        raise SystemExit("rheads: error: a fractional --kv-cache-memory needs a GPU; give bytes, e.g. 2GiB")
+    batched_tokens = args.max_num_batched_tokens or (GPU_BATCHED_TOKENS if gpu else CPU_BATCHED_TOKENS)
     profile = None if args.profile == "none" else args.profile
     config = EngineConfig(budget=args.budget, threshold=args.threshold,
                           sink=args.sink, window=args.window, page_size=args.page_size,
                           kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_batched_tokens=batched_tokens,
                           max_model_len=args.max_model_len, device=device, dtype=dtype)
     model = args.model_flag or args.model
     engine = LLMEngine.from_model(model, profile, config, trust_remote_code=args.trust_remote_code)

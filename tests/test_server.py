@@ -539,6 +539,12 @@ def test_cli_serve_help():
         assert flag in r.stdout
 
 
+def test_cli_serve_refuses_a_memory_fraction_on_a_cpu():
+    r = subprocess.run([sys.executable, "-m", "rheads.cli", "serve", PRESET, "--device", "cpu", "--kv-cache-memory",
+                        "0.5", "--port", str(free_port())], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode != 0 and "needs a GPU" in r.stderr, r.stderr[-2000:]
+
+
 def _serve_with_profile(profile: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "rheads.cli", "serve", PRESET, "--profile", str(profile),

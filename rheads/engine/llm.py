@@ -36,7 +36,7 @@ class EngineConfig:
     sink: int = 64
     window: int = 256
     page_size: int = 16
-    kv_cache_memory: int = 512 << 20  # bytes for both pools
+    kv_cache_memory: int | float = 512 << 20  # bytes for both pools, or (on CUDA) a fraction of the free memory
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -69,9 +69,12 @@ class LLMEngine:
         check_attention_supported(model.config)
         text_config = model.config
         head_dim = head_dim_of(text_config)
+        memory = config.kv_cache_memory
+        if isinstance(memory, float):  # a fraction of what is free now that the weights are on the device
+            memory = int(torch.cuda.mem_get_info(torch.device(config.device))[0] * memory)
         self.cache = HeadSplitCache(split, head_dim, CacheConfig(
             page_size=config.page_size, sink=config.sink, window=config.window,
-            memory_bytes=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
+            memory_bytes=memory, max_num_seqs=config.max_num_seqs,
             dtype=config.dtype, device=config.device))
         # The engine owns the model from here: its heads are reordered and its attention is ours
         # (restore_attention_heads gives the weights back; the cache was allocated first, so a
