@@ -815,3 +815,39 @@ def test_token_ids_spans_prompt_and_output() -> None:
     for start in range(6):
         for end in range(start, 6):
             assert seq.token_ids(start, end) == joined[start:end], (start, end)
+
+
+def test_batched_draw_keeps_top_k_top_p_and_the_distribution() -> None:
+    """Unseeded sampled rows are drawn together on the device; each row keeps `sample`'s filters."""
+    from rheads.engine.sampler import _draw, _filter
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 2
+    settings = [SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.0, top_p=0.6),
+                SamplingParams(temperature=1.3)]
+    draws = 4000
+    tokens = _draw(logits.repeat(draws, 1), settings * draws).view(draws, 3)
+    for row, params in enumerate(settings):
+        expected = _filter(logits[row] / params.temperature, params.top_k, params.top_p).softmax(-1)
+        counts = torch.bincount(tokens[:, row], minlength=40).float()
+        assert set(torch.nonzero(counts).flatten().tolist()) <= set(torch.nonzero(expected).flatten().tolist())
+        # every allowed token within 5 standard errors of its probability
+        error = (counts / draws - expected).abs()
+        assert (error <= 5 * (expected * (1 - expected) / draws).sqrt() + 1e-3).all(), (row, error.max())
+
+
+def test_unseeded_sampling_in_a_batch_goes_through_the_batched_draw(monkeypatch) -> None:
+    from rheads.engine import sampler
+
+    calls = []
+    real = sampler._draw
+    monkeypatch.setattr(sampler, "_draw", lambda logits, params: calls.append(len(params)) or real(logits, params))
+    logits = torch.randn(4, 30)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9),
+              SamplingParams(temperature=0.9, seed=3), SamplingParams(temperature=1.1, top_k=3)]
+    generators = [None, None, torch.Generator().manual_seed(3), None]
+    picks = sampler.sample_batch(logits, params, generators)
+    assert calls == [2]  # rows 1 and 3 together; the seeded row alone, the greedy row by the argmax
+    assert picks[0] == (int(logits[0].argmax()), None)
+    assert picks[3][0] in torch.topk(logits[3], 3).indices.tolist()
+    assert picks[2] == sampler.sample(logits[2], params[2], torch.Generator().manual_seed(3))

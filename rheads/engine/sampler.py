@@ -26,10 +26,39 @@ GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[tuple[int, TokenLogprob | None]]:
-    """Next tokens for a [rows, vocab] batch: one argmax (one device sync) serves every plain greedy row."""
-    greedy = logits.argmax(-1).tolist()
-    return [(greedy[row], None) if p.temperature < GREEDY_BELOW and p.logprobs is None else sample(logits[row], p, g)
+    """Next tokens for a [rows, vocab] batch with one device sync for the plain rows: greedy ones by one
+    argmax, unseeded temperature / top-k / top-p ones by one batched draw on the logits' device. Rows
+    with a seed (their own CPU generator, so a seed gives the same tokens on any device) or with
+    logprobs go through `sample` one by one."""
+    plain = [p.logprobs is None and (p.temperature < GREEDY_BELOW or g is None) for p, g in zip(params, generators)]
+    drawn = [row for row, p in enumerate(params) if plain[row] and p.temperature >= GREEDY_BELOW]
+    tokens = logits.argmax(-1)
+    if drawn:
+        rows = torch.tensor(drawn, device=logits.device)
+        tokens = tokens.index_copy(0, rows, _draw(logits[rows].float(), [params[row] for row in drawn]))
+    tokens = tokens.tolist()
+    return [(tokens[row], None) if plain[row] else sample(logits[row], p, g)
             for row, (p, g) in enumerate(zip(params, generators))]
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """One token per row of [rows, vocab] float logits, as `sample` would draw it without a generator:
+    temperature, then top-k (ties with the k-th kept), then top-p over what is left, on the device."""
+    vocab = logits.shape[1]
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    scaled = logits / temperature[:, None]
+    ordered, order = scaled.sort(-1, descending=True)
+    kth = ordered.gather(1, (top_k - 1)[:, None])
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = ordered.softmax(-1)
+    drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1.0)  # keep the one crossing top_p
+    drop[:, 0] = False  # always keep the best token
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(ordered.softmax(-1), 1)
+    return order.gather(1, choice)[:, 0]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, TokenLogprob | None]:
