@@ -211,8 +211,9 @@ def brief(summary: dict) -> dict:
 
 def server_command(name: str, budget: float | None, model_dir: Path, profile: Path, args: argparse.Namespace,
                    max_model_len: int, config: LlamaConfig):
+    """`command(port)` for one configuration: rheads at `budget`, or (budget None) the peer."""
     if budget is None:  # the peer, with the same KV bytes as rheads (its blocks hold 256 tokens)
-        bytes_per_token = config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * 2 * 2
+        bytes_per_token = config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * 2 * 2  # K+V, bf16
         blocks = int(args.kv_cache_gib * GIB) // (256 * bytes_per_token)
         return lambda port: [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
                              "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
