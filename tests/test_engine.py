@@ -851,3 +851,11 @@ def test_unseeded_sampling_in_a_batch_goes_through_the_batched_draw(monkeypatch)
     assert picks[0] == (int(logits[0].argmax()), None)
     assert picks[3][0] in torch.topk(logits[3], 3).indices.tolist()
     assert picks[2] == sampler.sample(logits[2], params[2], torch.Generator().manual_seed(3))
+
+
+def test_a_memory_fraction_is_taken_of_what_is_free_after_the_weights(llama, tokenizer, monkeypatch) -> None:
+    """kv_cache_memory=0.25 sizes the pools from the device's free memory when the engine is built."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 << 20, 80 << 20))
+    engine = make_engine(llama, tokenizer, MIXED, kv_cache_memory=0.25)
+    capacity = engine.usage().bytes_capacity
+    assert 15 << 20 < capacity <= 16 << 20  # a quarter of the 64 MiB "free", less what pages cannot fill
