@@ -18,7 +18,6 @@ from rheads.causality import (
     ATTENTION_NAME, MASKED_ATTR, CausalityConfig, heads_masked, mask_settings, masked_sdpa_attention,
     random_non_retrieval_heads, run_causality, top_retrieval_heads,
 )
-from rheads.cli import main
 from rheads.evaluate import Cell, Generation, load_cells
 from rheads.models import resolve_model
 from rheads.profile import ModelIdentity, Profile, ProfileMethod
@@ -236,13 +235,3 @@ def test_summary_of_an_interrupted_run(model) -> None:
     assert retrieval[1]["mean_head_score"] == pytest.approx(0.75)  # heads scoring 0.9 and 0.6
     table = causality.format_summary(summary)
     assert table.splitlines()[3].split()[:3] == ["2", "0.00", "1.00"]
-
-
-def test_causality_help(capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "causality", "--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for option in ("--out", "--ks", "--lengths", "--depths", "--num-needles", "--random-seeds", "--profile",
-                   "--threads", "--dtype"):
-        assert option in text

@@ -377,13 +377,18 @@ def test_properties_on_hand_made_profile(model, tmp_path: Path, capsys) -> None:
     assert len(json.loads((tmp_path / "props.json").read_text())) == 2
 
 
-def test_eval_help(capsys) -> None:
+@pytest.mark.parametrize("command,options", [
+    ("niah", ("--profile", "--lengths", "--depths", "--needles", "--num-needles", "--haystack", "--budgets",
+              "--random-seeds", "--sink", "--window", "--out", "--threads")),
+    ("causality", ("--out", "--ks", "--lengths", "--depths", "--num-needles", "--random-seeds", "--profile",
+                   "--threads", "--dtype")),
+])
+def test_eval_help(capsys, command, options) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "niah", "--help"])
+        main(["eval", command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--profile", "--lengths", "--depths", "--needles", "--num-needles", "--haystack", "--budgets",
-                   "--random-seeds", "--sink", "--window", "--out", "--threads"):
+    for option in options:
         assert option in text
     assert main(["eval"]) == 2
 
