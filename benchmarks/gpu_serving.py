@@ -44,7 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import SHAPES  # noqa: E402
-from load import run_load  # noqa: E402
+from load import make_prompt, run_load  # noqa: E402
 from servers import REPO, ServerProcess, rheads_command  # noqa: E402
 
 from rheads.engine.cache import CacheConfig, HeadSplitCache  # noqa: E402
@@ -154,12 +154,7 @@ def make_prompts(tokenizer_dir: Path, length: int, count: int) -> list[str]:
     """`count` different texts of `length` tokens each, cut from the shipped haystack at spread offsets."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = tokenizer("\n\n".join(p.read_text() for p in haystack_files()), add_special_tokens=False)["input_ids"]
-    texts = []
-    for index in range(count):
-        start = (index * 7919) % len(ids)
-        window = [ids[(start + j) % len(ids)] for j in range(length)]
-        texts.append(tokenizer.decode(window))
-    return texts
+    return [tokenizer.decode(make_prompt(ids, index, length)) for index in range(count)]
 
 
 def step_totals(base_url: str) -> dict[str, dict[str, float]]:

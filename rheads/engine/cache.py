@@ -152,6 +152,11 @@ class HeadSplitCache:
             self.tokens.pop(slot, None)
             self.free_slots.append(slot)
 
+    def bytes_used(self) -> int:
+        """Bytes the resident sequences hold (the pools' own count; no walk over the sequences)."""
+        return ((self.num_pages - len(self.free_pages)) * self.bytes_per_page
+                + (self.num_slots - len(self.free_slots)) * self.bytes_per_slot)
+
     def usage(self) -> CacheUsage:
         page = self.config.page_size
         pages_used = self.num_pages - len(self.free_pages)
@@ -159,7 +164,7 @@ class HeadSplitCache:
         full_equivalent = sum(-(-n // page) * page for n in self.tokens.values()) * self.bytes_per_token_full
         return CacheUsage(
             pages_total=self.num_pages, pages_used=pages_used, slots_total=self.num_slots,
-            slots_used=slots_used, bytes_used=pages_used * self.bytes_per_page + slots_used * self.bytes_per_slot,
+            slots_used=slots_used, bytes_used=self.bytes_used(),
             bytes_full_equivalent=full_equivalent,
             bytes_capacity=self.num_pages * self.bytes_per_page + self.num_slots * self.bytes_per_slot,
         )

@@ -193,7 +193,7 @@ class LLMEngine:
             except Exception as error:  # noqa: BLE001 - reported to this request's client
                 outputs.append(self._fail(seq, error))
         self.last_step = StepStats(num_tokens == len(chunks), len(chunks), num_tokens,
-                                   time.perf_counter() - start, self.cache.usage().bytes_used)
+                                   time.perf_counter() - start, self.cache.bytes_used())
         return outputs
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
