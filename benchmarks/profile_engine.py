@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -24,6 +25,19 @@ from bench_engine import SHAPES, _Tokenizer, sync  # noqa: E402
 
 from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split  # noqa: E402
 from rheads.engine.heads import restore_attention_heads  # noqa: E402
+
+
+def replay_seconds(runner, repeat: int) -> float:
+    """Device time of one captured decode step replayed back to back (no host work between): what
+    the step would take if the host kept up."""
+    graph = max(runner.graphs.values(), key=lambda g: g.size).graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / repeat
 
 
 def main() -> None:
@@ -70,8 +84,9 @@ def main() -> None:
                 engine.step()
             sync(args.device)
         decode_s = (time.perf_counter() - start) / args.steps
-        gpu_s = sum(e.self_device_time_total for e in decode.key_averages()) / 1e6 / args.steps
-        graph_s = None
+        kernels = [e for e in decode.events() if e.device_type == DeviceType.CUDA]  # the kernels themselves, once each
+        gpu_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / args.steps
+        graph_s = replay_s = None
         if args.device.startswith("cuda"):  # the same steps replayed as CUDA graphs, as served, unprofiled
             engine.runner.use_graphs = True
             engine.step()
@@ -81,9 +96,11 @@ def main() -> None:
                 engine.step()
             sync(args.device)
             graph_s = (time.perf_counter() - start) / args.steps
+            replay_s = replay_seconds(engine.runner, args.steps)
         print(f"\n=== budget {budget:g}: prefill (after the first chunk) {prefill_s:.2f} s; "
               f"eager decode step {decode_s * 1000:.1f} ms, of which {gpu_s * 1000:.1f} ms of device kernels; "
-              f"with CUDA graphs {'-' if graph_s is None else f'{graph_s * 1000:.1f}'} ms "
+              f"with CUDA graphs {'-' if graph_s is None else f'{graph_s * 1000:.1f}'} ms, "
+              f"of which the graph replay alone {'-' if replay_s is None else f'{replay_s * 1000:.1f}'} ms "
               f"(batch {args.batch}, context {args.context})")
         print("--- prefill")
         print(prefill.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))

@@ -1,12 +1,15 @@
-"""The batched decode path: the Triton kernel (CUDA only) and the PyTorch version agree, and both
-equal plain attention over each sequence's gathered history."""
+"""The batched decode path: the fused Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) and the
+PyTorch path write and attend alike, and the PyTorch path equals plain attention over each history."""
+
+import os
 
 import pytest
 import torch
 
-from rheads.engine.decode import paged_decode, paged_decode_reference, triton
+from rheads.engine.decode import DecodeBatch, _decode_torch, head_split_decode_triton, paged_decode_reference, triton
 
 CUDA = torch.cuda.is_available() and triton is not None
+KERNEL = CUDA or (triton is not None and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _case(device, dtype, batch=5, heads=8, kv_heads=2, dim=64, page=16, pages=64, seed=0):
@@ -41,35 +44,61 @@ def test_reference_equals_naive():
     torch.testing.assert_close(got, _naive(q, k, v, table, lengths, 0.125), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (32, 8, 128), (9, 3, 64), (4, 4, 128)])
-def test_triton_equals_naive(dtype, tol, heads, kv_heads, dim):
-    q, k, v, table, lengths = _case("cuda", dtype, heads=heads, kv_heads=kv_heads, dim=dim)
-    got = paged_decode(q, k, v, table, lengths, dim ** -0.5, int(lengths.max()))
-    torch.testing.assert_close(got.float(), _naive(q, k, v, table, lengths, dim ** -0.5), atol=tol, rtol=tol)
+def _layer(device, dtype, positions, num_full, kv_heads=2, group=4, dim=64, page=8, sink=4, window=12, seed=0):
+    """A layer's two pools with random history, and a decode batch of sequences at `positions` (packed
+    in rows 1, 3, 5, ... of a larger batch, so the other rows must stay untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    size, ring = len(positions), sink + window
+    widest = max(p // page + 1 for p in positions)
+    pages = size * widest + 1
+    full = (rand(pages, page, num_full, dim), rand(pages, page, num_full, dim)) if num_full else None
+    stream = kv_heads - num_full
+    rings = (rand(size + 1, ring, stream, dim), rand(size + 1, ring, stream, dim)) if stream else None
+    order = torch.randperm(pages - 1, generator=g)[:size * widest].view(size, widest).to(torch.int32)
+    pos = torch.tensor(positions)
+    ring_index = torch.where(pos < sink, pos, sink + (pos - sink) % window)
+    batch = DecodeBatch(rows=torch.arange(1, 2 * size, 2), page_table=order, page_ids=order.gather(1, (pos // page)[:, None])[:, 0].long(),
+                        page_offsets=pos % page, lengths=(pos + 1).to(torch.int32), slots=torch.randperm(size, generator=g),
+                        ring_offsets=ring_index, ring_lengths=torch.clamp(pos + 1, max=ring).to(torch.int32),
+                        max_length=int(pos.max()) + 1).to(device)
+    tokens = 2 * size + 1
+    q, k, v = rand(tokens, kv_heads * group, dim), rand(tokens, kv_heads, dim), rand(tokens, kv_heads, dim)
+    return q, k, v, batch, full, rings
+
+
+def _clone(pools):
+    return tuple(t.clone() for t in pools) if pools else None
+
+
+@pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("num_full", [0, 1, 3, 4])
+@pytest.mark.parametrize("programs_per_sm", [1, 64])
+def test_fused_kernel_equals_torch(num_full, programs_per_sm):
+    """Both head groups in one launch, one split or many: the same outputs and the same pool writes as
+    the PyTorch path (rings that wrapped around, a sequence at its first token, rows between decode rows)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, batch, full, ring = _layer(device, torch.float32, [0, 5, 40, 15, 16, 99], num_full, kv_heads=4)
+    want_out, got_out = torch.zeros_like(q), torch.full_like(q, 7.0)
+    want_full, want_ring = _clone(full), _clone(ring)
+    _decode_torch(q, k, v, want_out, batch, want_full, want_ring, 0.125)
+    head_split_decode_triton(q, k, v, got_out, batch, full, ring, 0.125, num_sms=4, programs_per_sm=programs_per_sm)
+    torch.testing.assert_close(got_out[batch.rows], want_out[batch.rows], atol=1e-4, rtol=1e-4)
+    assert (got_out[::2] == 7.0).all()  # rows that do not decode are left alone
+    for got, want in ((full, want_full), (ring, want_ring)):
+        for g, w in zip(got or (), want or ()):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("programs_per_sm", [1, 2, 8])
-def test_triton_split_counts(programs_per_sm):
-    """One split (no merge) for a batch that fills the GPU, several for a small one: same answer."""
-    from rheads.engine.decode import paged_decode_triton
-    for batch in (3, 300):
-        q, k, v, table, lengths = _case("cuda", torch.float32, batch=batch, heads=8, kv_heads=4, pages=128)
-        got = paged_decode_triton(q, k, v, table, lengths, 0.125, int(lengths.max()), 132,
-                                  programs_per_sm=programs_per_sm)
-        torch.testing.assert_close(got, _naive(q, k, v, table, lengths, 0.125), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
-def test_triton_ring_as_one_page():
-    """A streaming slot of sink + window entries is one page; lengths below it mask unwritten entries."""
-    q, k, v, _, _ = _case("cuda", torch.float32, page=320, pages=6)
-    slots = torch.tensor([[3], [0], [5], [1], [2]], dtype=torch.int32, device="cuda")
-    lengths = torch.tensor([320, 1, 77, 320, 319], dtype=torch.int32, device="cuda")
-    got = paged_decode(q, k, v, slots, lengths, 0.125, 320)
-    torch.testing.assert_close(got, _naive(q, k, v, slots, lengths, 0.125), atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("group,dim", [(4, 128), (3, 64), (1, 128)])
+def test_fused_kernel_bfloat16(group, dim):
+    q, k, v, batch, full, ring = _layer("cuda", torch.bfloat16, [3000, 17, 700, 2], 5, kv_heads=8, group=group,
+                                        dim=dim, page=16, sink=64, window=256)
+    want, got = torch.zeros_like(q), torch.zeros_like(q)
+    _decode_torch(q, k, v, want, batch, _clone(full), _clone(ring), dim ** -0.5)
+    head_split_decode_triton(q, k, v, got, batch, full, ring, dim ** -0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")

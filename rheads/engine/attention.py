@@ -7,7 +7,8 @@ attention sinks plus the last `window` positions (a key at position k is visible
 when k <= q and (k < sink or q - k < window)). Prefill chunks go through SDPA one sequence at a time
 (fused kernels: full heads with a lower-right causal mask, streaming heads by blocks of queries over
 their band only); it runs anywhere torch does. Sequences that decode one token this step are handled
-together instead, by `decode.paged_decode` (a Triton kernel on CUDA) reading both pools in place.
+together instead, by `decode.decode_attention` (one Triton launch per layer on CUDA) reading both
+pools in place.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
 from .cache import HeadSplitCache
-from .decode import paged_decode
+from .decode import DecodeBatch, decode_attention
 
 ATTENTION_NAME = "rheads_head_split"
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -37,32 +38,6 @@ class SeqSlice:
     start: int
     slot: int
     page_table: torch.Tensor  # page ids covering positions 0..start+n-1
-
-
-@dataclass
-class DecodeBatch:
-    """The sequences feeding exactly one token this step, as device tensors built once per step."""
-
-    rows: torch.Tensor  # [B] their rows in the packed batch
-    page_table: torch.Tensor  # [B, max pages] int32, padded with 0
-    page_ids: torch.Tensor  # [B] page holding the new token
-    page_offsets: torch.Tensor  # [B] its place in that page
-    lengths: torch.Tensor  # [B] int32 tokens in the full-head cache after this token
-    slots: torch.Tensor  # [B] streaming slot of each sequence
-    ring_offsets: torch.Tensor  # [B] ring index of the new token
-    ring_lengths: torch.Tensor  # [B] int32 valid ring entries after this token
-    max_length: int  # an upper bound of `lengths` known on the host (sizes the kernel's splits)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in self.__dict__.items() if isinstance(value, torch.Tensor)}
-
-    def to(self, device: torch.device) -> "DecodeBatch":
-        return DecodeBatch(**{**self.__dict__, **{k: v.to(device, non_blocking=True) for k, v in self.tensors().items()}})
-
-    def copy_into(self, static: "DecodeBatch") -> None:
-        """Fill a CUDA graph's static batch (same shapes) with this batch's values."""
-        for name, value in self.tensors().items():
-            getattr(static, name).copy_(value, non_blocking=True)
 
 
 @dataclass
@@ -181,7 +156,7 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     out = torch.empty_like(q)
     if meta.decode is not None:
-        out[meta.decode.rows] = _decode(cache, layer, meta.decode, q, k, v, num_full, split_q, scaling)
+        decode_attention(cache, layer, meta.decode, q, k, v, out, scaling)
     for seq in meta.seqs:
         rows = slice(seq.begin, seq.end)
         pos = meta.positions[rows]
@@ -192,26 +167,6 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
             out[rows, split_q:] = _streaming_heads(cache, layer, seq, q[rows, split_q:], k[rows, num_full:],
                                                    v[rows, num_full:], pos, scaling)
     return out[None], None
-
-
-def _decode(cache: HeadSplitCache, layer: int, batch: DecodeBatch, q, k, v, num_full: int, split_q: int,
-            scaling: float) -> torch.Tensor:
-    """Write each decoding sequence's new K/V into its pools, then attend with one call per head group."""
-    q, k, v = q[batch.rows], k[batch.rows], v[batch.rows]
-    out = torch.empty_like(q)
-    if num_full:
-        keys, values = cache.full_k[layer], cache.full_v[layer]
-        keys[batch.page_ids, batch.page_offsets] = k[:, :num_full]
-        values[batch.page_ids, batch.page_offsets] = v[:, :num_full]
-        out[:, :split_q] = paged_decode(q[:, :split_q], keys, values, batch.page_table, batch.lengths, scaling,
-                                        batch.max_length)
-    if num_full < k.shape[1]:
-        keys, values = cache.ring_k[layer], cache.ring_v[layer]
-        keys[batch.slots, batch.ring_offsets] = k[:, num_full:]
-        values[batch.slots, batch.ring_offsets] = v[:, num_full:]
-        out[:, split_q:] = paged_decode(q[:, split_q:], keys, values, batch.slots[:, None], batch.ring_lengths,
-                                        scaling, cache.window_slots)
-    return out
 
 
 AttentionInterface.register(ATTENTION_NAME, head_split_attention)

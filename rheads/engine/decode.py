@@ -1,20 +1,27 @@
-"""Batched decode attention over paged KV storage: one launch for every sequence of the batch.
+"""Batched decode attention for one layer: every decoding sequence, both head groups, in place.
 
-Both pools look the same to it: storage [pages, page_len, heads, dim] plus a block table per sequence.
-The full-head pool has pages of `page_size` tokens; a streaming slot is one page of `sink + window`
-entries, so the ring is read in place too (softmax does not care about the ring's order).
+A layer's KV heads come in cache order: its full (retrieval) heads first, stored in pages of
+`page_size` tokens shared through one block table per sequence, then its streaming heads, stored in
+one window slot per sequence (`sink + window` entries; softmax does not care about the ring's order).
 
-On CUDA a Triton split-K kernel reads keys and values straight from their pages (flash-decoding:
-each program covers a range of one sequence's tokens for one KV head and all its query heads, and the
-partial results are merged by log-sum-exp). Elsewhere a plain-PyTorch gather + SDPA computes the same.
+On CUDA one Triton launch per layer does the whole step's attention (flash-decoding): a program covers
+one sequence, one KV head with all its query heads, and one split of that head's tokens; full heads
+spread over many splits, a streaming head's short window sits in split 0. The same program writes the
+new token's K/V into its pool and reads that token from registers, not from the cache, so no write has
+to land before the reads start. A second small launch merges the splits by log-sum-exp into the
+layer's output rows. Elsewhere (CPU) the writes and a PyTorch gather + SDPA compute the same.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .cache import HeadSplitCache
 
 try:
     import triton
@@ -23,8 +30,35 @@ except ImportError:  # CPU-only installs
     triton = None
 
 BLOCK_N = 64
+NUM_STAGES = 2  # 2.15 TB/s against 2.01 with 3 on shuffled pages (bench_decode_kernel.py, H100)
 PROGRAMS_PER_SM = 8  # split-K programs per SM a launch aims for: 8 reads 2.13 TB/s at 8 x 32k, 2 only 1.80
                      # (H100, benchmarks/bench_decode_kernel.py --programs-per-sm 2,4,8,16)
+
+
+@dataclass
+class DecodeBatch:
+    """The sequences feeding exactly one token this step, as device tensors built once per step."""
+
+    rows: torch.Tensor  # [B] their rows in the packed batch
+    page_table: torch.Tensor  # [B, max pages] int32, padded with 0
+    page_ids: torch.Tensor  # [B] page holding the new token
+    page_offsets: torch.Tensor  # [B] its place in that page
+    lengths: torch.Tensor  # [B] int32 tokens in the full-head cache after this token
+    slots: torch.Tensor  # [B] streaming slot of each sequence
+    ring_offsets: torch.Tensor  # [B] ring index of the new token
+    ring_lengths: torch.Tensor  # [B] int32 valid ring entries after this token
+    max_length: int  # an upper bound of `lengths` known on the host (sizes the kernel's splits)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in self.__dict__.items() if isinstance(value, torch.Tensor)}
+
+    def to(self, device: torch.device) -> "DecodeBatch":
+        return DecodeBatch(**{**self.__dict__, **{k: v.to(device, non_blocking=True) for k, v in self.tensors().items()}})
+
+    def copy_into(self, static: "DecodeBatch") -> None:
+        """Fill a CUDA graph's static batch (same shapes) with this batch's values."""
+        for name, value in self.tensors().items():
+            getattr(static, name).copy_(value, non_blocking=True)
 
 
 def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
@@ -41,38 +75,111 @@ def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return out[:, :, 0]
 
 
+def decode_attention(cache: HeadSplitCache, layer: int, batch: DecodeBatch, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """Write the decoding rows' new K/V into the layer's pools and their attention into `out`.
+
+    q, out: the packed batch's [tokens, Hq, D]; k, v: [tokens, Hkv, D], heads in cache order.
+    """
+    full = (cache.full_k[layer], cache.full_v[layer]) if cache.full_k[layer] is not None else None
+    ring = (cache.ring_k[layer], cache.ring_v[layer]) if cache.ring_k[layer] is not None else None
+    if _use_triton(q):
+        head_split_decode_triton(q, k, v, out, batch, full, ring, scale)
+    else:
+        _decode_torch(q, k, v, out, batch, full, ring, scale)
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    """The kernel on CUDA (or on the CPU under TRITON_INTERPRET=1, which the tests use to check it)."""
+    return (triton is not None and q.shape[-1] in (16, 32, 64, 128, 256)
+            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def _decode_torch(q, k, v, out, batch: DecodeBatch, full, ring, scale: float) -> None:
+    rows = batch.rows
+    num_full = full[0].shape[2] if full else 0
+    split_q = num_full * (q.shape[1] // k.shape[1])
+    q, k, v = q[rows], k[rows], v[rows]
+    result = torch.empty_like(q)
+    if full:
+        full[0][batch.page_ids, batch.page_offsets] = k[:, :num_full]
+        full[1][batch.page_ids, batch.page_offsets] = v[:, :num_full]
+        result[:, :split_q] = paged_decode_reference(q[:, :split_q], *full, batch.page_table, batch.lengths, scale)
+    if ring:
+        ring[0][batch.slots, batch.ring_offsets] = k[:, num_full:]
+        ring[1][batch.slots, batch.ring_offsets] = v[:, num_full:]
+        result[:, split_q:] = paged_decode_reference(q[:, split_q:], *ring, batch.slots[:, None],
+                                                     batch.ring_lengths, scale)
+    out[rows] = result
+
+
+def decode_splits(batch: int, num_full: int, max_length: int, num_sms: int, block: int = BLOCK_N,
+                  programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """How many splits each full head's tokens get: enough programs to fill the GPU, from host numbers
+    only (the graph captured for the longest context keeps them; each sequence then divides its own
+    length among them on the device)."""
+    if not num_full:
+        return 1
+    blocks = max(1, math.ceil(max_length / block))
+    return max(1, min(blocks, math.ceil(programs_per_sm * num_sms / (batch * num_full))))
+
+
+def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             batch: DecodeBatch, full: tuple[torch.Tensor, torch.Tensor] | None,
+                             ring: tuple[torch.Tensor, torch.Tensor] | None, scale: float,
+                             num_sms: int | None = None, block: int = BLOCK_N, num_warps: int = 4,
+                             num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM) -> None:
+    """The fused kernel, free of host syncs (so a CUDA graph can capture it); see the module docstring."""
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    size, kv_heads, dim = batch.rows.shape[0], k.shape[1], q.shape[-1]
+    group = q.shape[1] // kv_heads
+    num_full = full[0].shape[2] if full else 0
+    splits = decode_splits(size, num_full, batch.max_length, num_sms, block, programs_per_sm)
+    full_k, full_v = full or ring
+    ring_k, ring_v = ring or full
+    table = batch.page_table
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1 and table.stride(1) == 1
+    if splits > 1:
+        partial = torch.empty(size, q.shape[1], splits, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(size, q.shape[1], splits, dtype=torch.float32, device=q.device)
+    else:
+        partial = lse = out  # unused: the kernel stores straight into `out`
+    _head_split_decode_kernel[(size, kv_heads, splits)](
+        q, k, v, batch.rows, full_k, full_v, table, batch.lengths, batch.page_ids, batch.page_offsets,
+        ring_k, ring_v, batch.slots, batch.ring_lengths, batch.ring_offsets, out, partial, lse, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        full_k.stride(0), full_k.stride(1), full_k.stride(2), table.stride(0),
+        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+        out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        NUM_FULL=num_full, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
+        PAGE=full_k.shape[1], RING=ring_k.shape[1], BLOCK=block, SPLITS=splits, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(size, q.shape[1])](
+            batch.rows, partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim,
+        )
+
+
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(
-        Q, K, V, BT, LENS, OUT, LSE, scale, TOKENS_PER_SPLIT,
-        stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
-        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK: tl.constexpr, IEEE: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.program_id(2)
-        length = tl.load(LENS + b)
-        tokens_per_split = tl.load(TOKENS_PER_SPLIT)
-        start = s * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, length)
-        offs_g = tl.arange(0, GROUP_PAD)
+    def _attend_range(acc, m, l, q, K, V, k_new, v_new, table, stride_p, stride_s, head_offset, start, end,
+                      new_index, scale, PAGE: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                      IEEE: tl.constexpr):
+        """Online softmax over tokens [start, end) of one head; token `new_index` comes from k_new/v_new."""
         offs_d = tl.arange(0, DIM)
-        q_rows = h * GROUP + offs_g
-        q = tl.load(Q + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
-                    mask=offs_g[:, None] < GROUP, other=0.0)
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
         for n0 in range(start, end, BLOCK):
             offs_n = n0 + tl.arange(0, BLOCK)
             valid = offs_n < end
-            page = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=valid, other=0).to(tl.int64)
-            slot = offs_n % PAGE
-            k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_ks + h * stride_kh + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)
+            page = tl.load(table + offs_n // PAGE, mask=valid, other=0).to(tl.int64)
+            where = page[:, None] * stride_p + (offs_n % PAGE)[:, None] * stride_s + head_offset + offs_d[None, :]
+            is_new = (offs_n == new_index)[:, None]
+            k = tl.where(is_new, k_new[None, :], tl.load(K + where, mask=valid[:, None], other=0.0))
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -81,60 +188,84 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + h * stride_vh + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)
+            v = tl.where(is_new, v_new[None, :], tl.load(V + where, mask=valid[:, None], other=0.0))
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             l = l * alpha + tl.sum(p, 1)
             m = m_new
+        return acc, m, l
+
+    @triton.jit
+    def _head_split_decode_kernel(
+        Q, KN, VN, ROWS, FK, FV, BT, LENS, PAGE_IDS, PAGE_OFFS, RK, RV, SLOTS, RLENS, ROFFS, OUT, PART, LSE, scale,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_fp, stride_fs, stride_fh, stride_bt, stride_rp, stride_rs, stride_rh,
+        stride_on, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+        NUM_FULL: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
+        PAGE: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        row = tl.load(ROWS + b).to(tl.int64)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, DIM)
+        q_heads = h * GROUP + offs_g
+        q = tl.load(Q + row * stride_qn + q_heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=offs_g[:, None] < GROUP, other=0.0)
+        k_new = tl.load(KN + row * stride_kn + h * stride_kh + offs_d)
+        v_new = tl.load(VN + row * stride_vn + h * stride_vh + offs_d)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
+        if h < NUM_FULL:  # a retrieval head: its pages, split evenly over this sequence's length
+            length = tl.load(LENS + b)
+            per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+            start = s * per_split
+            end = tl.minimum(start + per_split, length)
+            acc, m, l = _attend_range(acc, m, l, q, FK, FV, k_new, v_new, BT + b * stride_bt, stride_fp, stride_fs,
+                                      h * stride_fh, start, end, length - 1, scale, PAGE, DIM, BLOCK, IEEE)
+            if s == 0:
+                at = tl.load(PAGE_IDS + b).to(tl.int64) * stride_fp + tl.load(PAGE_OFFS + b) * stride_fs + h * stride_fh
+                tl.store(FK + at + offs_d, k_new)
+                tl.store(FV + at + offs_d, v_new)
+        elif s == 0:  # a streaming head: its whole window slot, one "page" of RING entries
+            ring_head = h - NUM_FULL
+            ring_offset = tl.load(ROFFS + b)
+            acc, m, l = _attend_range(acc, m, l, q, RK, RV, k_new, v_new, SLOTS + b, stride_rp, stride_rs,
+                                      ring_head * stride_rh, 0, tl.load(RLENS + b), ring_offset, scale,
+                                      RING, DIM, BLOCK, IEEE)
+            at = tl.load(SLOTS + b).to(tl.int64) * stride_rp + ring_offset * stride_rs + ring_head * stride_rh
+            tl.store(RK + at + offs_d, k_new)
+            tl.store(RV + at + offs_d, v_new)
         empty = l == 0.0
         out = acc / tl.where(empty, 1.0, l)[:, None]
-        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
-        rows = offs_g < GROUP
-        tl.store(OUT + b * stride_ob + q_rows[:, None] * stride_oh + s * stride_os + offs_d[None, :], out,
-                 mask=rows[:, None])
-        tl.store(LSE + b * stride_lb + q_rows * stride_lh + s * stride_ls, lse, mask=rows)
+        rows = offs_g[:, None] < GROUP
+        if SPLITS == 1:
+            tl.store(OUT + row * stride_on + q_heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=rows)
+        else:
+            lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
+            tl.store(PART + b * stride_pb + q_heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
+                     mask=rows)
+            tl.store(LSE + b * stride_lb + q_heads * stride_lh + s, lse, mask=offs_g < GROUP)
 
-
-def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
-                        lengths: torch.Tensor, scale: float, max_length: int, num_sms: int = 132,
-                        block: int = BLOCK_N, num_warps: int = 4, num_stages: int = 3,
-                        programs_per_sm: int = PROGRAMS_PER_SM) -> torch.Tensor:
-    """The Triton split-K kernel, free of host syncs (so it can be captured in a CUDA graph).
-
-    The number of splits comes from the batch shape and `max_length`, a host-side upper bound; the
-    tokens per split are computed on the device from the real lengths, so a graph captured for the
-    longest context still spreads a short batch over every split.
-    """
-    batch, heads, dim = q.shape
-    kv_heads, page_len = k.shape[2], k.shape[1]
-    group = heads // kv_heads
-    blocks = max(1, math.ceil(max_length / block))
-    splits = max(1, min(blocks, math.ceil(programs_per_sm * num_sms / (batch * kv_heads))))
-    per_split = splits * block
-    tokens_per_split = ((lengths.max() + per_split - 1) // per_split * block).to(torch.int32)
-    partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(batch, kv_heads, splits)](
-        q, k, v, block_table, lengths, partial, lse, scale, tokens_per_split,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        block_table.stride(0), partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_len, BLOCK=block,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
-    )
-    if splits == 1:  # nothing to merge (a short window, or a batch that fills the GPU by itself)
-        return partial[:, :, 0].to(q.dtype)
-    weights = torch.softmax(lse, dim=-1).nan_to_num_(0.0)  # splits past a sequence's end weigh 0
-    return (partial * weights[..., None]).sum(2).to(q.dtype)
-
-
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
-                 lengths: torch.Tensor, scale: float, max_length: int) -> torch.Tensor:
-    """Decode attention for a batch of single queries over paged storage (Triton on CUDA)."""
-    if q.is_cuda and triton is not None and q.shape[-1] in (16, 32, 64, 128, 256):
-        return paged_decode_triton(q, k, v, block_table, lengths, scale, max_length,
-                                   torch.cuda.get_device_properties(q.device).multi_processor_count)
-    return paged_decode_reference(q, k, v, block_table, lengths, scale)
+    @triton.jit
+    def _merge_splits_kernel(ROWS, PART, LSE, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                             stride_on, stride_oh, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                             DIM: tl.constexpr):
+        """out[row, head] = the splits' partial outputs weighted by softmax(lse); an empty split weighs 0."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, DIM)
+        lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=offs_s < SPLITS, other=float("-inf"))
+        weights = tl.exp(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+        weights = weights / tl.sum(weights, 0)
+        partial = tl.load(PART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                          mask=offs_s[:, None] < SPLITS, other=0.0)
+        out = tl.sum(partial * weights[:, None], 0)
+        row = tl.load(ROWS + b).to(tl.int64)
+        tl.store(OUT + row * stride_on + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))

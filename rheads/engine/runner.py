@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import BatchMeta, DecodeBatch, SeqSlice
+from .attention import BatchMeta, SeqSlice
+from .decode import DecodeBatch
 from .cache import HeadSplitCache
 from .scheduler import Chunk
 
