@@ -311,9 +311,10 @@ def check_accounting(split: HeadSplit, page: int = PAGE, sink: int = SINK, windo
         assert usage.bytes_used == used, f"step {step}"
         assert usage.bytes_full_equivalent == full_equivalent, f"step {step}"
         assert usage.bytes_capacity <= engine.config.kv_cache_memory
-        for seq in engine.scheduler.running:  # decoding sequences cache everything but the newest token
+        in_flight = engine._in_flight.seqs if engine._in_flight else []  # pipelined: their newest token is
+        for seq in engine.scheduler.running:  # on the device; others cache everything but the newest token
             if seq.output_ids and not engine.scheduler.num_preemptions:  # (a preempted one re-prefills)
-                assert seq.num_cached == seq.num_tokens - 1
+                assert seq.num_cached == seq.num_tokens - (seq not in in_flight)
         for seq in engine.scheduler.waiting:
             assert seq.slot is None and not seq.pages and seq.num_cached == 0
     return after_step
@@ -405,24 +406,25 @@ def test_usage_is_zero_after_every_way_of_ending(llama, tokenizer) -> None:
     assert_empty(engine)
 
 
-def test_failed_step_leaves_consistent_state_and_cleans_up(llama, tokenizer, monkeypatch) -> None:
+@pytest.mark.parametrize("async_decode", [False, True], ids=["sync", "pipelined"])
+def test_failed_step_leaves_consistent_state_and_cleans_up(llama, tokenizer, monkeypatch, async_decode) -> None:
     """A step whose forward raises: the engine re-raises with nothing lost; the requests can go on
     (and give the same tokens), or be ended -- as the server's EngineClient does -- freeing everything."""
     split = MIXED
     check = check_accounting(split)
     params = SamplingParams(max_tokens=6, **GREEDY)
     prompts = [random_prompt(n, 20 + n) for n in (11, 19)]
-    engine = make_engine(llama, tokenizer, split, max_num_batched_tokens=6)
+    engine = make_engine(llama, tokenizer, split, max_num_batched_tokens=6, async_decode=async_decode)
     clean = run(engine, {0: [(f"f{i}", p, params) for i, p in enumerate(prompts)]})
 
     real_run = engine.runner.run
     failures = {"left": 1}
 
-    def flaky(chunks):
+    def flaky(chunks, *args):
         if failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("injected failure")
-        return real_run(chunks)
+        return real_run(chunks, *args)
 
     monkeypatch.setattr(engine.runner, "run", flaky)
     for step_to_fail in (0, 3, 6):  # in prefill, across, in decode
@@ -524,14 +526,16 @@ def _tight_memory(split: HeadSplit) -> tuple[int, int]:
 
 @pytest.mark.parametrize("split", [MIXED, HeadSplit.uniform(4, 2, True), HeadSplit.uniform(4, 2, False)],
                          ids=["mixed", "full", "streaming"])
-def test_tight_memory_admission_and_preemption(llama, tokenizer, split) -> None:
+@pytest.mark.parametrize("async_decode", [False, True], ids=["sync", "pipelined"])
+def test_tight_memory_admission_and_preemption(llama, tokenizer, split, async_decode) -> None:
     params = SamplingParams(max_tokens=8, **GREEDY)
     prompts = [random_prompt(n, 40 + n) for n in (19, 25, 15, 22, 24, 17)]
     arrivals = {0: [(f"q{i}", p, params) for i, p in enumerate(prompts)]}
     roomy = run(make_engine(llama, tokenizer, split, max_num_batched_tokens=8), arrivals)
 
     memory, fits = _tight_memory(split)
-    engine = make_engine(llama, tokenizer, split, max_num_batched_tokens=8, kv_cache_memory=memory)
+    engine = make_engine(llama, tokenizer, split, max_num_batched_tokens=8, kv_cache_memory=memory,
+                         async_decode=async_decode)
     assert engine.cache.num_slots == 2 or not _sizes(split)[1]
     running = []
 
@@ -546,6 +550,51 @@ def test_tight_memory_admission_and_preemption(llama, tokenizer, split) -> None:
     if _sizes(split)[0]:  # pages run out as sequences grow: the newest is preempted and recomputed
         assert engine.scheduler.num_preemptions > 0
     assert_empty(engine)
+
+
+def test_pipelined_decode_equals_synchronous(llama, tokenizer) -> None:
+    """Async decode (each decode step launched before the last one's tokens are read back) gives the
+    synchronous engine's tokens, texts and finish reasons: through EOS, a stop token id, a stop string
+    and length; a seeded request (sampled on the host, so the engine falls back to synchronous steps
+    while it runs); a late arrival; an abort while a token is in flight; with the accounting exact at
+    every step and nothing left at the end."""
+    greedy = SamplingParams(max_tokens=12, **GREEDY)
+    prompts = [random_prompt(n, 80 + n) for n in (9, 14, 11, 8)]
+    reference = run(make_engine(llama, tokenizer, MIXED), {0: [("r", prompts[1], greedy)]})["r"].token_ids
+    stop = stop_string_for(tokenizer, reference)
+    arrivals = {
+        0: [("len", prompts[0], SamplingParams(max_tokens=30, **GREEDY)),
+            ("eos", prompts[1], SamplingParams(max_tokens=12, temperature=0.0)),
+            ("stop-id", prompts[1], SamplingParams(max_tokens=12, stop_token_ids=[reference[5]], **GREEDY)),
+            ("abort", prompts[2], greedy)],
+        4: [("seeded", prompts[3], SamplingParams(max_tokens=5, temperature=0.9, seed=3))],
+        20: [("late", prompts[1], SamplingParams(max_tokens=12, stop=[stop[0]] if stop else [], **GREEDY))],
+    }
+    results, pipelined = {}, {}
+    for async_decode in (False, True):
+        engine = make_engine(llama, tokenizer, MIXED, async_decode=async_decode)
+        engine.eos_ids = {reference[3]}
+        check = check_accounting(MIXED)
+        in_flight = []
+
+        def after_step(engine, step):
+            check(engine, step)
+            in_flight.append(engine._in_flight is not None)
+            if step == 10:
+                assert engine.abort("abort")
+
+        results[async_decode] = run(engine, arrivals, after_step)
+        pipelined[async_decode] = sum(in_flight)
+        assert_empty(engine)
+    sync, piped = results[False], results[True]
+    assert pipelined[False] == 0 and pipelined[True] >= 5
+    aborted = sorted((sync.pop("abort").token_ids, piped.pop("abort").token_ids), key=len)
+    assert aborted[1][:len(aborted[0])] == aborted[0] and aborted[0]  # aborted one step apart at most
+    assert {k: (r.token_ids, r.text, r.finish_reason) for k, r in piped.items()} == \
+        {k: (r.token_ids, r.text, r.finish_reason) for k, r in sync.items()}
+    assert sync["eos"].finish_reason == sync["stop-id"].finish_reason == "stop"
+    assert sync["len"].finish_reason == "length" and len(sync["len"].token_ids) == 30
+    assert stop is None or sync["late"].finish_reason == "stop"
 
 
 def test_max_num_seqs_limits_running(llama, tokenizer) -> None:

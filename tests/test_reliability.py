@@ -412,11 +412,11 @@ def test_a_sampling_failure_fails_its_request_alone(http, served, monkeypatch):
 def test_a_forward_failure_fails_the_batch_and_frees_everything(engine, served, monkeypatch):
     real, armed = engine.runner.run, threading.Event()
 
-    def run(chunks):
+    def run(chunks, *args):
         if armed.is_set():
             armed.clear()
             raise RuntimeError("the device fell over")
-        return real(chunks)
+        return real(chunks, *args)
 
     monkeypatch.setattr(engine.runner, "run", run)
     streams = [[] for _ in range(2)]

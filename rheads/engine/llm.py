@@ -20,8 +20,8 @@ from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, permute_attention_heads, select_heads
 from .runner import ModelRunner
-from .sampler import sample_batch
-from .scheduler import Scheduler
+from .sampler import draw_tokens, is_plain, sample_batch
+from .scheduler import Chunk, Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
 
 
@@ -43,6 +43,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     cuda_graphs: bool = True  # on CUDA, replay captured graphs for pure decode steps
+    async_decode: bool | None = None  # pipelined decode steps (see LLMEngine.step); None: on for CUDA
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,25 @@ class StepStats:
     num_tokens: int
     seconds: float
     kv_bytes: int  # KV bytes held after the step: what a decode-only step's attention reads
+
+
+class _InFlight:
+    """A decode step launched but not read back: its sequences and their next tokens on the device, with a
+    copy on its way to pinned host memory (a plain `.tolist()` would wait for every step launched after)."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
+        self.seqs, self.tokens = seqs, tokens
+        self._host, self._ready = tokens, None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def read(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
 
 
 class RequestError(ValueError):
@@ -86,6 +106,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
+        self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
+        self._in_flight: _InFlight | None = None
         self._arrivals = itertools.count()
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -170,31 +192,94 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, and report what each touched request produced.
 
+        With async decode (on for CUDA), a step of decoding sequences alone leaves its sampled tokens on
+        the device and returns; the next call launches the step after it before reading them back
+        (`_pipelined_step`), so a request's token arrives one call later and the host never idles the GPU.
         A failure while sampling or appending one request's token finishes that request alone with
         finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises:
         the batch's cache state is unknown then, so the caller fails what is in flight.
         """
         start = time.perf_counter()
+        outputs = []
+        if self._in_flight is not None:
+            launched, outputs = self._pipelined_step()
+            if launched:
+                self._record(start, launched)
+                return outputs
         chunks = self.scheduler.schedule()
         if not chunks:
-            return []
+            return outputs
         num_tokens = sum(c.num_tokens for c in chunks)
         logits = self.runner.run(chunks)
         done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
+        if (self.async_decode and num_tokens == len(chunks) == len(done)
+                and all(is_plain(s.params, s.generator) for s in done)):
+            self._in_flight = _InFlight(done, draw_tokens(logits, [s.params for s in done], [True] * len(done)))
+            self._record(start, chunks)
+            return outputs  # its tokens come back with the next step, which starts before they are read
         try:
             picks = sample_batch(logits, [s.params for s in done], [s.generator for s in done])
         except Exception:  # noqa: BLE001 - one row failed: sample each alone to find it
             picks = [None] * len(done)
-        outputs = []
         for row, (seq, pick) in enumerate(zip(done, picks)):
             try:
                 token, logprob = pick or sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0]
                 outputs.append(self._append(seq, token, logprob))
             except Exception as error:  # noqa: BLE001 - reported to this request's client
                 outputs.append(self._fail(seq, error))
+        self._record(start, chunks)
+        return outputs
+
+    def _record(self, start: float, chunks: list[Chunk]) -> None:
+        num_tokens = sum(c.num_tokens for c in chunks)
         self.last_step = StepStats(num_tokens == len(chunks), len(chunks), num_tokens,
                                    time.perf_counter() - start, self.cache.bytes_used())
-        return outputs
+
+    def _pipelined_step(self) -> tuple[list[Chunk] | None, list[RequestOutput]]:
+        """Launch the next decode step of the in-flight sequences, fed with their sampled tokens straight
+        from the device, and only then read those tokens back and append them: the host's work for one
+        step (detokenizing, stop checks, the server's streaming) runs while the device computes the next.
+        A sequence that finishes on the token read back here has one step too many in flight: its result
+        is dropped (its pages are freed now; the device writes to them in stream order, before any later
+        step can use them again). Returns what it launched (None: the batch changes, so the caller
+        schedules) and the outputs read back."""
+        previous, self._in_flight = self._in_flight, None
+        chunks = self._next_decode(previous.seqs)
+        if chunks:
+            try:
+                logits = self.runner.run(chunks, previous.tokens)
+            except Exception:
+                self._in_flight = previous  # nothing was appended: a retry starts from here
+                raise
+            params = [c.seq.params for c in chunks]
+            self._in_flight = _InFlight(previous.seqs, draw_tokens(logits, params, [True] * len(chunks)))
+        outputs = []
+        for seq, token in zip(previous.seqs, previous.read()):
+            if seq.status is not Status.RUNNING:
+                continue  # finished or aborted while this token was in flight
+            try:
+                outputs.append(self._append(seq, token, None))
+            except Exception as error:  # noqa: BLE001 - reported to this request's client
+                outputs.append(self._fail(seq, error))
+        return chunks, outputs
+
+    def _next_decode(self, seqs: list[Sequence]) -> list[Chunk] | None:
+        """One more decode step of exactly these sequences, or None whenever the batch may change: one
+        finished or was aborted, one may reach its length limit, another is running or a waiting request
+        fits, or a page is missing (the scheduler then decides, preempting if it must)."""
+        scheduler, cache = self.scheduler, self.cache
+        if len(scheduler.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
+            return None
+        if scheduler.waiting and cache.can_admit(scheduler.waiting[0].num_tokens + 1):
+            return None
+        # each has its last sampled token in flight: num_tokens counts the tokens before it
+        if any(len(s.output_ids) + 2 > s.params.max_tokens or s.num_tokens + 2 > self.max_model_len for s in seqs):
+            return None
+        if sum(cache.pages_for(s.num_cached + 1) - len(s.pages) for s in seqs) > len(cache.free_pages):
+            return None
+        for seq in seqs:
+            cache.grow(seq.slot, seq.pages, seq.num_cached + 1)
+        return [Chunk(seq, 1) for seq in seqs]
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """Finish one request with an error and give its cache back."""

@@ -27,31 +27,37 @@ class ModelRunner:
         self.graph_pool = None
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Feed every chunk; return logits [sampling chunks, vocab] for chunks that end a sequence."""
+    def run(self, chunks: list[Chunk], input_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed every chunk; return logits [sampling chunks, vocab] for chunks that end a sequence.
+
+        `input_tokens` (on the device, one per chunk) feeds a pipelined decode step: tokens sampled by
+        the step before, which the host has not read yet.
+        """
         if self.use_graphs and all(c.num_tokens == 1 for c in chunks):
             size = next((s for s in GRAPH_BATCH_SIZES if s >= len(chunks)), None)
             if size is not None:  # padding rows use the scratch page and slot, not real ones
-                return self._replay(chunks, size)
+                return self._replay(chunks, size, input_tokens)
         ids, positions, slices, last, decoding = [], [], [], [], []
         for chunk in chunks:
-            seq, begin = chunk.seq, len(ids)
+            seq, begin = chunk.seq, len(positions)
             start = seq.num_cached
-            ids.extend(seq.token_ids(start, start + chunk.num_tokens))
+            if input_tokens is None:
+                ids.extend(seq.token_ids(start, start + chunk.num_tokens))
             positions.extend(range(start, start + chunk.num_tokens))
             if chunk.num_tokens == 1:
                 decoding.append((begin, chunk))
             else:
                 table = torch.tensor(seq.pages, dtype=torch.long, device=self.device)
-                slices.append(SeqSlice(begin, len(ids), start, seq.slot, table))
-            if chunk.samples:
-                last.append(len(ids) - 1)
+                slices.append(SeqSlice(begin, len(positions), start, seq.slot, table))
+            if chunk.samples or input_tokens is not None:
+                last.append(len(positions) - 1)
         device = self.device
         position_ids = torch.tensor(positions, device=device)
         decode = self.decode_batch(decoding).to(device) if decoding else None
         meta = BatchMeta(self.cache, slices, position_ids, decode)
         hidden = self.model.model(
-            input_ids=torch.tensor(ids, device=device)[None], position_ids=position_ids[None],
+            input_ids=(torch.tensor(ids, device=device) if input_tokens is None else input_tokens)[None],
+            position_ids=position_ids[None],
             use_cache=False, rheads_batch=meta,
         ).last_hidden_state[0]
         for chunk in chunks:
@@ -80,15 +86,16 @@ class ModelRunner:
             max_length=max(positions) + 1,
         )
 
-    def _replay(self, chunks: list[Chunk], size: int) -> torch.Tensor:
+    def _replay(self, chunks: list[Chunk], size: int, input_tokens: torch.Tensor | None) -> torch.Tensor:
         graph = self.graphs.get(size)
         if graph is None:
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()
             graph = self.graphs[size] = _DecodeGraph(self, size)
         decoding = [(i, chunk) for i, chunk in enumerate(chunks)]
-        graph.replay(self.decode_batch(decoding, size, self.max_pages),
-                     [c.seq.token_ids(c.seq.num_cached, c.seq.num_cached + 1)[0] for c in chunks])
+        if input_tokens is None:
+            input_tokens = torch.tensor([c.seq.token_ids(c.seq.num_cached, c.seq.num_cached + 1)[0] for c in chunks])
+        graph.replay(self.decode_batch(decoding, size, self.max_pages), input_tokens)
         for chunk in chunks:
             chunk.seq.num_cached += 1
         return graph.logits[:len(chunks)]
@@ -120,10 +127,10 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=runner.graph_pool):
             self.logits = forward()
 
-    def replay(self, batch: DecodeBatch, token_ids: list[int]) -> None:
+    def replay(self, batch: DecodeBatch, token_ids: torch.Tensor) -> None:
+        """Run the graph on `batch` fed with `token_ids` (host or device; rows past them keep stale ids)."""
         positions = batch.lengths.long() - 1
-        ids = torch.tensor(token_ids + [0] * (self.size - len(token_ids)))
-        self.input_ids[0].copy_(ids, non_blocking=True)
+        self.input_ids[0, :len(token_ids)].copy_(token_ids, non_blocking=True)
         self.positions[0].copy_(positions, non_blocking=True)
         batch.copy_into(self.batch)
         self.graph.replay()

@@ -24,19 +24,29 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows to nan)
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[tuple[int, TokenLogprob | None]]:
-    """Next tokens for a [rows, vocab] batch with one device sync for the plain rows: greedy ones by one
-    argmax, unseeded temperature / top-k / top-p ones by one batched draw on the logits' device. Rows
-    with a seed (their own CPU generator, so a seed gives the same tokens on any device) or with
-    logprobs go through `sample` one by one."""
-    plain = [p.logprobs is None and (p.temperature < GREEDY_BELOW or g is None) for p, g in zip(params, generators)]
-    drawn = [row for row, p in enumerate(params) if plain[row] and p.temperature >= GREEDY_BELOW]
+def is_plain(params: SamplingParams, generator: torch.Generator | None) -> bool:
+    """A row the device samples with the others: no logprobs, and greedy or drawn without a seed."""
+    return params.logprobs is None and (params.temperature < GREEDY_BELOW or generator is None)
+
+
+def draw_tokens(logits: torch.Tensor, params: list[SamplingParams], plain: list[bool]) -> torch.Tensor:
+    """The next token of every plain row of [rows, vocab] logits, on their device, without waiting for
+    it (other rows get an argmax nobody reads): greedy rows by one argmax, the others by one batched draw."""
     tokens = logits.argmax(-1)
+    drawn = [row for row, p in enumerate(params) if plain[row] and p.temperature >= GREEDY_BELOW]
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
         tokens = tokens.index_copy(0, rows, _draw(logits[rows].float(), [params[row] for row in drawn]))
-    tokens = tokens.tolist()
+    return tokens
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[tuple[int, TokenLogprob | None]]:
+    """Next tokens for a [rows, vocab] batch with one device sync for the plain rows (`draw_tokens`).
+    Rows with a seed (their own CPU generator, so a seed gives the same tokens on any device) or with
+    logprobs go through `sample` one by one."""
+    plain = [is_plain(p, g) for p, g in zip(params, generators)]
+    tokens = draw_tokens(logits, params, plain).tolist()
     return [(tokens[row], None) if plain[row] else sample(logits[row], p, g)
             for row, (p, g) in enumerate(zip(params, generators))]
 
