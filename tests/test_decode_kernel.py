@@ -144,3 +144,44 @@ def test_cuda_graph_decode_equals_eager(budget):
     for rid in eager:
         assert [t for t, _ in eager[rid]] == [t for t, _ in graphed[rid]]
         assert max(abs(a[1] - b[1]) for a, b in zip(eager[rid], graphed[rid])) < 1e-4
+
+
+@pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 64), (torch.float32, 100), (torch.bfloat16, 4096)])
+def test_rms_norm_kernel_equals_transformers(dtype, width):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rheads.engine.norm import rms_norm
+
+    if dtype is torch.bfloat16 and not CUDA:
+        pytest.skip("bfloat16 runs on the GPU")
+    device = "cuda" if CUDA else "cpu"
+    norm = LlamaRMSNorm(width, eps=1e-5).to(device, dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    hidden = (torch.randn(3, 5, width, generator=torch.Generator().manual_seed(0)) * 4).to(device, dtype)
+    want = norm(hidden)
+    got = rms_norm(norm, hidden)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-5 if dtype is torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(rms_norm(norm, hidden.transpose(0, 1)), norm(hidden.transpose(0, 1)), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
+def test_fused_norms_leave_the_logits_unchanged():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rheads.engine.norm import fuse_rms_norms
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    device = "cuda" if CUDA else "cpu"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval().to(device)
+    ids = torch.randint(0, 300, (1, 12), device=device)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_rms_norms(model) == 2 * 2 + 1
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
