@@ -337,6 +337,10 @@ def ratios(report: dict) -> dict:
                                       at(full, "saturation", "output_token_throughput")),
         "decode_throughput_ratio_32k": ratio(at(half, "saturation", "decoding", "tokens_per_s_at_peak"),
                                              at(full, "saturation", "decoding", "tokens_per_s_at_peak")),
+        # the server's own view of its decode steps: tokens per second of step time (mean batch / mean step)
+        "decode_step_throughput_ratio_32k": ratio(
+            ratio(at(half, "decode_steps", "mean_batch"), at(half, "decode_steps", "mean_step_s")),
+            ratio(at(full, "decode_steps", "mean_batch"), at(full, "decode_steps", "mean_step_s"))),
         "throughput_vs_peer_32k": ratio(at(half, "saturation", "output_token_throughput"),
                                         at(PEER, "saturation", "output_token_throughput")),
         "full_vs_peer_32k": ratio(at(full, "saturation", "output_token_throughput"),
