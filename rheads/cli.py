@@ -151,6 +151,9 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens per engine step, the prefill chunk (auto: {GPU_BATCHED_TOKENS} on a GPU, "
                    f"{CPU_BATCHED_TOKENS} on a CPU)")
     p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before new ones get 429")
+    p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the previous one's tokens are read back, so the "
+                        "host's per-token work overlaps the GPU; None: on with CUDA")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None,
@@ -379,7 +382,8 @@ def run_serve(args: argparse.Namespace) -> int:
                           sink=args.sink, window=args.window, page_size=args.page_size,
                           kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=batched_tokens,
-                          max_model_len=args.max_model_len, device=device, dtype=dtype)
+                          max_model_len=args.max_model_len, device=device, dtype=dtype,
+                          async_decode=args.async_decode)
     model = args.model_flag or args.model
     engine = LLMEngine.from_model(model, profile, config, trust_remote_code=args.trust_remote_code)
     source = resolve_model(model)

@@ -43,7 +43,9 @@ METRIC_NAMES = [
 
 @pytest.fixture(scope="module")
 def engine(one_thread_module):
-    return build_engine()
+    # async decode, as on a GPU (tests/test_reliability.py serves the synchronous engine; tests/test_engine.py
+    # checks that both give the same tokens)
+    return build_engine(async_decode=True)
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,10 @@ class EngineConfig:
 @dataclass(frozen=True)
 class StepStats:
     """What one engine step did and how long it took: the server's step metrics and the GPU benchmark's
-    step-time-versus-hardware-limit figure read it. Sampling syncs with the device, so `seconds` is
-    the step's real duration, not its launch time."""
+    step-time-versus-hardware-limit figure read it. `seconds` is the wall time of the `step()` call
+    that launched it, which waits on the device: a synchronous step reads its own tokens back; a
+    pipelined one (async decode) reads back the step before it, so in a run of them each call lasts
+    one device step."""
 
     decode_only: bool  # every scheduled sequence fed exactly one token
     num_seqs: int
