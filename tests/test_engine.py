@@ -866,18 +866,41 @@ def test_token_ids_spans_prompt_and_output() -> None:
             assert seq.token_ids(start, end) == joined[start:end], (start, end)
 
 
-def test_batched_draw_keeps_top_k_top_p_and_the_distribution() -> None:
-    """Unseeded sampled rows are drawn together on the device; each row keeps `sample`'s filters."""
-    from rheads.engine.sampler import _draw, _filter
+def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The sampling distribution from first principles: top-k (ties with the k-th kept), then the smallest
+    set of the best tokens whose probability reaches top_p (the token crossing it kept)."""
+    if 0 < top_k < logits.numel():
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
+    probs = logits.softmax(-1)
+    kept, total = set(), 0.0
+    for token in probs.argsort(descending=True).tolist():
+        if total >= top_p and top_p < 1.0:
+            break
+        kept.add(token)
+        total += float(probs[token])
+    mask = torch.tensor([i not in kept for i in range(logits.numel())])
+    return logits.masked_fill(mask, float("-inf")).softmax(-1)
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["batched-draw", "seeded-row"])
+def test_sampling_keeps_top_k_top_p_and_the_distribution(seeded) -> None:
+    """Unseeded rows are drawn together on the device, seeded rows one by one with their own generator:
+    both follow the requested distribution after temperature, top-k and top-p."""
+    from rheads.engine.sampler import _draw, sample
 
     torch.manual_seed(0)
     logits = torch.randn(3, 40) * 2
-    settings = [SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.0, top_p=0.6),
-                SamplingParams(temperature=1.3)]
+    settings = [SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.5, top_p=0.75),
+                SamplingParams(temperature=1.3)]  # top_p 0.75 keeps 5 tokens here, the 5th crossing it
     draws = 4000
-    tokens = _draw(logits.repeat(draws, 1), settings * draws).view(draws, 3)
+    if seeded:
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.tensor([[sample(logits[row], params, generator)[0] for row, params in enumerate(settings)]
+                               for _ in range(draws)])
+    else:
+        tokens = _draw(logits.repeat(draws, 1), settings * draws).view(draws, 3)
     for row, params in enumerate(settings):
-        expected = _filter(logits[row] / params.temperature, params.top_k, params.top_p).softmax(-1)
+        expected = _filtered_probs(logits[row] / params.temperature, params.top_k, params.top_p)
         counts = torch.bincount(tokens[:, row], minlength=40).float()
         assert set(torch.nonzero(counts).flatten().tolist()) <= set(torch.nonzero(expected).flatten().tolist())
         # every allowed token within 5 standard errors of its probability

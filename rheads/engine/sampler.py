@@ -7,20 +7,6 @@ import torch
 from .sequence import SamplingParams, TokenLogprob
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask everything outside the top-k tokens and outside the smallest set with probability >= top_p."""
-    if top_k > 0 and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        drop[0] = False  # always keep the best token (a top_p below float32's range rounds to 0)
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
-
-
 GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows to nan)
 
 
@@ -51,24 +37,27 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
             for row, (p, g) in enumerate(zip(params, generators))]
 
 
-def _draw(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """One token per row of [rows, vocab] float logits, as `sample` would draw it without a generator:
-    temperature, then top-k (ties with the k-th kept), then top-p over what is left, on the device."""
+def _sorted_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of [rows, vocab] float logits after its request's temperature, top-k (ties with the k-th
+    kept) and top-p over what is left: its probabilities in descending order, and that order."""
     vocab = logits.shape[1]
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
-    scaled = logits / temperature[:, None]
-    ordered, order = scaled.sort(-1, descending=True)
+    ordered, order = (logits / temperature[:, None]).sort(-1, descending=True)
     kth = ordered.gather(1, (top_k - 1)[:, None])
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))
     probs = ordered.softmax(-1)
     drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1.0)  # keep the one crossing top_p
-    drop[:, 0] = False  # always keep the best token
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(ordered.softmax(-1), 1)
-    return order.gather(1, choice)[:, 0]
+    drop[:, 0] = False  # always keep the best token (a top_p below float32's range rounds to 0)
+    return ordered.masked_fill(drop, float("-inf")).softmax(-1), order
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """One token per row of [rows, vocab] float logits, drawn on their device from torch's global generator."""
+    probs, order = _sorted_probs(logits, params)
+    return order.gather(1, torch.multinomial(probs, 1))[:, 0]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, TokenLogprob | None]:
@@ -77,9 +66,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature < GREEDY_BELOW:
         token = int(logits.argmax())
     else:
-        filtered = _filter(logits / params.temperature, params.top_k, params.top_p)
-        probs = filtered.softmax(-1)
-        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        probs, order = _sorted_probs(logits[None], [params])  # the batched draw's filters, one row
+        token = int(order[0, int(torch.multinomial(probs[0].cpu(), 1, generator=generator))])
     if params.logprobs is None:
         return token, None
     logprobs = logits.log_softmax(-1)
