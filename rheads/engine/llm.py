@@ -218,7 +218,7 @@ class LLMEngine:
         done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
         if (self.async_decode and num_tokens == len(chunks) == len(done)
                 and all(is_plain(s.params, s.generator) for s in done)):
-            self._in_flight = _InFlight(done, draw_tokens(logits, [s.params for s in done], [True] * len(done)))
+            self._in_flight = _InFlight(done, draw_tokens(logits, [s.params for s in done]))
             self._record(start, chunks)
             return outputs  # its tokens come back with the next step, which starts before they are read
         try:
@@ -255,8 +255,7 @@ class LLMEngine:
             except Exception:
                 self._in_flight = previous  # nothing was appended: a retry starts from here
                 raise
-            params = [c.seq.params for c in chunks]
-            self._in_flight = _InFlight(previous.seqs, draw_tokens(logits, params, [True] * len(chunks)))
+            self._in_flight = _InFlight(previous.seqs, draw_tokens(logits, [s.params for s in previous.seqs]))
         outputs = []
         for seq, token in zip(previous.seqs, previous.read()):
             if seq.status is not Status.RUNNING:

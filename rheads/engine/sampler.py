@@ -15,11 +15,12 @@ def is_plain(params: SamplingParams, generator: torch.Generator | None) -> bool:
     return params.logprobs is None and (params.temperature < GREEDY_BELOW or generator is None)
 
 
-def draw_tokens(logits: torch.Tensor, params: list[SamplingParams], plain: list[bool]) -> torch.Tensor:
-    """The next token of every plain row of [rows, vocab] logits, on their device, without waiting for
-    it (other rows get an argmax nobody reads): greedy rows by one argmax, the others by one batched draw."""
+def draw_tokens(logits: torch.Tensor, params: list[SamplingParams], plain: list[bool] | None = None) -> torch.Tensor:
+    """The next token of every plain row (default: every row) of [rows, vocab] logits, on their device,
+    without waiting for it (other rows get an argmax nobody reads): greedy rows by one argmax, the
+    others by one batched draw."""
     tokens = logits.argmax(-1)
-    drawn = [row for row, p in enumerate(params) if plain[row] and p.temperature >= GREEDY_BELOW]
+    drawn = [row for row, p in enumerate(params) if (plain is None or plain[row]) and p.temperature >= GREEDY_BELOW]
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
         tokens = tokens.index_copy(0, rows, _draw(logits[rows].float(), [params[row] for row in drawn]))
