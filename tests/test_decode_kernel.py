@@ -101,6 +101,22 @@ def test_fused_kernel_bfloat16(group, dim):
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("max_batch,captured", [(1, [1]), (6, [8, 4, 2, 1]), (64, [64, 48, 32, 24, 16, 8, 4, 2, 1]),
+                                                 (300, [256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1])])
+def test_start_up_captures_every_bucket_a_batch_can_use(max_batch, captured, monkeypatch):
+    """Largest first (the smaller graphs reuse its pool), down to 1; nothing on a CPU."""
+    from rheads.engine.runner import ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.use_graphs, sizes = False, []
+    monkeypatch.setattr(runner, "_graph", sizes.append, raising=False)
+    runner.capture_graphs(max_batch)
+    assert sizes == []
+    runner.use_graphs = True
+    runner.capture_graphs(max_batch)
+    assert sizes == captured
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.0])
 def test_cuda_graph_decode_equals_eager(budget):

@@ -108,6 +108,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
+        self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode

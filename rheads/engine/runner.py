@@ -2,7 +2,8 @@
 
 On CUDA, a step in which every sequence decodes one token replays a CUDA graph captured for the next
 batch-size bucket (padding rows write to the cache's scratch page and slot): the whole step, 32 layers
-of small kernels, becomes one launch. Steps with prefill chunks run eagerly.
+of small kernels, becomes one launch. The engine captures every bucket it can use at start-up. Steps
+with prefill chunks run eagerly.
 """
 
 from __future__ import annotations
@@ -86,12 +87,28 @@ class ModelRunner:
             max_length=max(positions) + 1,
         )
 
-    def _replay(self, chunks: list[Chunk], size: int, input_tokens: torch.Tensor | None) -> torch.Tensor:
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int) -> None:
+        """Capture every batch-size bucket a batch of up to `max_batch` sequences can use, now (at start-up,
+        as vLLM does), so no request waits for a capture or a kernel compile mid-stream. Largest first:
+        the smaller graphs then reuse the shared pool's memory."""
+        if not self.use_graphs:
+            return
+        sizes = [s for s in GRAPH_BATCH_SIZES if s < max_batch]
+        sizes += [s for s in GRAPH_BATCH_SIZES if s >= max_batch][:1]
+        for size in reversed(sizes):
+            self._graph(size)
+
+    def _graph(self, size: int) -> "_DecodeGraph":
         graph = self.graphs.get(size)
         if graph is None:
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()
             graph = self.graphs[size] = _DecodeGraph(self, size)
+        return graph
+
+    def _replay(self, chunks: list[Chunk], size: int, input_tokens: torch.Tensor | None) -> torch.Tensor:
+        graph = self._graph(size)
         decoding = [(i, chunk) for i, chunk in enumerate(chunks)]
         if input_tokens is None:
             input_tokens = torch.tensor([c.seq.token_ids(c.seq.num_cached, c.seq.num_cached + 1)[0] for c in chunks])
