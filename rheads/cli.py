@@ -103,6 +103,15 @@ def parse_memory(text: str) -> int | float:
     return int(value)
 
 
+def torch_dtype(name: str, device: str):
+    """--dtype's value as a torch dtype; auto: bfloat16 on a GPU, float32 on a CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def _or_auto(convert):
     """An argparse type that also takes 'auto' (None: the caller picks by device)."""
     def parse(text: str):
@@ -370,8 +379,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype, device)
     gpu = device.startswith("cuda")
     memory = args.kv_cache_memory or (GPU_KV_FRACTION if gpu else parse_memory(CPU_KV_MEMORY))
     if isinstance(memory, float) and not gpu:
@@ -434,8 +442,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype, args.device)
     if args.eval_command == "causality":
         from .causality import PLOT_NAME, CausalityConfig, evaluate_causality
 

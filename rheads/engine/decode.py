@@ -141,8 +141,8 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     group = q.shape[1] // kv_heads
     num_full = full[0].shape[2] if full else 0
     splits = decode_splits(size, num_full, batch.max_length, num_sms, block, programs_per_sm)
-    full_k, full_v = full or ring
-    ring_k, ring_v = ring or full
+    full_k, full_v = full or ring  # a layer without one of the pools passes the other's tensors: the
+    ring_k, ring_v = ring or full  # kernel never reaches their branch (no head of that kind)
     table = batch.page_table
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1 and table.stride(1) == 1
     if splits > 1:
