@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rheads.engine.decode import DecodeBatch, _decode_torch, head_split_decode_triton, paged_decode_reference, triton
 
@@ -167,7 +168,7 @@ def test_cuda_graph_decode_equals_eager(budget):
 def test_rms_norm_kernel_equals_transformers(dtype, width):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from rheads.engine.norm import rms_norm
+    from rheads.engine.fused import rms_norm
 
     if dtype is torch.bfloat16 and not CUDA:
         pytest.skip("bfloat16 runs on the GPU")
@@ -184,20 +185,79 @@ def test_rms_norm_kernel_equals_transformers(dtype, width):
     torch.testing.assert_close(rms_norm(norm, hidden.transpose(0, 1)), norm(hidden.transpose(0, 1)), atol=tol, rtol=tol)
 
 
+def _dtypes():
+    return [torch.float32] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_transformers_bit_for_bit(kernel, dtype, monkeypatch):
+    """q and k as the fused forward hands them over (strided views of one q/k/v product), positions
+    out of order; the kernel and the PyTorch form both give transformers' apply_rotary_pos_emb exactly."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from rheads.engine import fused
+
+    if kernel and not KERNEL:
+        pytest.skip("needs Triton on CUDA (or TRITON_INTERPRET=1)")
+    if kernel and dtype is torch.bfloat16 and not CUDA:
+        pytest.skip("bfloat16 runs on the GPU")
+    if not kernel:
+        monkeypatch.setattr(fused, "_kernels_on", lambda tensor: False)
+    device = "cuda" if CUDA and kernel else "cpu"
+    heads, kv_heads, dim, tokens = 8, 2, 64, 7
+    config = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         rope_theta=500000.0)
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(1, tokens, heads + 2 * kv_heads, dim, generator=g) * 3).to(device, dtype)
+    q, k, _ = qkv.split([heads, kv_heads, kv_heads], dim=-2)
+    positions = torch.tensor([[0, 1, 2, 900, 31000, 5, 77]], device=device)
+    cos, sin = LlamaRotaryEmbedding(config).to(device)(qkv, positions)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    got_q, got_k = fused.rotary(q, k, cos, sin)
+    assert got_q.is_contiguous() and got_k.is_contiguous()
+    for got, want in ((got_q, want_q.transpose(1, 2)), (got_k, want_k.transpose(1, 2))):
+        differ = int((got != want).sum())
+        assert differ == 0, f"{differ} of {got.numel()} differ, by up to {float((got.float() - want.float()).abs().max())}"
+
+
 @pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
-def test_fused_norms_leave_the_logits_unchanged():
+@pytest.mark.parametrize("dtype", _dtypes())
+def test_silu_and_mul_kernel_equals_transformers(dtype):
+    from rheads.engine.fused import silu_and_mul
+
+    device = "cuda" if CUDA else "cpu"
+    width = 1500  # not a multiple of the block: the last block is masked
+    gate_up = (torch.randn(5, 2 * width, generator=torch.Generator().manual_seed(0)) * 4).to(device, dtype)
+    want = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+    got = silu_and_mul(gate_up)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5 if dtype is torch.float32 else 8e-3)
+
+
+def test_fused_weights_are_views_the_permutation_writes_through():
+    """After fusion q/k/v and gate/up are views of the fused weights: permuting and restoring the heads
+    moves both, and no weight is held twice."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from rheads.engine.norm import fuse_rms_norms
+    from rheads.engine.fused import fuse_modules
+    from rheads.engine.heads import HeadSplit, permute_attention_heads, restore_attention_heads
 
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300)
-    device = "cuda" if CUDA else "cpu"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval().to(device)
-    ids = torch.randint(0, 300, (1, 12), device=device)
-    with torch.no_grad():
-        want = model(ids).logits
-        assert fuse_rms_norms(model) == 2 * 2 + 1
-        got = model(ids).logits
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    before = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).clone()
+    counts = fuse_modules(model)
+    assert counts["attention"] == counts["mlp"] == 2 and fuse_modules(model) == counts  # idempotent
+    assert torch.equal(attn.qkv_weight, before)
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[config.intermediate_size:].data_ptr()
+    split = HeadSplit(((1,), (0, 1)), 2)
+    permute_attention_heads(model, split)
+    assert torch.equal(attn.qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert torch.equal(attn.qkv_bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+    assert not torch.equal(attn.qkv_weight, before)
+    restore_attention_heads(model, split)
+    assert torch.equal(attn.qkv_weight, before)

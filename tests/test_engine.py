@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
 from rheads.engine import attention
@@ -44,11 +45,11 @@ MIXED = HeadSplit(((0, 1), (), (1,), (0,)), 2)
 # --- models and helpers ------------------------------------------------------------------------
 
 def tiny_model(kind: str, num_layers: int = 4, seed: int = 0, **overrides):
-    """A tiny random Llama, Mistral (no sliding window) or Qwen2 in fp32, eval mode, with peaky attention
-    and non-zero biases."""
+    """A tiny random Llama, Mistral (no sliding window), Qwen2 or Qwen3 (q/k norms) in fp32, eval mode, with
+    peaky attention and non-zero biases."""
     torch.manual_seed(seed)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
-    if kind == "mistral":
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind]
+    if kind in ("mistral", "qwen3"):
         overrides = {"sliding_window": None, **overrides}
     config = cls(num_hidden_layers=num_layers, initializer_range=0.2, **{**TINY, **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -196,7 +197,7 @@ def staggered(prompts: list[list[int]], params: SamplingParams, later_at: int = 
             later_at: [(f"r{i}", p, params) for i, p in enumerate(prompts[2:], start=2)]}
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_full_budget_equals_generate_tiny(kind, tokenizer) -> None:
     model = tiny_model(kind, num_layers=3)
     split = HeadSplit.uniform(3, 2, full=True)

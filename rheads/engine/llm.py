@@ -19,7 +19,7 @@ from ..profile import ModelIdentity, Profile, find_profile, head_dim_of
 from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, permute_attention_heads, select_heads
-from .norm import fuse_rms_norms
+from .fused import fuse_modules
 from .runner import ModelRunner
 from .sampler import draw_tokens, is_plain, sample_batch
 from .scheduler import Chunk, Scheduler
@@ -104,7 +104,7 @@ class LLMEngine:
         # budget too small to hold a sequence fails before the model is touched).
         permute_attention_heads(model, split)
         model.config._attn_implementation = ATTENTION_NAME
-        fuse_rms_norms(model)  # on CUDA: one kernel per norm instead of ~7 (the same arithmetic)
+        fuse_modules(model)  # one q/k/v and one gate/up product; on CUDA one kernel per norm, RoPE, SiLU
         self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
