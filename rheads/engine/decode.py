@@ -6,10 +6,10 @@ one window slot per sequence (`sink + window` entries; softmax does not care abo
 
 On CUDA one Triton launch per layer does the whole step's attention (flash-decoding): a program covers
 one sequence, one KV head with all its query heads, and one split of that head's tokens; full heads
-spread over many splits, a streaming head's short window sits in split 0. The same program writes the
-new token's K/V into its pool and reads that token from registers, not from the cache, so no write has
-to land before the reads start. A second small launch merges the splits by log-sum-exp into the
-layer's output rows. Elsewhere (CPU) the writes and a PyTorch gather + SDPA compute the same.
+spread over many splits, a streaming head's short window takes one program, which stores its output
+itself. The same program writes the new token's K/V into its pool and reads that token from registers,
+not from the cache, so no write has to land before the reads start. A second small launch merges the
+full heads' splits by log-sum-exp into the layer's output rows. Elsewhere (CPU) the writes and a PyTorch gather + SDPA compute the same.
 """
 
 from __future__ import annotations
@@ -145,12 +145,13 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ring_k, ring_v = ring or full  # kernel never reaches their branch (no head of that kind)
     table = batch.page_table
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1 and table.stride(1) == 1
+    split_q = num_full * group  # the full heads' query heads: only they have partial results to merge
     if splits > 1:
-        partial = torch.empty(size, q.shape[1], splits, dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(size, q.shape[1], splits, dtype=torch.float32, device=q.device)
+        partial = torch.empty(size, split_q, splits, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(size, split_q, splits, dtype=torch.float32, device=q.device)
     else:
         partial = lse = out  # unused: the kernel stores straight into `out`
-    _head_split_decode_kernel[(size, kv_heads, splits)](
+    _head_split_decode_kernel[(size, num_full * splits + kv_heads - num_full)](
         q, k, v, batch.rows, full_k, full_v, table, batch.lengths, batch.page_ids, batch.page_offsets,
         ring_k, ring_v, batch.slots, batch.ring_lengths, batch.ring_offsets, out, partial, lse, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -163,7 +164,7 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(size, q.shape[1])](
+        _merge_splits_kernel[(size, split_q)](
             batch.rows, partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), splits,
             SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim,
@@ -212,8 +213,13 @@ if triton is not None:
         PAGE: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
     ):
         b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.program_id(2)
+        p = tl.program_id(1)  # the full heads' NUM_FULL x SPLITS programs, then one per streaming head
+        if p < NUM_FULL * SPLITS:
+            h = p // SPLITS
+            s = p % SPLITS
+        else:
+            h = p - NUM_FULL * SPLITS + NUM_FULL
+            s = 0
         row = tl.load(ROWS + b).to(tl.int64)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, DIM)
@@ -236,7 +242,7 @@ if triton is not None:
                 at = tl.load(PAGE_IDS + b).to(tl.int64) * stride_fp + tl.load(PAGE_OFFS + b) * stride_fs + h * stride_fh
                 tl.store(FK + at + offs_d, k_new)
                 tl.store(FV + at + offs_d, v_new)
-        elif s == 0:  # a streaming head: its whole window slot, one "page" of RING entries
+        else:  # a streaming head: its whole window slot, one "page" of RING entries, in one program
             ring_head = h - NUM_FULL
             ring_offset = tl.load(ROFFS + b)
             acc, m, l = _attend_range(acc, m, l, q, RK, RV, k_new, v_new, SLOTS + b, stride_rp, stride_rs,
@@ -248,7 +254,7 @@ if triton is not None:
         empty = l == 0.0
         out = acc / tl.where(empty, 1.0, l)[:, None]
         rows = offs_g[:, None] < GROUP
-        if SPLITS == 1:
+        if SPLITS == 1 or h >= NUM_FULL:  # a head of one program stores its result itself
             tl.store(OUT + row * stride_on + q_heads[:, None] * stride_oh + offs_d[None, :],
                      out.to(OUT.dtype.element_ty), mask=rows)
         else:
