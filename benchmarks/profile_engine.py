@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -51,6 +52,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     p.add_argument("--kv-memory-gib", type=float, default=20.0)
     p.add_argument("--top", type=int, default=15, help="operators listed")
+    p.add_argument("--decode-only", action="store_true",
+                   help="prefill unprofiled (the profiler slows a long prefill several-fold)")
     args = p.parse_args()
     config = LlamaConfig(**SHAPES[args.shape])
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -71,7 +74,7 @@ def main() -> None:
         engine.step()  # warm-up (kernels compile), outside the profile
         sync(args.device)
         start = time.perf_counter()
-        with profile(activities=activities) as prefill:
+        with nullcontext() if args.decode_only else profile(activities=activities) as prefill:
             while any(s.in_prefill or s.num_cached == 0 for s in engine.sequences.values()):
                 engine.step()
             sync(args.device)
@@ -97,13 +100,14 @@ def main() -> None:
             sync(args.device)
             graph_s = (time.perf_counter() - start) / args.steps
             replay_s = replay_seconds(engine.runner, args.steps)
-        print(f"\n=== budget {budget:g}: prefill (after the first chunk) {prefill_s:.2f} s; "
+        print(f"\n=== budget {budget:g}: prefill (after the first chunk{'' if prefill else ', unprofiled'}) {prefill_s:.2f} s; "
               f"eager decode step {decode_s * 1000:.1f} ms, of which {gpu_s * 1000:.1f} ms of device kernels; "
               f"with CUDA graphs {'-' if graph_s is None else f'{graph_s * 1000:.1f}'} ms, "
               f"of which the graph replay alone {'-' if replay_s is None else f'{replay_s * 1000:.1f}'} ms "
               f"(batch {args.batch}, context {args.context})")
-        print("--- prefill")
-        print(prefill.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+        if prefill is not None:
+            print("--- prefill")
+            print(prefill.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
         print("--- decode")
         print(decode.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
         for request_id in list(engine.sequences):
