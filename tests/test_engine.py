@@ -24,6 +24,7 @@ from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenize
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
 from rheads.engine import attention
+from rheads.engine import llm as llm_module
 from rheads.engine.heads import permute_attention_heads, restore_attention_heads
 from rheads.engine.llm import RequestError
 from rheads.models import load_model, resolve_model
@@ -596,6 +597,54 @@ def test_pipelined_decode_equals_synchronous(llama, tokenizer) -> None:
     assert sync["eos"].finish_reason == sync["stop-id"].finish_reason == "stop"
     assert sync["len"].finish_reason == "length" and len(sync["len"].token_ids) == 30
     assert stop is None or sync["late"].finish_reason == "stop"
+
+
+def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, tokenizer, monkeypatch) -> None:
+    """When the device-side draw of a pipelined step raises, that step's tokens are sampled on the host
+    after the step before it is appended: nothing is lost or reordered, and a row that still fails there
+    finishes its request alone."""
+    prompts = [random_prompt(n, 300 + n) for n in (9, 14, 11)]
+    arrivals = {0: [(f"r{i}", p, SamplingParams(max_tokens=12, **GREEDY)) for i, p in enumerate(prompts)]}
+    want = run(make_engine(llama, tokenizer, MIXED), arrivals)
+    engine = make_engine(llama, tokenizer, MIXED, async_decode=True)
+    real_draw, real_sample, draws = llm_module.draw_tokens, llm_module.sample_batch, []
+
+    def flaky_draw(logits, params, plain=None):
+        draws.append(len(params))
+        if len(draws) % 3 == 0:
+            raise RuntimeError("device draw failed")
+        return real_draw(logits, params, plain)
+
+    monkeypatch.setattr(llm_module, "draw_tokens", flaky_draw)
+    got = run(engine, arrivals)
+    assert len(draws) >= 6  # pipelined steps ran, and every third one's draw failed
+    assert {k: (r.token_ids, r.finish_reason) for k, r in got.items()} == \
+        {k: (r.token_ids, r.finish_reason) for k, r in want.items()}
+    assert_empty(engine)
+
+    engine = make_engine(llama, tokenizer, MIXED, async_decode=True)
+    poison = SamplingParams(max_tokens=12, **GREEDY)
+    arrivals = {0: [("r0", prompts[0], arrivals[0][0][2]), ("bad", prompts[1], poison), ("r2", prompts[2], arrivals[0][2][2])]}
+    draws.clear()
+
+    def draw_fails_after_the_first(logits, params, plain=None):
+        draws.append(len(params))
+        if len(draws) > 1:
+            raise RuntimeError("device draw failed")
+        return real_draw(logits, params, plain)
+
+    def sample_fails_for_poison(logits, params, generators):
+        if any(p is poison for p in params) and len(draws) > 1:
+            raise RuntimeError("poisoned row")
+        return real_sample(logits, params, generators)
+
+    monkeypatch.setattr(llm_module, "draw_tokens", draw_fails_after_the_first)
+    monkeypatch.setattr(llm_module, "sample_batch", sample_fails_for_poison)
+    got = run(engine, arrivals)
+    assert got["bad"].finish_reason == "error"
+    for rid in ("r0", "r2"):
+        assert (got[rid].token_ids, got[rid].finish_reason) == (want[rid].token_ids, want[rid].finish_reason)
+    assert_empty(engine)
 
 
 def test_max_num_seqs_limits_running(llama, tokenizer) -> None:

@@ -18,8 +18,8 @@ from ..models import check_attention_supported, load_model, resolve_model
 from ..profile import ModelIdentity, Profile, find_profile, head_dim_of
 from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
-from .heads import HeadSplit, permute_attention_heads, select_heads
 from .fused import fuse_modules
+from .heads import HeadSplit, permute_attention_heads, select_heads
 from .runner import ModelRunner
 from .sampler import draw_tokens, is_plain, sample_batch
 from .scheduler import Chunk, Scheduler
@@ -219,20 +219,31 @@ class LLMEngine:
         done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
         if (self.async_decode and num_tokens == len(chunks) == len(done)
                 and all(is_plain(s.params, s.generator) for s in done)):
-            self._in_flight = _InFlight(done, draw_tokens(logits, [s.params for s in done]))
-            self._record(start, chunks)
-            return outputs  # its tokens come back with the next step, which starts before they are read
+            try:
+                self._in_flight = _InFlight(done, draw_tokens(logits, [s.params for s in done]))
+            except Exception:  # noqa: BLE001 - sampled on the host below, row by row
+                pass
+            else:
+                self._record(start, chunks)
+                return outputs  # its tokens come back with the next step, which starts before they are read
+        outputs += self._sample_and_append(done, logits)
+        self._record(start, chunks)
+        return outputs
+
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample each sequence's next token from its row of `logits` on the host and append it; a row
+        that fails finishes its request alone."""
         try:
-            picks = sample_batch(logits, [s.params for s in done], [s.generator for s in done])
+            picks = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception:  # noqa: BLE001 - one row failed: sample each alone to find it
-            picks = [None] * len(done)
-        for row, (seq, pick) in enumerate(zip(done, picks)):
+            picks = [None] * len(seqs)
+        outputs = []
+        for row, (seq, pick) in enumerate(zip(seqs, picks)):
             try:
                 token, logprob = pick or sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0]
                 outputs.append(self._append(seq, token, logprob))
             except Exception as error:  # noqa: BLE001 - reported to this request's client
                 outputs.append(self._fail(seq, error))
-        self._record(start, chunks)
         return outputs
 
     def _record(self, start: float, chunks: list[Chunk]) -> None:
@@ -250,13 +261,17 @@ class LLMEngine:
         schedules) and the outputs read back."""
         previous, self._in_flight = self._in_flight, None
         chunks = self._next_decode(previous.seqs)
+        undrawn = None  # the launched step's logits, if drawing on the device failed
         if chunks:
             try:
                 logits = self.runner.run(chunks, previous.tokens)
             except Exception:
                 self._in_flight = previous  # nothing was appended: a retry starts from here
                 raise
-            self._in_flight = _InFlight(previous.seqs, draw_tokens(logits, [s.params for s in previous.seqs]))
+            try:
+                self._in_flight = _InFlight(previous.seqs, draw_tokens(logits, [s.params for s in previous.seqs]))
+            except Exception:  # noqa: BLE001 - sampled on the host below, row by row, once the tokens before are in
+                undrawn = logits
         outputs = []
         for seq, token in zip(previous.seqs, previous.read()):
             if seq.status is not Status.RUNNING:
@@ -265,6 +280,9 @@ class LLMEngine:
                 outputs.append(self._append(seq, token, None))
             except Exception as error:  # noqa: BLE001 - reported to this request's client
                 outputs.append(self._fail(seq, error))
+        if undrawn is not None:
+            rows = [row for row, seq in enumerate(previous.seqs) if seq.status is Status.RUNNING]
+            outputs += self._sample_and_append([previous.seqs[row] for row in rows], undrawn[rows])
         return chunks, outputs
 
     def _next_decode(self, seqs: list[Sequence]) -> list[Chunk] | None:
