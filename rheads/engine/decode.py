@@ -9,7 +9,8 @@ one sequence, one KV head with all its query heads, and one split of that head's
 spread over many splits, a streaming head's short window takes one program, which stores its output
 itself. The same program writes the new token's K/V into its pool and reads that token from registers,
 not from the cache, so no write has to land before the reads start. A second small launch merges the
-full heads' splits by log-sum-exp into the layer's output rows. Elsewhere (CPU) the writes and a PyTorch gather + SDPA compute the same.
+full heads' splits by log-sum-exp into the layer's output rows. Elsewhere (CPU) the writes and a
+PyTorch gather + SDPA compute the same.
 """
 
 from __future__ import annotations
