@@ -1,10 +1,12 @@
-"""Prefill attention for the full heads alone: one chunk of queries over its whole history, per SDPA backend.
+"""Prefill attention alone, per kernel, at Llama-3.1-8B's attention shape, so a change of kernel is chosen
+on numbers.
 
-The engine's full-head prefill is SDPA with a lower-right causal mask over the chunk's history (keys
-repeated to the query heads). This times that against SDPA's other GPU kernels at Llama-3.1-8B's
-attention shape, so a change of backend is chosen on numbers:
+Full heads: one chunk of queries over its whole history (SDPA, lower-right causal mask) per SDPA backend.
+Streaming heads (`--band-starts`): one chunk over the sinks + window before it and itself, the engine's
+banded SDPA (`attention._attend_band`: blocks of queries, boolean masks, the memory-efficient kernel)
+against FlexAttention with a sink + window block mask (compiled; the block mask's build timed apart).
 
-    python benchmarks/bench_prefill_attention.py --chunk 8192 --history 8192,32768
+    python benchmarks/bench_prefill_attention.py --chunk 8192 --history 8192,32768 --band-starts 0,24576
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--band-starts", default="", help="positions of streaming-head chunks to time (e.g. 0,24576)")
+    p.add_argument("--streaming-kv-heads", type=int, default=4, help="streaming KV heads a layer (4: budget 0.5)")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--window", type=int, default=256)
     p.add_argument("--json")
     args = p.parse_args()
     group, rows = args.heads // args.kv_heads, []
@@ -88,10 +94,57 @@ def main() -> int:
                 print(f"{n:>6} x {m - 64:>6}  cudnn at a new shape (gqa={gqa}): first call {first:.1f} ms, then {again:.2f} ms")
             except RuntimeError as failure:
                 print(f"cudnn new shape gqa={gqa}: {str(failure).splitlines()[0][:120]}")
+    for start in [int(x) for x in args.band_starts.split(",") if x]:
+        rows += streaming_cases(args, start)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, out, indent=1)
     return 0
+
+
+def streaming_cases(args, start: int) -> list[dict]:
+    """A streaming-head chunk of `args.chunk` queries at positions start.. over the engine's key layout
+    (held sinks, held window, then the chunk): the engine's banded SDPA against FlexAttention."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from rheads.engine.attention import _attend_band
+
+    sink, window, n = args.sink, args.window, args.chunk
+    group = args.heads // args.kv_heads
+    heads, kv_heads = args.streaming_kv_heads * group, args.streaming_kv_heads
+    held = torch.cat([torch.arange(min(sink, start)), torch.arange(max(sink, start - window), max(sink, start))])
+    q_pos = torch.arange(start, start + n, device="cuda")
+    k_pos = torch.cat([held.cuda(), q_pos])
+    q = torch.randn(n, heads, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(len(k_pos), kv_heads, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    scale = 128 ** -0.5
+
+    def visible(b, h, q_index, k_index):
+        query, key = q_pos[q_index], k_pos[k_index]
+        return (key <= query) & ((key < sink) | (query - key < window))
+
+    flex = torch.compile(flex_attention)
+    build = lambda: create_block_mask(visible, None, None, n, len(k_pos), device="cuda")  # noqa: E731
+    start_s = time.perf_counter()
+    mask = build()
+    run_flex = lambda: flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # noqa: E731
+                            block_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+    reference = _attend_band(q, k, v, q_pos, k_pos, start, scale, sink, window)
+    error = float((run_flex() - reference).abs().max())
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - start_s
+    cases = {"engine band (SDPA, boolean masks)": (lambda: _attend_band(q, k, v, q_pos, k_pos, start, scale, sink, window), 0.0),
+             "flex, sink + window block mask": (run_flex, error), "flex block mask build": (build, 0.0)}
+    rows = []
+    for name, (fn, diff) in cases.items():
+        ms = timed(fn, args.repeats) * 1000
+        rows.append({"queries": n, "start": start, "streaming_kv_heads": kv_heads, "case": name, "ms": ms,
+                     "max_abs_diff": diff})
+        print(f"{n:>6} at {start:>6}, {kv_heads} streaming KV heads  {name:<36} {ms:8.2f} ms  diff {diff:.3g}")
+    print(f"  flex's first call at this shape (compile + block mask): {first_s:.1f} s")
+    rows.append({"queries": n, "start": start, "case": "flex first call (s)", "seconds": first_s})
+    return rows
 
 
 def _run(backend, q, k, v, mask, gqa: bool = False, causal: bool = False) -> torch.Tensor:
