@@ -204,7 +204,7 @@ def test_rotary_equals_transformers_bit_for_bit(kernel, dtype, monkeypatch):
     if kernel and dtype is torch.bfloat16 and not CUDA:
         pytest.skip("bfloat16 runs on the GPU")
     if not kernel:
-        monkeypatch.setattr(fused, "_kernels_on", lambda tensor: False)
+        monkeypatch.setattr(fused, "kernels_on", lambda tensor: False)
     device = "cuda" if CUDA and kernel else "cpu"
     heads, kv_heads, dim, tokens = 8, 2, 64, 7
     config = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -90,10 +90,14 @@ def decode_attention(cache: HeadSplitCache, layer: int, batch: DecodeBatch, q: t
         _decode_torch(q, k, v, out, batch, full, ring, scale)
 
 
+def kernels_on(tensor: torch.Tensor) -> bool:
+    """Whether our Triton kernels run for `tensor`: on CUDA, or on the CPU under TRITON_INTERPRET=1
+    (which the tests use to check them)."""
+    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def _use_triton(q: torch.Tensor) -> bool:
-    """The kernel on CUDA (or on the CPU under TRITON_INTERPRET=1, which the tests use to check it)."""
-    return (triton is not None and q.shape[-1] in (16, 32, 64, 128, 256)
-            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    return q.shape[-1] in (16, 32, 64, 128, 256) and kernels_on(q)
 
 
 def _decode_torch(q, k, v, out, batch: DecodeBatch, full, ring, scale: float) -> None:

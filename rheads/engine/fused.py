@@ -18,7 +18,6 @@ the same bytes. On the H100 at batch 48 those small kernels cost ~1.6 ms of a 13
 
 from __future__ import annotations
 
-import os
 import types
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import head_split_attention
-from .decode import triton
+from .decode import kernels_on, triton
 
 if triton is not None:
     import triton.language as tl
@@ -36,16 +35,12 @@ LLAMA_STYLE_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention",
 LLAMA_STYLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 
-def _kernels_on(tensor: torch.Tensor) -> bool:
-    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def fuse_modules(model: nn.Module) -> dict[str, int]:
     """Give a Llama-style model's attention, MLP and norm modules the fused forwards (idempotent); return
     how many of each. Call it once the model sits on its device: moving it afterwards would part the
     fused weights from the views the head permutation writes through."""
     counts = {"attention": 0, "mlp": 0, "norm": 0}
-    kernels = _kernels_on(next(model.parameters()))
+    kernels = kernels_on(next(model.parameters()))
     for module in model.modules():
         kind = type(module).__name__
         if kind in LLAMA_STYLE_ATTENTION:
@@ -123,7 +118,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """RoPE as transformers' `apply_rotary_pos_emb` computes it: q [..., Hq, D], k [..., Hkv, D] (any
     strides), cos/sin [..., D] -> contiguous q, k. One launch covers both on CUDA."""
     dim = q.shape[-1]
-    if not (_kernels_on(q) and cos.shape[-1] == dim and dim % 2 == 0 and triton.next_power_of_2(dim) == dim):
+    if not (kernels_on(q) and cos.shape[-1] == dim and dim % 2 == 0 and triton.next_power_of_2(dim) == dim):
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
     q_rows, k_rows = q.reshape(-1, q.shape[-2], dim), k.reshape(-1, k.shape[-2], dim)
     cos, sin = cos.reshape(-1, dim), sin.reshape(-1, dim)
@@ -146,7 +141,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [..., gate | up], as transformers' MLP computes it."""
     width = gate_up.shape[-1] // 2
-    if not _kernels_on(gate_up):
+    if not kernels_on(gate_up):
         gate, up = gate_up.split(width, dim=-1)
         return F.silu(gate) * up
     rows = gate_up.reshape(-1, 2 * width)
