@@ -2,9 +2,10 @@
 on numbers.
 
 Full heads: one chunk of queries over its whole history (SDPA, lower-right causal mask) per SDPA backend.
-Streaming heads (`--band-starts`): one chunk over the sinks + window before it and itself, the engine's
-banded SDPA (`attention._attend_band`: blocks of queries, boolean masks, the memory-efficient kernel)
-against FlexAttention with a sink + window block mask (compiled; the block mask's build timed apart).
+Streaming heads (`--band-starts`): one chunk over the sinks + window before it and itself, the SDPA
+band (`attention._attend_band`: blocks of queries, boolean masks, the memory-efficient kernel; the CPU
+path) against the FlexAttention band the engine runs on CUDA (`band.py`; the block mask's build timed
+apart).
 
     python benchmarks/bench_prefill_attention.py --chunk 8192 --history 8192,32768 --band-starts 0,24576
 """
@@ -103,46 +104,40 @@ def main() -> int:
 
 
 def streaming_cases(args, start: int) -> list[dict]:
-    """A streaming-head chunk of `args.chunk` queries at positions start.. over the engine's key layout
-    (held sinks, held window, then the chunk): the engine's banded SDPA against FlexAttention."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
+    """A streaming-head chunk of `args.chunk` queries at positions start.. over the keys held before it
+    and its own: the SDPA band (`attention._attend_band`, the CPU path) against the FlexAttention band
+    the engine runs on CUDA (`band.py`; block mask built once per chunk, timed apart)."""
     from rheads.engine.attention import _attend_band
+    from rheads.engine.band import band_attention, band_block_mask
+    from rheads.engine.cache import held_positions
 
     sink, window, n = args.sink, args.window, args.chunk
     group = args.heads // args.kv_heads
     heads, kv_heads = args.streaming_kv_heads * group, args.streaming_kv_heads
-    held = torch.cat([torch.arange(min(sink, start)), torch.arange(max(sink, start - window), max(sink, start))])
+    held = held_positions(start, sink, window, "cuda")
     q_pos = torch.arange(start, start + n, device="cuda")
-    k_pos = torch.cat([held.cuda(), q_pos])
     q = torch.randn(n, heads, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(len(k_pos), kv_heads, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+    held_k, held_v, k, v = (torch.randn(rows, kv_heads, 128, device="cuda", dtype=torch.bfloat16)
+                            for rows in (len(held), len(held), n, n))
     scale = 128 ** -0.5
-
-    def visible(b, h, q_index, k_index):
-        query, key = q_pos[q_index], k_pos[k_index]
-        return (key <= query) & ((key < sink) | (query - key < window))
-
-    flex = torch.compile(flex_attention)
-    build = lambda: create_block_mask(visible, None, None, n, len(k_pos), device="cuda")  # noqa: E731
+    build = lambda: band_block_mask(held, start, n, sink, window)  # noqa: E731
     start_s = time.perf_counter()
     mask = build()
-    run_flex = lambda: flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # noqa: E731
-                            block_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-    reference = _attend_band(q, k, v, q_pos, k_pos, start, scale, sink, window)
-    error = float((run_flex() - reference).abs().max())
+    run_flex = lambda: band_attention(q, held_k, held_v, k, v, mask, scale)  # noqa: E731
+    keys, values, k_pos = torch.cat([held_k, k]), torch.cat([held_v, v]), torch.cat([held, q_pos])
+    run_sdpa = lambda: _attend_band(q, keys, values, q_pos, k_pos, start, scale, sink, window)  # noqa: E731
+    error = float((run_flex() - run_sdpa()).abs().max())
     torch.cuda.synchronize()
     first_s = time.perf_counter() - start_s
-    cases = {"engine band (SDPA, boolean masks)": (lambda: _attend_band(q, k, v, q_pos, k_pos, start, scale, sink, window), 0.0),
-             "flex, sink + window block mask": (run_flex, error), "flex block mask build": (build, 0.0)}
+    cases = {"SDPA band (boolean masks, CPU path)": (run_sdpa, 0.0), "flex band (CUDA path)": (run_flex, error),
+             "flex block mask build": (build, 0.0)}
     rows = []
     for name, (fn, diff) in cases.items():
         ms = timed(fn, args.repeats) * 1000
         rows.append({"queries": n, "start": start, "streaming_kv_heads": kv_heads, "case": name, "ms": ms,
                      "max_abs_diff": diff})
         print(f"{n:>6} at {start:>6}, {kv_heads} streaming KV heads  {name:<36} {ms:8.2f} ms  diff {diff:.3g}")
-    print(f"  flex's first call at this shape (compile + block mask): {first_s:.1f} s")
+    print(f"  flex's first call in this process (compile + block mask): {first_s:.1f} s")
     rows.append({"queries": n, "start": start, "case": "flex first call (s)", "seconds": first_s})
     return rows
 

@@ -4,9 +4,10 @@ transformers runs the model's own modules (projections, RoPE, MLP); at each laye
 new tokens' post-RoPE query/key/value for the whole packed batch. We write the keys and values into
 the head-split cache and attend: full heads over their whole history, streaming heads over the
 attention sinks plus the last `window` positions (a key at position k is visible to a query at q
-when k <= q and (k < sink or q - k < window)). Prefill chunks go through SDPA one sequence at a time
-(fused kernels: full heads with a lower-right causal mask, streaming heads by blocks of queries over
-their band only); it runs anywhere torch does. Sequences that decode one token this step are handled
+when k <= q and (k < sink or q - k < window)). Prefill chunks go one sequence at a time: full heads
+through SDPA with a lower-right causal mask; streaming heads over their band only, on CUDA through
+FlexAttention (`band.py`), elsewhere through SDPA by blocks of queries (it runs anywhere torch does).
+Sequences that decode one token this step are handled
 together instead, by `decode.decode_attention` (one Triton launch per layer on CUDA) reading both
 pools in place.
 """
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 
-from .cache import HeadSplitCache
+from .band import band_attention, band_block_mask
+from .cache import HeadSplitCache, held_positions
 from .decode import DecodeBatch, decode_attention
 
 ATTENTION_NAME = "rheads_head_split"
@@ -38,6 +41,7 @@ class SeqSlice:
     start: int
     slot: int
     page_table: torch.Tensor  # page ids covering positions 0..start+n-1
+    band_mask: BlockMask | None = None  # streaming heads' FlexAttention mask (CUDA), built by the first layer
 
 
 @dataclass
@@ -135,15 +139,20 @@ def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, 
     sink, window = cache.config.sink, cache.config.window
     ring_k, ring_v = cache.ring_k[layer][seq.slot], cache.ring_v[layer][seq.slot]
     device = pos.device
-    held = torch.cat([torch.arange(min(sink, seq.start), device=device),
-                      torch.arange(max(sink, seq.start - window), max(sink, seq.start), device=device)])
+    held = held_positions(seq.start, sink, window, device)
     slots = cache.ring_index(held)
-    keys, values, key_pos = torch.cat([ring_k[slots], k]), torch.cat([ring_v[slots], v]), torch.cat([held, pos])
+    held_k, held_v = ring_k[slots], ring_v[slots]
     n = pos.shape[0]
-    if n > BAND_BLOCK:
-        out = _attend_band(q, keys, values, pos, key_pos, seq.start, scaling, sink, window)
+    if q.is_cuda:
+        if seq.band_mask is None:  # the same band at every layer
+            seq.band_mask = band_block_mask(held, seq.start, n, sink, window)
+        out = band_attention(q, held_k, held_v, k, v, seq.band_mask, scaling)
     else:
-        out = _attend(q, keys, values, pos, key_pos, scaling, sink, window)
+        keys, values, key_pos = torch.cat([held_k, k]), torch.cat([held_v, v]), torch.cat([held, pos])
+        if n > BAND_BLOCK:
+            out = _attend_band(q, keys, values, pos, key_pos, seq.start, scaling, sink, window)
+        else:
+            out = _attend(q, keys, values, pos, key_pos, scaling, sink, window)
     # only the new sinks and the last `window` new tokens survive in the ring (no duplicate writes);
     # chosen by host arithmetic, not a boolean mask, which would make the step wait for the device
     sinks_end = min(max(sink - seq.start, 0), n)

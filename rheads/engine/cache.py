@@ -53,6 +53,12 @@ class Footprint:
         return self.pages_for(num_tokens) * self.bytes_per_page + self.bytes_per_slot
 
 
+def held_positions(start: int, sink: int, window: int, device: torch.device | str) -> torch.Tensor:
+    """Positions a streaming slot holds before position `start`: its sinks, then its window, ascending."""
+    return torch.cat([torch.arange(min(sink, start), device=device),
+                      torch.arange(max(sink, start - window), max(sink, start), device=device)])
+
+
 class CacheFullError(RuntimeError):
     """An allocation beyond the free pages or slots: the scheduler checks (and preempts) before it
     allocates, so this means a scheduling bug, not a full cache."""

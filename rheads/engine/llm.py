@@ -16,6 +16,7 @@ import torch
 
 from ..models import check_attention_supported, load_model, resolve_model
 from ..profile import ModelIdentity, Profile, find_profile, head_dim_of
+from . import band
 from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .fused import fuse_modules
@@ -109,6 +110,9 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
+        if config.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:
+            band.warm_up(text_config.num_attention_heads // split.num_kv_heads, head_dim, config.dtype,
+                         config.device, config.sink, config.window)  # streaming heads' prefill kernel
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode

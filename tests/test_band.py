@@ -1,0 +1,89 @@
+"""Streaming heads' FlexAttention band (`rheads/engine/band.py`): its block mask admits exactly the sink +
+window pairs (any device), and on CUDA the compiled kernel equals the SDPA band path it replaces there."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+from rheads.engine import band
+from rheads.engine.attention import _attend_band, _visible
+from rheads.engine.cache import held_positions
+from rheads.engine.band import BLOCK, band_attention, band_block_mask, band_key_positions
+
+CASES = [  # (start, chunk length, sink, window)
+    (0, 300, 4, 64), (0, 1000, 64, 256), (5000, 777, 64, 256), (100, 129, 4, 200), (0, 128, 64, 256),
+    (70, 10, 64, 256), (130, 2000, 3, 500), (20000, 4096, 64, 1024), (0, 8192, 64, 256),
+]
+
+
+def _blocks(counts: torch.Tensor, indices: torch.Tensor, key_blocks: int) -> torch.Tensor:
+    dense = torch.zeros(counts.shape[-1], key_blocks, dtype=torch.bool)
+    for row, (count, chosen) in enumerate(zip(counts[0, 0], indices[0, 0])):
+        dense[row, chosen[:count].long()] = True
+    return dense
+
+
+@pytest.mark.parametrize("start,n,sink,window", CASES)
+def test_block_mask_admits_exactly_the_band(start, n, sink, window):
+    """Pairs in full blocks are all visible, every visible pair lies in a visited block, the blocks
+    visited are exactly those holding a visible pair (nothing outside the band is read), and padding
+    keys are never visible."""
+    held = held_positions(start, sink, window, "cpu")
+    mask = band_block_mask(held, start, n, sink, window)
+    query_blocks, key_blocks = mask.kv_indices.shape[-2:]
+    k_pos = band_key_positions(held, start, n)
+    assert mask.seq_lengths == (query_blocks * BLOCK, key_blocks * BLOCK) == (query_blocks * BLOCK, len(k_pos))
+    assert torch.equal(k_pos[k_pos < start + query_blocks * BLOCK], torch.cat([held, torch.arange(start, start + n)]))
+    partial = _blocks(mask.kv_num_blocks, mask.kv_indices, key_blocks)
+    full = _blocks(mask.full_kv_num_blocks, mask.full_kv_indices, key_blocks)
+    assert not (partial & full).any()
+
+    def pairs(blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+
+    truth = _visible(torch.arange(start, start + query_blocks * BLOCK)[:, None], k_pos[None, :], sink, window)
+    assert torch.equal(pairs(full) | (pairs(partial) & truth), truth)
+    assert not (pairs(full) & ~truth).any()
+    holds_visible = truth.view(query_blocks, BLOCK, key_blocks, BLOCK).any(3).any(1)
+    assert torch.equal(partial | full, holds_visible)
+    if n >= 4 * BLOCK and window >= 2 * BLOCK:
+        assert full.any(), "no full block: the mask_mod would run everywhere"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_band_attention_equals_sdpa_band(monkeypatch):
+    """The padded mask as FlexAttention reads it (padding, grouped query heads, scale) gives the SDPA band's
+    output; uncompiled here (the CPU), compiled on CUDA below."""
+    monkeypatch.setattr(band, "_compiled_flex", lambda: flex_attention)
+    for (start, n, sink, window), heads in [((700, 1000, 4, 64), 8), ((5000, 777, 64, 256), 4), ((3, 5, 4, 8), 12)]:
+        torch.testing.assert_close(*_band_and_reference(start, n, sink, window, heads, "cpu", torch.float32),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _band_and_reference(start, n, sink, window, heads, device, dtype, dim=32, seed=0):
+    """`band_attention` and the SDPA band over the same random chunk and held keys."""
+    g = torch.Generator().manual_seed(seed)
+    held = held_positions(start, sink, window, device)
+    q = torch.randn(n, heads, dim, generator=g).to(device, dtype)
+    held_k, held_v, k, v = (torch.randn(rows, heads // 4, dim, generator=g).to(device, dtype)
+                            for rows in (len(held), len(held), n, n))
+    out = band_attention(q, held_k, held_v, k, v, band_block_mask(held, start, n, sink, window), dim ** -0.5)
+    q_pos = torch.arange(start, start + n, device=device)
+    reference = _attend_band(q, torch.cat([held_k, k]), torch.cat([held_v, v]), q_pos, torch.cat([held, q_pos]),
+                             start, dim ** -0.5, sink, window)
+    return out, reference
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_compiled_band_equals_sdpa_band_on_cuda(dtype, atol):
+    """After `warm_up`, chunks of every length, start, sink, window and KV-head count run without another
+    compile, and equal the SDPA band path."""
+    from torch._dynamo.utils import counters
+
+    band.warm_up(4, 128, dtype, "cuda", 64, 256)
+    compiled = counters["stats"]["unique_graphs"]
+    for i, (start, n, sink, window) in enumerate(CASES):
+        out, reference = _band_and_reference(start, n, sink, window, 4 * (1 + i % 3), "cuda", dtype, dim=128, seed=i)
+        torch.testing.assert_close(out, reference, atol=atol, rtol=0, msg=f"start {start}, {n} queries")
+    assert counters["stats"]["unique_graphs"] == compiled, "a chunk compiled the kernel again after the warm-up"
