@@ -81,7 +81,7 @@ def test_compiled_band_equals_sdpa_band_on_cuda(dtype, atol):
     compile, and equal the SDPA band path."""
     from torch._dynamo.utils import counters
 
-    band.warm_up(4, 128, dtype, "cuda", 64, 256)
+    band.warm_up(4, 128, dtype, "cuda", 64, 256, 128 ** -0.5)
     compiled = counters["stats"]["unique_graphs"]
     for i, (start, n, sink, window) in enumerate(CASES):
         out, reference = _band_and_reference(start, n, sink, window, 4 * (1 + i % 3), "cuda", dtype, dim=128, seed=i)

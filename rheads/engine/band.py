@@ -32,21 +32,23 @@ def _compiled_flex():
 
 
 def warm_up(groups: int, head_dim: int, dtype: torch.dtype, device: str | torch.device, sink: int,
-            window: int) -> None:
+            window: int, scaling: float) -> None:
     """Compile now (at start-up, like the decode graphs), so no request waits for it.
 
-    Two calls of different sizes: Dynamo compiles the first for its exact sizes, then once more with
-    them symbolic, which then serves every chunk. That holds because `band_attention` keeps every size
-    Dynamo would specialise away from its special cases: lengths are whole blocks (divisibility), the key
-    length never equals the query length, and neither the KV-head count (the batch) nor the query
-    blocks are ever one.
+    Two calls differing in every size: Dynamo compiles the first, then once more with the sizes that
+    changed made symbolic, which serves every chunk from then on. For that the second call's sizes must
+    all differ from each other (duck sizing gives equal sizes one symbol, then recompiles when they
+    differ), and `band_attention` keeps every size away from the cases Dynamo specialises: lengths are
+    whole blocks (divisibility), and neither the KV-head count (the batch) nor the query blocks are ever
+    one. The scale is compiled in: warm up with the model's.
     """
-    for kv_heads, n, start in ((2, 2, 0), (3, 2 * BLOCK + 1, sink + window + 1)):
+    batch = next(b for b in (3, 5, 6) if b != groups)
+    for kv_heads, n, start in ((2, 2, 0), (batch, 6 * BLOCK + 1, sink + window + 1)):  # 7 query blocks
         held = held_positions(start, sink, window, device)
         q = torch.zeros(n, kv_heads * groups, head_dim, dtype=dtype, device=device)
         k = torch.zeros(n, kv_heads, head_dim, dtype=dtype, device=device)
         held_k = torch.zeros(len(held), kv_heads, head_dim, dtype=dtype, device=device)
-        band_attention(q, held_k, held_k, k, k, band_block_mask(held, start, n, sink, window), 1.0)
+        band_attention(q, held_k, held_k, k, k, band_block_mask(held, start, n, sink, window), scaling)
 
 
 def _query_length(n: int) -> int:
@@ -55,13 +57,13 @@ def _query_length(n: int) -> int:
 
 def band_key_positions(held: torch.Tensor, start: int, n: int) -> torch.Tensor:
     """Key positions as the kernel reads them: the held keys, padding up to a whole block, the chunk,
-    then padding to a whole block plus one more block. Padding sits after every query (never visible,
+    then padding as long as the queries' padding plus one block. Padding sits after every query (never visible,
     never read). The chunk starting on a block boundary lines its key blocks up with its query blocks,
     so a block well inside the window is visible whole (run without the mask)."""
     queries = _query_length(n)
     future = start + queries
     return torch.cat([held, held.new_full((-len(held) % BLOCK,), future), torch.arange(start, start + n, device=held.device),
-                      held.new_full((-n % BLOCK + BLOCK,), future)])
+                      held.new_full((queries - n + BLOCK,), future)])
 
 
 def band_block_mask(held: torch.Tensor, start: int, n: int, sink: int, window: int) -> BlockMask:

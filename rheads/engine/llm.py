@@ -111,8 +111,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
         if config.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:
-            band.warm_up(text_config.num_attention_heads // split.num_kv_heads, head_dim, config.dtype,
-                         config.device, config.sink, config.window)  # streaming heads' prefill kernel
+            groups = text_config.num_attention_heads // split.num_kv_heads  # streaming heads' prefill kernel:
+            for scaling in {m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}:
+                band.warm_up(groups, head_dim, config.dtype, config.device, config.sink, config.window, scaling)
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
