@@ -8,7 +8,9 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import jinja2
 from fastapi import Depends, FastAPI, Request
@@ -29,6 +31,9 @@ from .protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest, Usage,
     completion_logprobs, error_body, new_id, now,
 )
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -145,6 +150,14 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.router.route_class = StrictJSONRoute
     app.state.client, app.state.engine, app.state.metrics = client, engine, metrics
     app.router.on_shutdown.append(client.shutdown)
+    # Tokenizing runs beside the event loop, never on it: a 32k-token prompt takes ~50 ms to encode, which
+    # would stall every other stream's tokens. One worker: the tokenizer is not shared between threads.
+    tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="rheads-tokenizer")
+    app.router.on_shutdown.append(tokenizer_pool.shutdown)
+
+    async def off_loop(work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_pool, work)
+
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     if settings.allowed_origins:  # added last, so it wraps everything: errors carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
@@ -301,15 +314,17 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "echo with logprobs is not supported", "BadRequestError", "echo")
         if body.suffix:
             raise APIError(400, "suffix is not supported", "BadRequestError", "suffix")
-        prompts = [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in body.prompts()]
+        prompts = body.prompts()
+        if any(isinstance(p, str) for p in prompts):  # token ids need no trip to the tokenizer's thread
+            prompts = await off_loop(lambda: [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in prompts])
         if any(not p for p in prompts):
             raise APIError(400, "a prompt is empty", "BadRequestError", "prompt")
         params = sampling(body, body.max_tokens or 16, body.logprobs)
         rid = new_id("cmpl")
         gen = start(prompts, params, body.n, rid, "prompt")
         created = now()
-        echo = {i * body.n + j: tokenizer.decode(p) if body.echo else ""
-                for i, p in enumerate(prompts) for j in range(body.n)}
+        echo = await off_loop(lambda: {i * body.n + j: tokenizer.decode(p) for i, p in enumerate(prompts)
+                                       for j in range(body.n)}) if body.echo else {}
 
         offsets: dict[int, int] = {}  # characters of each choice's text before its next token
 
@@ -345,7 +360,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body)
         check_size(body, 1, "n")
-        prompt = chat_prompt(body.messages)
+        prompt = await off_loop(lambda: chat_prompt(body.messages))
         room = engine.max_model_len - len(prompt)
         if engine.cache.has_full_heads:  # by default, no more than the whole full-head pool can hold
             room = min(room, engine.cache.num_pages * engine.cache.config.page_size - len(prompt))
@@ -394,8 +409,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/tokenize", dependencies=keyed)
     async def tokenize(body: TokenizeRequest):
         check_model(body)
-        ids = chat_prompt(body.messages) if body.messages is not None else \
-            tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        ids = await off_loop(lambda: chat_prompt(body.messages) if body.messages is not None else
+                             tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", dependencies=keyed)
@@ -404,7 +419,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         vocab = engine.model.config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "BadRequestError", "tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
+        return {"prompt": await off_loop(lambda: tokenizer.decode(body.tokens))}
 
     @app.get("/health", dependencies=open_or_keyed)
     async def health():

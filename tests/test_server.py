@@ -14,7 +14,9 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -248,6 +250,36 @@ def test_tokenize_detokenize_round_trip(http, engine):
     assert detok.status_code == 200 and detok.json()["prompt"] == text
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hello"}]}).json()
     assert chat["count"] > 3
+
+
+def test_a_long_tokenization_stalls_no_other_request(served, engine, monkeypatch):
+    """Tokenizing runs beside the event loop: while one text prompt is being encoded (held here until
+    released), /health answers and a token-id prompt is served to the end."""
+    held_prompt = "a prompt whose encoding takes as long as the test says"
+    entered, release = threading.Event(), threading.Event()
+    encode = type(engine.tokenizer).__call__
+
+    def slow_encode(self, text, *args, **kwargs):
+        if text == held_prompt:
+            entered.set()
+            release.wait(30)
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.tokenizer), "__call__", slow_encode)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, f"{served.base}/v1/completions", headers=headers, timeout=60,
+                           json={"prompt": held_prompt, "max_tokens": 2, "temperature": 0})
+        assert entered.wait(30)
+        try:
+            assert httpx.get(f"{served.base}/health", timeout=5).status_code == 200
+            other = httpx.post(f"{served.base}/v1/completions", headers=headers, timeout=5,
+                               json={"prompt": [504, 3458, 314], "max_tokens": 2, "temperature": 0})
+            assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 2
+            assert not slow.done()
+        finally:
+            release.set()
+        assert slow.result().status_code == 200
 
 
 def test_unknown_fields_are_ignored(http, client):
