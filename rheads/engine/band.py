@@ -31,6 +31,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
+@torch.inference_mode()  # as the engine runs: grad mode is part of what a compilation is guarded on
 def warm_up(groups: int, head_dim: int, dtype: torch.dtype, device: str | torch.device, sink: int,
             window: int, scaling: float) -> None:
     """Compile now (at start-up, like the decode graphs), so no request waits for it.
