@@ -4,9 +4,9 @@ A chunk of n queries at positions start..start+n-1 sees the keys its streaming h
 window) and the chunk's own. For SDPA that band is a boolean mask, which sends it to the
 memory-efficient kernel over blocks of queries with the keys gathered and repeated per block
 (`attention._attend_band`, the path everywhere else). FlexAttention visits only the key blocks that
-touch the band and takes the KV heads as they are: 3-4x faster per layer for 8k queries of 4 KV heads
-on the H100 (`benchmarks/bench_prefill_attention.py --band-starts`), and none of the gathers, pads
-and repeats around it.
+touch the band and takes the KV heads as they are: 0.4 against 0.8 ms a layer for 8k queries of 4 KV
+heads on the H100 (`benchmarks/bench_prefill_attention.py --band-starts`), without the per-block key
+gathers and repeats; serving gains 1-5% of a 32k TTFT (benchmarks/RESULTS.md).
 
 The block mask is built once per chunk (every layer shares it) from each block's lowest and highest
 position, a dozen small kernels and no host sync; `create_block_mask`, which evaluates the mask for
@@ -58,13 +58,13 @@ def _query_length(n: int) -> int:
 
 def band_key_positions(held: torch.Tensor, start: int, n: int) -> torch.Tensor:
     """Key positions as the kernel reads them: the held keys, padding up to a whole block, the chunk,
-    then padding as long as the queries' padding plus one block. Padding sits after every query (never visible,
-    never read). The chunk starting on a block boundary lines its key blocks up with its query blocks,
-    so a block well inside the window is visible whole (run without the mask)."""
+    then padding as long as the queries' padding plus one block. Padding sits after every query (never
+    visible, never read). The chunk starting on a block boundary lines its key blocks up with its query
+    blocks, so a block well inside the window is visible whole (run without the mask)."""
     queries = _query_length(n)
     future = start + queries
-    return torch.cat([held, held.new_full((-len(held) % BLOCK,), future), torch.arange(start, start + n, device=held.device),
-                      held.new_full((queries - n + BLOCK,), future)])
+    chunk = torch.arange(start, start + n, device=held.device)
+    return torch.cat([held, held.new_full((-len(held) % BLOCK,), future), chunk, held.new_full((queries - n + BLOCK,), future)])
 
 
 def band_block_mask(held: torch.Tensor, start: int, n: int, sink: int, window: int) -> BlockMask:
