@@ -7,9 +7,8 @@ attention sinks plus the last `window` positions (a key at position k is visible
 when k <= q and (k < sink or q - k < window)). Prefill chunks go one sequence at a time: full heads
 through SDPA with a lower-right causal mask; streaming heads over their band only, on CUDA through
 FlexAttention (`band.py`), elsewhere through SDPA by blocks of queries (it runs anywhere torch does).
-Sequences that decode one token this step are handled
-together instead, by `decode.decode_attention` (one Triton launch per layer on CUDA) reading both
-pools in place.
+Sequences that decode one token this step are handled together instead, by `decode.decode_attention`
+(one Triton launch per layer on CUDA) reading both pools in place.
 """
 
 from __future__ import annotations
