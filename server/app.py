@@ -151,7 +151,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.state.client, app.state.engine, app.state.metrics = client, engine, metrics
     app.router.on_shutdown.append(client.shutdown)
     # Tokenizing runs beside the event loop, never on it: a 32k-token prompt takes ~50 ms to encode, which
-    # would stall every other stream's tokens. One worker: the tokenizer is not shared between threads.
+    # would stall every other stream's tokens. One worker, so no two encodes run at once: an encode may
+    # reset the tokenizer's truncation and padding state (the engine thread only decodes a few tokens).
     tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="rheads-tokenizer")
     app.router.on_shutdown.append(tokenizer_pool.shutdown)
 
