@@ -63,6 +63,9 @@ def main() -> int:
                                                  v.repeat_interleave(group, 1), mask),
             "cudnn, enable_gqa": lambda: _run(SDPBackend.CUDNN_ATTENTION, q, k, v, mask, gqa=True),
         }
+        for hist, own in (("flash", "flash"), ("cudnn", "cudnn"), ("flash", "cudnn")):
+            cases[f"split: history {hist}, own {own}"] = (
+                lambda hist=hist, own=own: _split(hist, own, q, k, v, n))
         if n == m:
             cases["cudnn, is_causal"] = lambda: _run(SDPBackend.CUDNN_ATTENTION, q, k.repeat_interleave(group, 1),
                                                      v.repeat_interleave(group, 1), None, causal=True)
@@ -140,6 +143,26 @@ def streaming_cases(args, start: int) -> list[dict]:
     print(f"  flex's first call in this process (compile + block mask): {first_s:.1f} s")
     rows.append({"queries": n, "start": start, "case": "flex first call (s)", "seconds": first_s})
     return rows
+
+
+def _with_lse(backend: str, q, k, v, causal: bool):
+    """(output, log-sum-exp [B, H, n] in fp32) from SDPA's flash or cuDNN kernel, KV heads as they are."""
+    if backend == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)[:2]
+    return out, lse.reshape(q.shape[:3])
+
+
+def _split(history: str, own: str, q, k, v, n: int) -> torch.Tensor:
+    """The chunk over the keys before it (no mask) and over itself (square causal), merged by log-sum-exp."""
+    m = k.shape[2]
+    out, lse = _with_lse(own, q, k[:, :, m - n:], v[:, :, m - n:], True)
+    if m == n:
+        return out
+    before, before_lse = _with_lse(history, q, k[:, :, :m - n], v[:, :, :m - n], False)
+    total = torch.logaddexp(lse, before_lse)
+    return (out * (lse - total).exp()[..., None] + before * (before_lse - total).exp()[..., None]).to(q.dtype)
 
 
 def _run(backend, q, k, v, mask, gqa: bool = False, causal: bool = False) -> torch.Tensor:
