@@ -5,7 +5,8 @@ new tokens' post-RoPE query/key/value for the whole packed batch. We write the k
 the head-split cache and attend: full heads over their whole history, streaming heads over the
 attention sinks plus the last `window` positions (a key at position k is visible to a query at q
 when k <= q and (k < sink or q - k < window)). Prefill chunks go one sequence at a time: full heads
-through SDPA with a lower-right causal mask; streaming heads over their band only, on CUDA through
+on CUDA in half precision through cuDNN (`cudnn_prefill.py`), elsewhere through SDPA with a
+lower-right causal mask; streaming heads over their band only, on CUDA through
 FlexAttention (`band.py`), elsewhere through SDPA by blocks of queries (it runs anywhere torch does).
 Sequences that decode one token this step are handled together instead, by `decode.decode_attention`
 (one Triton launch per layer on CUDA) reading both pools in place.
@@ -22,6 +23,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 
+from . import cudnn_prefill
 from .band import band_attention, band_block_mask
 from .cache import HeadSplitCache, held_positions
 from .decode import DecodeBatch, decode_attention
@@ -60,9 +62,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: floa
     history repeated to every query head, and 3-23% faster on the H100, benchmarks/bench_prefill_attention.py);
     the memory-efficient kernel (the banded path's boolean mask, fp32 on CUDA) takes only repeated keys,
     and would otherwise hand over to the math kernel, which materialises every score.
-    cuDNN's kernel is left out: it builds a plan for every new shape (40-900 ms for the first call of a
-    chunk shape on the H100), and chunked prefill makes new shapes all the time; it is also slower than
-    flash for a chunk at the end of a long history (15.4 against 11.8 ms for 8k queries over 32k keys).
+    cuDNN is left out here: with a lower-right mask over a long history it is slower than flash (15.4
+    against 11.8 ms for 8k queries over 32k keys); `cudnn_prefill` splits the chunk so that it is not.
     """
     gqa = isinstance(mask, CausalBias) and (q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda)
     if not gqa:
@@ -129,8 +130,11 @@ def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, 
     keys, values = cache.full_k[layer], cache.full_v[layer]
     keys[seq.page_table[pos // page], pos % page] = k
     values[seq.page_table[pos // page], pos % page] = v
-    history = torch.arange(seq.start + len(pos), device=pos.device)
+    cudnn = cudnn_prefill.usable(q)  # the chunk's own keys come as they are, only its history from the pages
+    history = torch.arange(seq.start if cudnn else seq.start + len(pos), device=pos.device)
     where = (seq.page_table[history // page], history % page)
+    if cudnn:
+        return cudnn_prefill.chunk_attention(q, k, v, keys[where], values[where], scaling)
     return _attend(q, keys[where], values[where], None, None, scaling)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..models import check_attention_supported, load_model, resolve_model
 from ..profile import ModelIdentity, Profile, find_profile, head_dim_of
-from . import band
+from . import band, cudnn_prefill
 from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .fused import fuse_modules
@@ -110,8 +110,11 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
-        if config.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:
-            groups = text_config.num_attention_heads // split.num_kv_heads  # streaming heads' prefill kernel:
+        groups = text_config.num_attention_heads // split.num_kv_heads
+        if config.device.startswith("cuda") and max(split.num_full) > 0:  # full heads' prefill plans
+            cudnn_prefill.warm_up(config.device, config.dtype, head_dim, groups, set(split.num_full) - {0},
+                                  min(config.max_num_batched_tokens, self.max_model_len), self.max_model_len)
+        if config.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:  # streaming heads' kernel:
             for scaling in {m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}:
                 band.warm_up(groups, head_dim, config.dtype, config.device, config.sink, config.window, scaling)
         self.sequences: dict[str, Sequence] = {}

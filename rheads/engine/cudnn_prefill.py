@@ -1,0 +1,107 @@
+"""Full heads' prefill attention on CUDA through cuDNN: a chunk in two calls, merged by log-sum-exp.
+
+For a chunk at the end of a long history SDPA picks FlashAttention-2, ~340 TFLOP/s on the H200.
+cuDNN's kernel runs a dense rectangle or a square causal block at ~600, but a lower-right causal mask
+over a long history at only ~250 (`benchmarks/bench_prefill_attention.py`). So a chunk of queries
+attends (1) over the history's whole ALIGN-blocks before it, unmasked, and (2) over the rest -- the
+part-block of history just before it and the chunk itself -- as one square causal block whose first
+rows are placeholder queries; the two outputs are merged by their log-sum-exp. cuDNN builds a plan for
+every new shape (50-70 ms on the H200), so every length is padded to whole ALIGN-blocks: shapes repeat
+across chunks and requests, and a new one costs at most a few plans.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+ALIGN = 512  # rows of every length handed to cuDNN are a multiple of this
+HALF = (torch.float16, torch.bfloat16)  # cuDNN's attention takes no fp32
+
+log = logging.getLogger(__name__)
+
+# (q [L, Hq, D], k, v [M, Hkv, D], causal, scaling) -> (out [L, Hq, D], log-sum-exp [Hq, L] in fp32)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cudnn_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's cuDNN kernel with its log-sum-exp; the KV heads go in as they are (GQA)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True, 0.0, causal, False,
+        scale=scaling)[:2]
+    return out[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0])
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, 0, before, after))
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k: torch.Tensor,
+                    history_v: torch.Tensor, scaling: float, attend: Attend = cudnn_attend) -> torch.Tensor:
+    """Causal attention of a chunk over its history and itself.
+
+    q [n, Hq, D], k, v [n, Hkv, D]: the chunk, at positions start..start+n-1; history_k, history_v
+    [start, Hkv, D]: the keys before it. Returns [n, Hq, D]. `attend` is the kernel (cuDNN; tests pass
+    a plain one to check the decomposition anywhere).
+    """
+    n, start = q.shape[0], history_k.shape[0]
+    split = start // ALIGN * ALIGN  # history keys [0, split) go to the unmasked part
+    lead = start - split  # the rest go to the causal part, facing placeholder queries
+    length = _aligned(lead + n)
+    own_q = _pad_rows(q, lead, length - lead - n)  # row i is position split + i
+    own_k = _pad_rows(torch.cat([history_k[split:], k]), 0, length - lead - n)  # padding: after every real query
+    own_v = _pad_rows(torch.cat([history_v[split:], v]), 0, length - lead - n)
+    out, lse = attend(own_q, own_k, own_v, True, scaling)
+    out, lse = out[lead:lead + n], lse[:, lead:lead + n]
+    if split == 0:
+        return out
+    before, before_lse = attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split], False, scaling)
+    own_share = torch.sigmoid(lse - before_lse[:, :n]).transpose(0, 1)[..., None]  # exp(lse - logaddexp(both))
+    return torch.lerp(before[:n].to(own_share.dtype), out.to(own_share.dtype), own_share).to(q.dtype)  # in fp32
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether a chunk with these queries takes this path: half precision on a GPU where cuDNN runs."""
+    return q.is_cuda and q.dtype in HALF and _works(q.device, q.dtype, q.shape[-1])
+
+
+@functools.cache
+def _works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """One small call: cuDNN may be missing or refuse this head size, and then SDPA's flash path serves.
+    The first call in a process also pays cuDNN's start-up (~0.7 s), so the engine calls `warm_up`."""
+    q = torch.zeros(ALIGN + 1, 2, head_dim, dtype=dtype, device=device)
+    k = torch.zeros(ALIGN + 1, 1, head_dim, dtype=dtype, device=device)
+    try:
+        chunk_attention(q[:1], k[:1], k[:1], k, k, 1.0)
+    except RuntimeError as error:
+        log.warning("cuDNN attention unavailable (%s); full heads prefill through SDPA's flash kernel",
+                    str(error).splitlines()[0])
+        return False
+    return True
+
+
+def warm_up(device: str | torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
+            chunk: int, max_len: int) -> None:
+    """Start cuDNN and build the plans of whole chunks now, so no request waits for them: for each
+    number of full KV heads a layer holds (each is a shape of its own), a chunk of `chunk` queries
+    after every whole number of chunks, starting on a block boundary or just past one (as when
+    decoding sequences share the step's token budget). Other chunk lengths are planned as they come."""
+    device = torch.empty(0, device=device).device
+    if dtype not in HALF or not _works(device, dtype, head_dim):
+        return
+    keys = torch.zeros(max_len, max(kv_head_counts), head_dim, dtype=dtype, device=device)
+    starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk) for start in (whole - 1, whole)})
+    for kv_heads in sorted(kv_head_counts):
+        q = torch.zeros(chunk, kv_heads * groups, head_dim, dtype=dtype, device=device)
+        own, history = keys[:chunk, :kv_heads], keys[:, :kv_heads]
+        for start in starts:
+            chunk_attention(q, own, own, history[:start], history[:start], 1.0)

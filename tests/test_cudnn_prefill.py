@@ -1,0 +1,70 @@
+"""The full heads' cuDNN prefill (`cudnn_prefill.chunk_attention`): its two-part decomposition equals
+plain causal attention for every alignment of history and chunk (checked on any device with a plain
+kernel), and on CUDA the cuDNN kernel equals SDPA's flash path."""
+
+import pytest
+import torch
+
+from rheads.engine import cudnn_prefill
+from rheads.engine.attention import _attend
+
+
+def plain_attend(q, k, v, causal, scaling):
+    """The Attend contract from first principles: scores, a top-left causal mask, softmax, log-sum-exp."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scaling
+    if causal:
+        scores = scores.masked_fill(torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v), scores.logsumexp(-1)
+
+
+def _chunk(start, n, heads=4, kv_heads=2, dim=8, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, heads, dim, generator=g, dtype=dtype).to(device)
+    keys, values = (torch.randn(start + n, kv_heads, dim, generator=g, dtype=dtype).to(device) for _ in range(2))
+    return q, keys, values
+
+
+@pytest.mark.parametrize("start", [0, 3, 8, 13, 16, 40])
+@pytest.mark.parametrize("n", [1, 5, 8, 11, 24])
+def test_decomposition_equals_causal_attention(monkeypatch, start, n):
+    """Every split of the history into whole blocks and a remainder, chunks shorter and longer than a block."""
+    monkeypatch.setattr(cudnn_prefill, "ALIGN", 8)
+    q, keys, values = _chunk(start, n)
+    out = cudnn_prefill.chunk_attention(q, keys[start:], values[start:], keys[:start], values[:start], 0.3,
+                                        attend=plain_attend)
+    reference = _attend(q, keys, values, None, None, 0.3)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, reference, atol=1e-10, rtol=1e-10)
+
+
+def test_decomposition_at_the_real_block_size():
+    q, keys, values = _chunk(1500, 600, dtype=torch.float32)
+    out = cudnn_prefill.chunk_attention(q, keys[1500:], values[1500:], keys[:1500], values[:1500], 0.35,
+                                        attend=plain_attend)
+    torch.testing.assert_close(out, _attend(q, keys, values, None, None, 0.35), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_and_fp32_chunks_stay_on_sdpa():
+    assert not cudnn_prefill.usable(torch.zeros(4, 2, 8, dtype=torch.bfloat16))
+    if torch.cuda.is_available():
+        assert not cudnn_prefill.usable(torch.zeros(4, 2, 8, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("start,n", [(0, 100), (0, 1024), (700, 1), (1024, 512), (1500, 2100), (8181, 8192)])
+def test_cudnn_equals_flash_on_cuda(start, n):
+    q, keys, values = _chunk(start, n, heads=32, kv_heads=8, dim=128, dtype=torch.bfloat16, device="cuda")
+    assert cudnn_prefill.usable(q)
+    out = cudnn_prefill.chunk_attention(q, keys[start:], values[start:], keys[:start], values[:start], 128 ** -0.5)
+    reference = _attend(q, keys, values, None, None, 128 ** -0.5)  # SDPA's flash kernel
+    torch.testing.assert_close(out, reference, atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_warm_up_then_a_chunk_after_whole_chunks():
+    cudnn_prefill.warm_up("cuda", torch.bfloat16, 128, 4, {1, 3}, 1024, 4096)
+    q, keys, values = _chunk(2047, 1024, heads=12, kv_heads=3, dim=128, dtype=torch.bfloat16, device="cuda")
+    out = cudnn_prefill.chunk_attention(q, keys[2047:], values[2047:], keys[:2047], values[:2047], 128 ** -0.5)
+    torch.testing.assert_close(out, _attend(q, keys, values, None, None, 128 ** -0.5), atol=2e-2, rtol=0)
