@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workdir", type=Path, default=REPO / ".bench", help="model directory and profile go here")
-    p.add_argument("--budgets", default="1.0,0.5,0.25", help="rheads configurations")
+    p.add_argument("--budgets", default="1.0,0.5,0.25", help="rheads configurations ('': the peer alone)")
     p.add_argument("--no-peer", action="store_true", help="leave `transformers serve` out")
     p.add_argument("--contexts", default="8192,32768", help="prompt lengths in tokens")
     p.add_argument("--kv-cache-gib", type=float, default=30.0, help="KV memory of every server")
@@ -391,13 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     config = AutoConfig.from_pretrained(model_dir)  # what the servers will load
     profile = args.workdir / f"random-{args.shape}.profile.json"
     synthetic_profile(ModelIdentity.from_config(config, str(model_dir))).save(profile)
-    most = max(capacity(config, b, c + args.max_tokens, args) for b in map(float, args.budgets.split(","))
-               for c in contexts)
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    most = max(capacity(config, b, c + args.max_tokens, args) for b in budgets or [1.0] for c in contexts)
     setup = {"config": config, "contexts": contexts, "model_dir": model_dir, "profile": profile,
              "max_model_len": max(contexts) + max(args.max_tokens, args.rate_max_tokens) + 64,
              "weights_bytes": weights_read_per_step(config), "bandwidth": bandwidth,
              "prompts": {c: make_prompts(args.tokenizer, c, max(most, args.rate_requests)) for c in contexts}}
-    configs: list[tuple[str, float | None]] = [(f"rheads-{float(b)}", float(b)) for b in args.budgets.split(",")]
+    configs: list[tuple[str, float | None]] = [(f"rheads-{b}", b) for b in budgets]
     if not args.no_peer:
         configs.append((PEER, None))
 
