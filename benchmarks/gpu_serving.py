@@ -396,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"config": config, "contexts": contexts, "model_dir": model_dir, "profile": profile,
              "max_model_len": max(contexts) + max(args.max_tokens, args.rate_max_tokens) + 64,
              "weights_bytes": weights_read_per_step(config), "bandwidth": bandwidth,
-             "prompts": {c: make_prompts(args.tokenizer, c, max(most, args.rate_requests)) for c in contexts}}
+             # the rate phase takes prompts from the end, none of which a saturation phase sent (a server with
+             # a prefix cache would answer those from it)
+             "prompts": {c: make_prompts(args.tokenizer, c, most + args.rate_requests) for c in contexts}}
     configs: list[tuple[str, float | None]] = [(f"rheads-{b}", b) for b in budgets]
     if not args.no_peer:
         configs.append((PEER, None))

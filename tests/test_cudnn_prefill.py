@@ -46,17 +46,30 @@ def test_decomposition_at_the_real_block_size():
     torch.testing.assert_close(out, _attend(q, keys, values, None, None, 0.35), atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_and_fp32_chunks_stay_on_sdpa():
-    assert not cudnn_prefill.usable(torch.zeros(4, 2, 8, dtype=torch.bfloat16))
-    if torch.cuda.is_available():
-        assert not cudnn_prefill.usable(torch.zeros(4, 2, 8, device="cuda"))
+def test_only_shapes_planned_at_start_up_take_the_path(monkeypatch):
+    """Whole chunks after whole chunks, also shifted by a few tokens, are planned; a prompt's tail, a chunk
+    shifted by more than a block, or a layer with another number of full heads are not (SDPA serves them)."""
+    monkeypatch.setattr(cudnn_prefill, "ALIGN", 8)
+    monkeypatch.setattr(cudnn_prefill, "_planned", set())
+    device, chunk = torch.device("cpu"), 32
+    cudnn_prefill.plan_chunks(device, torch.float64, 8, 2, {1, 3}, chunk, 4 * chunk, attend=plain_attend)
+
+    def planned(n, start, kv_heads=3):
+        return cudnn_prefill.planned(torch.zeros(n, 2 * kv_heads, 8, dtype=torch.float64), kv_heads, start)
+
+    for whole in (0, chunk, 2 * chunk, 3 * chunk):
+        assert planned(chunk, whole) and planned(chunk - 3, whole) and planned(chunk, max(whole - 3, 0))
+    assert planned(chunk - 3, chunk - 5, kv_heads=1)
+    assert not planned(5, 2 * chunk)  # a tail
+    assert not planned(chunk, chunk + 13)  # a chunk moved by more than a block
+    assert not planned(chunk, 2 * chunk, kv_heads=2)  # no layer has 2 full heads
+    assert not cudnn_prefill.usable(torch.zeros(chunk, 6, 8, dtype=torch.float64), 3, chunk)  # not on a GPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("start,n", [(0, 100), (0, 1024), (700, 1), (1024, 512), (1500, 2100), (8181, 8192)])
 def test_cudnn_equals_flash_on_cuda(start, n):
     q, keys, values = _chunk(start, n, heads=32, kv_heads=8, dim=128, dtype=torch.bfloat16, device="cuda")
-    assert cudnn_prefill.usable(q)
     out = cudnn_prefill.chunk_attention(q, keys[start:], values[start:], keys[:start], values[:start], 128 ** -0.5)
     reference = _attend(q, keys, values, None, None, 128 ** -0.5)  # SDPA's flash kernel
     torch.testing.assert_close(out, reference, atol=2e-2, rtol=0)
@@ -66,5 +79,7 @@ def test_cudnn_equals_flash_on_cuda(start, n):
 def test_warm_up_then_a_chunk_after_whole_chunks():
     cudnn_prefill.warm_up("cuda", torch.bfloat16, 128, 4, {1, 3}, 1024, 4096)
     q, keys, values = _chunk(2047, 1024, heads=12, kv_heads=3, dim=128, dtype=torch.bfloat16, device="cuda")
+    assert cudnn_prefill.usable(q, 3, 2047) and not cudnn_prefill.usable(q[:100], 3, 2047)
+    assert not cudnn_prefill.usable(q.float(), 3, 2047)
     out = cudnn_prefill.chunk_attention(q, keys[2047:], values[2047:], keys[:2047], values[:2047], 128 ** -0.5)
     torch.testing.assert_close(out, _attend(q, keys, values, None, None, 128 ** -0.5), atol=2e-2, rtol=0)

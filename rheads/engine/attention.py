@@ -5,8 +5,8 @@ new tokens' post-RoPE query/key/value for the whole packed batch. We write the k
 the head-split cache and attend: full heads over their whole history, streaming heads over the
 attention sinks plus the last `window` positions (a key at position k is visible to a query at q
 when k <= q and (k < sink or q - k < window)). Prefill chunks go one sequence at a time: full heads
-on CUDA in half precision through cuDNN (`cudnn_prefill.py`), elsewhere through SDPA with a
-lower-right causal mask; streaming heads over their band only, on CUDA through
+on CUDA in half precision through cuDNN for the chunk shapes planned at start-up (`cudnn_prefill.py`),
+otherwise through SDPA with a lower-right causal mask; streaming heads over their band only, on CUDA through
 FlexAttention (`band.py`), elsewhere through SDPA by blocks of queries (it runs anywhere torch does).
 Sequences that decode one token this step are handled together instead, by `decode.decode_attention`
 (one Triton launch per layer on CUDA) reading both pools in place.
@@ -130,7 +130,7 @@ def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, 
     keys, values = cache.full_k[layer], cache.full_v[layer]
     keys[seq.page_table[pos // page], pos % page] = k
     values[seq.page_table[pos // page], pos % page] = v
-    cudnn = cudnn_prefill.usable(q)  # the chunk's own keys come as they are, only its history from the pages
+    cudnn = cudnn_prefill.usable(q, k.shape[1], seq.start)  # then only the history comes from the pages
     history = torch.arange(seq.start if cudnn else seq.start + len(pos), device=pos.device)
     where = (seq.page_table[history // page], history % page)
     if cudnn:

@@ -5,9 +5,15 @@ cuDNN's kernel runs a dense rectangle or a square causal block at ~600, but a lo
 over a long history at only ~250 (`benchmarks/bench_prefill_attention.py`). So a chunk of queries
 attends (1) over the history's whole ALIGN-blocks before it, unmasked, and (2) over the rest -- the
 part-block of history just before it and the chunk itself -- as one square causal block whose first
-rows are placeholder queries; the two outputs are merged by their log-sum-exp. cuDNN builds a plan for
-every new shape (50-70 ms on the H200), so every length is padded to whole ALIGN-blocks: shapes repeat
-across chunks and requests, and a new one costs at most a few plans.
+rows are placeholder queries; the two outputs are merged by their log-sum-exp.
+
+cuDNN builds a plan for every new shape, 50-70 ms on the H200, and a layer's number of full heads is
+part of the shape, so a compressed model has several sets of plans. Built while serving, plans stalled
+prefills: at budgets 0.5 and 0.25 a saturated server prefilled 9-17% slower than a lone request (H200,
+benchmarks/RESULTS.md). So the plans are built at start-up (`warm_up`: whole chunks after whole
+chunks, the shapes that carry most of a long prompt's attention), lengths are padded to whole
+ALIGN-blocks so that shapes repeat, and a chunk of any other shape (a prompt's tail, a chunk shifted
+by other requests) goes through SDPA's flash kernel instead (`planned`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 # (q [L, Hq, D], k, v [M, Hkv, D], causal, scaling) -> (out [L, Hq, D], log-sum-exp [Hq, L] in fp32)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
+_planned: set[tuple] = set()  # the kernel calls warm_up made: (device, dtype, Hq, Hkv, D, queries, keys, causal)
+
 
 def cudnn_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +51,13 @@ def _aligned(n: int) -> int:
 
 def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, before, after))
+
+
+def _calls(n: int, start: int) -> list[tuple[int, int, bool]]:
+    """(queries, keys, causal) of the kernel calls for a chunk of n queries after `start` keys."""
+    split = start // ALIGN * ALIGN
+    own = _aligned(start - split + n)
+    return [(own, own, True)] + ([(_aligned(n), split, False)] if split else [])
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k: torch.Tensor,
@@ -69,15 +84,45 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k
     return torch.lerp(before[:n].to(own_share.dtype), out.to(own_share.dtype), own_share).to(q.dtype)  # in fp32
 
 
-def usable(q: torch.Tensor) -> bool:
-    """Whether a chunk with these queries takes this path: half precision on a GPU where cuDNN runs."""
-    return q.is_cuda and q.dtype in HALF and _works(q.device, q.dtype, q.shape[-1])
+def planned(q: torch.Tensor, kv_heads: int, start: int) -> bool:
+    """Whether `warm_up` built the plans for a chunk with queries q [n, Hq, D] after `start` keys."""
+    shape = (q.device, q.dtype, q.shape[1], kv_heads, q.shape[2])
+    return all((*shape, *call) in _planned for call in _calls(q.shape[0], start))
+
+
+def usable(q: torch.Tensor, kv_heads: int, start: int) -> bool:
+    """Whether this chunk takes the cuDNN path: half precision on a GPU, a shape planned at start-up."""
+    return q.is_cuda and q.dtype in HALF and planned(q, kv_heads, start)
+
+
+def plan_chunks(device: torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
+                chunk: int, max_len: int, attend: Attend = cudnn_attend) -> None:
+    """Run (so plan) and record the calls of whole chunks: for each number of full KV heads a layer holds,
+    a chunk of `chunk` queries after every whole number of chunks, starting on a block boundary or just
+    past one. A chunk a few tokens shorter or later (decoding sequences share the step's token budget)
+    makes the same calls."""
+    keys = torch.zeros(max_len, max(kv_head_counts), head_dim, dtype=dtype, device=device)
+    starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk) for start in (whole - 1, whole)})
+    for kv_heads in sorted(kv_head_counts):
+        q = torch.zeros(chunk, kv_heads * groups, head_dim, dtype=dtype, device=device)
+        own, history = keys[:chunk, :kv_heads], keys[:, :kv_heads]
+        for start in starts:
+            chunk_attention(q, own, own, history[:start], history[:start], 1.0, attend)
+            _planned.update((device, dtype, q.shape[1], kv_heads, head_dim, *call) for call in _calls(chunk, start))
+
+
+def warm_up(device: str | torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
+            chunk: int, max_len: int) -> None:
+    """Start cuDNN (~0.7 s the first time in a process) and build the plans of whole chunks now, so no
+    request waits for them. Where cuDNN does not run, every chunk stays on SDPA's flash path."""
+    device = torch.empty(0, device=device).device
+    if dtype in HALF and kv_head_counts and _works(device, dtype, head_dim):
+        plan_chunks(device, dtype, head_dim, groups, kv_head_counts, chunk, max_len)
 
 
 @functools.cache
 def _works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """One small call: cuDNN may be missing or refuse this head size, and then SDPA's flash path serves.
-    The first call in a process also pays cuDNN's start-up (~0.7 s), so the engine calls `warm_up`."""
+    """One small call: cuDNN may be missing or refuse this head size."""
     q = torch.zeros(ALIGN + 1, 2, head_dim, dtype=dtype, device=device)
     k = torch.zeros(ALIGN + 1, 1, head_dim, dtype=dtype, device=device)
     try:
@@ -87,21 +132,3 @@ def _works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
                     str(error).splitlines()[0])
         return False
     return True
-
-
-def warm_up(device: str | torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
-            chunk: int, max_len: int) -> None:
-    """Start cuDNN and build the plans of whole chunks now, so no request waits for them: for each
-    number of full KV heads a layer holds (each is a shape of its own), a chunk of `chunk` queries
-    after every whole number of chunks, starting on a block boundary or just past one (as when
-    decoding sequences share the step's token budget). Other chunk lengths are planned as they come."""
-    device = torch.empty(0, device=device).device
-    if dtype not in HALF or not _works(device, dtype, head_dim):
-        return
-    keys = torch.zeros(max_len, max(kv_head_counts), head_dim, dtype=dtype, device=device)
-    starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk) for start in (whole - 1, whole)})
-    for kv_heads in sorted(kv_head_counts):
-        q = torch.zeros(chunk, kv_heads * groups, head_dim, dtype=dtype, device=device)
-        own, history = keys[:chunk, :kv_heads], keys[:, :kv_heads]
-        for start in starts:
-            chunk_attention(q, own, own, history[:start], history[:start], 1.0)
