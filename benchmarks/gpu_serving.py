@@ -404,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         configs.append((PEER, None))
 
     report = json.loads(args.json.read_text()) if args.merge and args.json.exists() else {"configs": {}}
+    command, ran = shlex.join(["python", *sys.argv]), {str(c) for c in contexts}  # each figure keeps its command
     report.update({
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "date": datetime.date.today().isoformat(), "command": shlex.join(["python", *sys.argv]),
-        "commands": {**report.get("commands", {}), args.contexts: shlex.join(["python", *sys.argv])},
+        "date": datetime.date.today().isoformat(), "command": command,
         "shape": args.shape, "hbm_bandwidth_bytes_per_s": bandwidth, "weights_bytes_per_step": setup["weights_bytes"],
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     })
@@ -420,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"budget": budget, "contexts": {}, "error": str(error)[-2000:]}
             old = report["configs"].get(name, {"contexts": {}})
             result["contexts"] = {**old.get("contexts", {}), **result["contexts"]}
+            result["commands"] = {**old.get("commands", {}), **{c: command for c in result["contexts"] if c in ran}}
             report["configs"][name] = result
             save(report, args.json)  # after every configuration: a run cut short keeps what it measured
     memory.close()
