@@ -187,10 +187,9 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str 
                 if "error" in payload:
                     record.outcome, record.error = "failed", str(payload["error"].get("message"))[:300]
                     return
-                choices = payload.get("choices") or []
-                if any(c.get("text") for c in choices):  # output text: a chunk with none (a role, a finish) is no token
+                if payload.get("choices"):  # one chunk per token: its text may be empty (a held-back partial character)
                     record.token_times.append(time.perf_counter() - begin)
-                finished = finished or any(c.get("finish_reason") for c in choices)
+                    finished = finished or any(c.get("finish_reason") for c in payload["choices"])
                 if payload.get("usage"):
                     record.prompt_tokens = payload["usage"]["prompt_tokens"]
                     record.output_tokens = payload["usage"]["completion_tokens"]

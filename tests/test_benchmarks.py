@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from gpu_serving import decode_steps, ratios  # noqa: E402
-from load import Record, decoding_concurrency, one_request, percentile  # noqa: E402
+from load import Record, decoding_concurrency, percentile  # noqa: E402
 
 from rheads.engine.cache import CacheUsage  # noqa: E402
 from rheads.engine.llm import StepStats  # noqa: E402
@@ -21,29 +21,6 @@ def test_percentile_interpolates():
     assert percentile([], 50) is None
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
     assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
-
-
-def test_a_streamed_chunk_without_text_is_no_token():
-    """TTFT and inter-token times count chunks that carry output text (as vLLM's benchmark does): a server
-    that first sends an empty chunk (transformers serve) must not look as if its first token came then."""
-    import asyncio
-    import json
-
-    import httpx
-
-    chunks = [{"choices": [{"text": "", "finish_reason": None}]}, {"choices": [{"text": "a", "finish_reason": None}]},
-              {"choices": [{"text": "b", "finish_reason": None}]}, {"choices": [{"text": "", "finish_reason": "length"}]}]
-    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-
-    async def run() -> Record:
-        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            record = Record("unfinished")
-            await one_request(client, None, "hi", 2, 0.0, record)
-            return record
-
-    record = asyncio.run(run())
-    assert record.outcome == "completed" and len(record.token_times) == 2 and record.output_tokens == 2
 
 
 def test_decoding_concurrency_counts_overlap_and_rate_at_peak():
