@@ -38,8 +38,13 @@ class EngineClient:
         self._stop = threading.Event()
         self._pending: dict[str, _Pending] = {}
         self._waiting = 0  # requests posted but not yet running (read by handlers, for the 429 check)
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="rheads-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()  # the engine thread's own start-up (its cuDNN plans) comes before any request
+        if self._start_error is not None:
+            raise self._start_error
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -69,6 +74,13 @@ class EngineClient:
         return failed
 
     def _run(self) -> None:
+        try:
+            self.engine.prepare_thread()
+        except BaseException as error:  # noqa: BLE001 - raised in the constructing thread
+            self._start_error = error
+            return
+        finally:
+            self._ready.set()
         while not self._stop.is_set():
             outputs = self._drain_inbox()
             busy = self.engine.has_unfinished()

@@ -2,6 +2,8 @@
 plain causal attention for every alignment of history and chunk (checked on any device with a plain
 kernel), and on CUDA the cuDNN kernel equals SDPA's flash path."""
 
+import threading
+
 import pytest
 import torch
 
@@ -47,11 +49,18 @@ def test_decomposition_at_the_real_block_size():
 
 
 def test_only_shapes_planned_at_start_up_take_the_path(monkeypatch):
-    """Whole chunks after whole chunks, also shifted by a few tokens, are planned; a prompt's tail, a chunk
-    shifted by more than a block, or a layer with another number of full heads are not (SDPA serves them)."""
+    """Whole chunks after whole chunks, also shifted by a few tokens, are planned in the thread that planned
+    them; a prompt's tail, a chunk shifted by more than a block, a layer with another number of full heads,
+    or another thread are not (SDPA serves them)."""
     monkeypatch.setattr(cudnn_prefill, "ALIGN", 8)
-    monkeypatch.setattr(cudnn_prefill, "_planned", set())
+    monkeypatch.setattr(cudnn_prefill, "_this_thread", threading.local())
     device, chunk = torch.device("cpu"), 32
+    elsewhere = threading.Thread(target=cudnn_prefill.plan_chunks,
+                                 args=(device, torch.float64, 8, 2, {1, 3}, chunk, 4 * chunk, plain_attend))
+    elsewhere.start()
+    elsewhere.join()
+    shape = torch.zeros(chunk, 6, 8, dtype=torch.float64)
+    assert not cudnn_prefill.planned(shape, 3, 0), "plans (thread-local in PyTorch) counted in another thread"
     cudnn_prefill.plan_chunks(device, torch.float64, 8, 2, {1, 3}, chunk, 4 * chunk, attend=plain_attend)
 
     def planned(n, start, kv_heads=3):

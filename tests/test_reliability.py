@@ -37,6 +37,7 @@ import rheads.engine.llm as engine_llm
 from rheads.cli import build_parser, run_serve
 from rheads.engine import LLMEngine
 from server.app import ServerSettings, create_app
+from server.engine_client import EngineClient
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 GUARDED_ORIGIN = "https://app.example.com"
@@ -542,3 +543,36 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
     assert short[-1] == "data: [DONE]" and "short error" not in outcome
     assert sum(1 for line in short[:-1] if json.loads(line[6:])["choices"]) == 24  # every token arrived
     assert "long error" in outcome and "data: [DONE]" not in outcome["long"]  # cut at the grace period
+
+
+class _StubEngine:
+    """Just what the engine thread touches when idle; `prepare_thread` records where it ran, or fails."""
+
+    num_waiting = 0
+
+    def __init__(self, failure: Exception | None = None):
+        self.failure, self.prepared_in = failure, None
+
+    def prepare_thread(self) -> None:
+        self.prepared_in = threading.current_thread().name
+        if self.failure is not None:
+            raise self.failure
+
+    def has_unfinished(self) -> bool:
+        return False
+
+
+class _NoMetrics:
+    def observe_engine(self, engine) -> None:
+        pass
+
+
+def test_the_engine_thread_prepares_itself_before_the_client_exists():
+    """PyTorch keeps cuDNN's plans per thread: the thread that steps the engine builds them, and the client
+    (so the app, so the server) exists only once it has; a failure there fails the start-up."""
+    engine = _StubEngine()
+    client = EngineClient(engine, _NoMetrics())
+    assert engine.prepared_in == "rheads-engine"
+    client.shutdown()
+    with pytest.raises(RuntimeError, match="no plans"):
+        EngineClient(_StubEngine(RuntimeError("no plans")), _NoMetrics())

@@ -8,18 +8,21 @@ part-block of history just before it and the chunk itself -- as one square causa
 rows are placeholder queries; the two outputs are merged by their log-sum-exp.
 
 cuDNN builds a plan for every new shape, 50-70 ms on the H200, and a layer's number of full heads is
-part of the shape, so a compressed model has several sets of plans. Built while serving, plans stalled
-prefills: at budgets 0.5 and 0.25 a saturated server prefilled 9-17% slower than a lone request (H200,
-benchmarks/RESULTS.md). So the plans are built at start-up (`warm_up`: whole chunks after whole
+part of the shape, so a compressed model has several sets of plans. Built while serving, plans stall
+prefills: planned mid-run, a saturated server at budgets 0.5 and 0.25 prefilled 9-29% slower than a
+lone request, at budget 1.0 not (H200, benchmarks/RESULTS.md). So the plans are built at start-up (`warm_up`: whole chunks after whole
 chunks, the shapes that carry most of a long prompt's attention), lengths are padded to whole
 ALIGN-blocks so that shapes repeat, and a chunk of any other shape (a prompt's tail, a chunk shifted
-by other requests) goes through SDPA's flash kernel instead (`planned`).
+by other requests) goes through SDPA's flash kernel instead (`planned`). PyTorch keeps cuDNN's plans
+per thread, so the thread that steps the engine builds its own (`LLMEngine.prepare_thread`), and the
+record of what is planned is per thread too.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 # (q [L, Hq, D], k, v [M, Hkv, D], causal, scaling) -> (out [L, Hq, D], log-sum-exp [Hq, L] in fp32)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
-_planned: set[tuple] = set()  # the kernel calls warm_up made: (device, dtype, Hq, Hkv, D, queries, keys, causal)
+_this_thread = threading.local()  # .planned: the calls made here, (device, dtype, Hq, Hkv, D, queries, keys, causal)
 
 
 def cudnn_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -84,10 +87,15 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k
     return torch.lerp(before[:n].to(own_share.dtype), out.to(own_share.dtype), own_share).to(q.dtype)  # in fp32
 
 
+def _planned() -> set[tuple]:
+    """This thread's planned kernel calls (cuDNN's plan cache in PyTorch is thread-local)."""
+    return _this_thread.__dict__.setdefault("planned", set())
+
+
 def planned(q: torch.Tensor, kv_heads: int, start: int) -> bool:
     """Whether `warm_up` built the plans for a chunk with queries q [n, Hq, D] after `start` keys."""
     shape = (q.device, q.dtype, q.shape[1], kv_heads, q.shape[2])
-    return all((*shape, *call) in _planned for call in _calls(q.shape[0], start))
+    return all((*shape, *call) in _planned() for call in _calls(q.shape[0], start))
 
 
 def usable(q: torch.Tensor, kv_heads: int, start: int) -> bool:
@@ -108,13 +116,13 @@ def plan_chunks(device: torch.device, dtype: torch.dtype, head_dim: int, groups:
         own, history = keys[:chunk, :kv_heads], keys[:, :kv_heads]
         for start in starts:
             chunk_attention(q, own, own, history[:start], history[:start], 1.0, attend)
-            _planned.update((device, dtype, q.shape[1], kv_heads, head_dim, *call) for call in _calls(chunk, start))
+            _planned().update((device, dtype, q.shape[1], kv_heads, head_dim, *call) for call in _calls(chunk, start))
 
 
 def warm_up(device: str | torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
             chunk: int, max_len: int) -> None:
-    """Start cuDNN (~0.7 s the first time in a process) and build the plans of whole chunks now, so no
-    request waits for them. Where cuDNN does not run, every chunk stays on SDPA's flash path."""
+    """Start cuDNN (~0.7 s the first time in a process) and build this thread's plans of whole chunks
+    now, so no request waits for them. Where cuDNN does not run, every chunk stays on SDPA's flash path."""
     device = torch.empty(0, device=device).device
     if dtype in HALF and kv_head_counts and _works(device, dtype, head_dim):
         plan_chunks(device, dtype, head_dim, groups, kv_head_counts, chunk, max_len)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,9 +112,11 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
         groups = text_config.num_attention_heads // split.num_kv_heads
-        if config.device.startswith("cuda") and max(split.num_full) > 0:  # full heads' prefill plans
-            cudnn_prefill.warm_up(config.device, config.dtype, head_dim, groups, set(split.num_full) - {0},
-                                  min(config.max_num_batched_tokens, self.max_model_len), self.max_model_len)
+        self._cudnn_plans = None  # the full heads' prefill plans, which each stepping thread builds for itself
+        if config.device.startswith("cuda") and max(split.num_full) > 0:
+            self._cudnn_plans = (config.device, config.dtype, head_dim, groups, set(split.num_full) - {0},
+                                 min(config.max_num_batched_tokens, self.max_model_len), self.max_model_len)
+        self._prepared = threading.local()
         if config.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:  # streaming heads' kernel:
             for scaling in {m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}:
                 band.warm_up(groups, head_dim, config.dtype, config.device, config.sink, config.window, scaling)
@@ -202,6 +205,15 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     # -- the step -----------------------------------------------------------------------------------
+    def prepare_thread(self) -> None:
+        """Start-up work that belongs to the thread that steps the engine: PyTorch keeps cuDNN's plans per
+        thread, so this thread builds the full heads' prefill plans (seconds at most, once per thread;
+        `step` calls it, a server calls it before it takes requests)."""
+        if not getattr(self._prepared, "done", False):
+            if self._cudnn_plans is not None:
+                cudnn_prefill.warm_up(*self._cudnn_plans)
+            self._prepared.done = True
+
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, and report what each touched request produced.
 
@@ -212,6 +224,7 @@ class LLMEngine:
         finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises:
         the batch's cache state is unknown then, so the caller fails what is in flight.
         """
+        self.prepare_thread()
         start = time.perf_counter()
         outputs = []
         if self._in_flight is not None:
