@@ -10,12 +10,12 @@ rows are placeholder queries; the two outputs are merged by their log-sum-exp.
 cuDNN builds a plan for every new shape, 50-70 ms on the H200, and a layer's number of full heads is
 part of the shape, so a compressed model has several sets of plans. Built while serving, plans stall
 prefills: planned mid-run, a saturated server at budgets 0.5 and 0.25 prefilled 9-29% slower than a
-lone request, at budget 1.0 not (H200, benchmarks/RESULTS.md). So the plans are built at start-up (`warm_up`: whole chunks after whole
-chunks, the shapes that carry most of a long prompt's attention), lengths are padded to whole
-ALIGN-blocks so that shapes repeat, and a chunk of any other shape (a prompt's tail, a chunk shifted
-by other requests) goes through SDPA's flash kernel instead (`planned`). PyTorch keeps cuDNN's plans
-per thread, so the thread that steps the engine builds its own (`LLMEngine.prepare_thread`), and the
-record of what is planned is per thread too.
+lone request, at budget 1.0 not (H200, benchmarks/RESULTS.md). So the plans are built before serving
+(`warm_up`: whole chunks after whole chunks, the shapes that carry most of a long prompt's
+attention), lengths are padded to whole ALIGN-blocks so that shapes repeat, and a chunk of any other
+shape (a prompt's tail, a chunk shifted by other requests) goes through SDPA's flash kernel instead
+(`planned`). PyTorch keeps cuDNN's plans per thread, so the thread that steps the engine builds its
+own (`LLMEngine.prepare_thread`), and the record of what is planned is per thread too.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def planned(q: torch.Tensor, kv_heads: int, start: int) -> bool:
 
 
 def usable(q: torch.Tensor, kv_heads: int, start: int) -> bool:
-    """Whether this chunk takes the cuDNN path: half precision on a GPU, a shape planned at start-up."""
+    """Whether this chunk takes the cuDNN path: half precision on a GPU, a shape this thread planned."""
     return q.is_cuda and q.dtype in HALF and planned(q, kv_heads, start)
 
 
