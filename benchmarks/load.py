@@ -187,7 +187,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str 
                 if "error" in payload:
                     record.outcome, record.error = "failed", str(payload["error"].get("message"))[:300]
                     return
-                if payload.get("choices"):  # one chunk per token: its text may be empty (a held-back partial character)
+                if payload.get("choices"):  # a chunk per token; its text may be empty (a held-back partial character)
                     record.token_times.append(time.perf_counter() - begin)
                     finished = finished or any(c.get("finish_reason") for c in payload["choices"])
                 if payload.get("usage"):

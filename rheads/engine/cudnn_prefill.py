@@ -56,11 +56,19 @@ def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, before, after))
 
 
-def _calls(n: int, start: int) -> list[tuple[int, int, bool]]:
-    """(queries, keys, causal) of the kernel calls for a chunk of n queries after `start` keys."""
+def _layout(n: int, start: int) -> tuple[int, int, int]:
+    """For a chunk of n queries after `start` keys: the history keys [0, split) that go to the unmasked
+    part, the `lead` keys after them that go to the causal part (facing placeholder queries), and that
+    part's padded length."""
     split = start // ALIGN * ALIGN
-    own = _aligned(start - split + n)
-    return [(own, own, True)] + ([(_aligned(n), split, False)] if split else [])
+    lead = start - split
+    return split, lead, _aligned(lead + n)
+
+
+def _calls(n: int, start: int) -> list[tuple[int, int, bool]]:
+    """(queries, keys, causal) of the kernel calls `chunk_attention` makes for this chunk."""
+    split, _, length = _layout(n, start)
+    return [(length, length, True)] + ([(_aligned(n), split, False)] if split else [])
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k: torch.Tensor,
@@ -72,9 +80,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k
     a plain one to check the decomposition anywhere).
     """
     n, start = q.shape[0], history_k.shape[0]
-    split = start // ALIGN * ALIGN  # history keys [0, split) go to the unmasked part
-    lead = start - split  # the rest go to the causal part, facing placeholder queries
-    length = _aligned(lead + n)
+    split, lead, length = _layout(n, start)
     own_q = _pad_rows(q, lead, length - lead - n)  # row i is position split + i
     own_k = _pad_rows(torch.cat([history_k[split:], k]), 0, length - lead - n)  # padding: after every real query
     own_v = _pad_rows(torch.cat([history_v[split:], v]), 0, length - lead - n)
