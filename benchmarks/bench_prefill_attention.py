@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from rheads.engine.cudnn_prefill import chunk_attention, cudnn_attend
+
 
 def timed(fn, repeats: int) -> float:
     fn()
@@ -63,9 +65,8 @@ def main() -> int:
                                                  v.repeat_interleave(group, 1), mask),
             "cudnn, enable_gqa": lambda: _run(SDPBackend.CUDNN_ATTENTION, q, k, v, mask, gqa=True),
         }
-        for hist, own in (("flash", "flash"), ("cudnn", "cudnn"), ("flash", "cudnn")):
-            cases[f"split: history {hist}, own {own}"] = (
-                lambda hist=hist, own=own: _split(hist, own, q, k, v, n))
+        for name, attend in (("flash", _flash_attend), ("cudnn (the engine)", cudnn_attend)):
+            cases[f"split: {name}"] = lambda attend=attend: _split(attend, q, k, v, n)
         if n == m:
             cases["cudnn, is_causal"] = lambda: _run(SDPBackend.CUDNN_ATTENTION, q, k.repeat_interleave(group, 1),
                                                      v.repeat_interleave(group, 1), None, causal=True)
@@ -145,24 +146,21 @@ def streaming_cases(args, start: int) -> list[dict]:
     return rows
 
 
-def _with_lse(backend: str, q, k, v, causal: bool):
-    """(output, log-sum-exp [B, H, n] in fp32) from SDPA's flash or cuDNN kernel, KV heads as they are."""
-    if backend == "cudnn":
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)[:2]
-    return out, lse.reshape(q.shape[:3])
+def _flash_attend(q, k, v, causal: bool, scaling: float):
+    """`cudnn_prefill.Attend` through SDPA's flash kernel, KV heads as they are."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], 0.0, causal, False,
+        scale=scaling)[:2]
+    return out[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0])
 
 
-def _split(history: str, own: str, q, k, v, n: int) -> torch.Tensor:
-    """The chunk over the keys before it (no mask) and over itself (square causal), merged by log-sum-exp."""
+def _split(attend, q, k, v, n: int) -> torch.Tensor:
+    """The engine's two-part chunk attention (`cudnn_prefill.chunk_attention`) with `attend` as the kernel:
+    q [1, H, n, D] over k, v [1, Hkv, m, D] whose last n keys are the chunk's -> [1, H, n, D]."""
     m = k.shape[2]
-    out, lse = _with_lse(own, q, k[:, :, m - n:], v[:, :, m - n:], True)
-    if m == n:
-        return out
-    before, before_lse = _with_lse(history, q, k[:, :, :m - n], v[:, :, :m - n], False)
-    total = torch.logaddexp(lse, before_lse)
-    return (out * (lse - total).exp()[..., None] + before * (before_lse - total).exp()[..., None]).to(q.dtype)
+    q_, k_, v_ = (t[0].transpose(0, 1) for t in (q, k, v))  # -> [tokens, heads, D]
+    out = chunk_attention(q_, k_[m - n:], v_[m - n:], k_[:m - n], v_[:m - n], q.shape[-1] ** -0.5, attend)
+    return out.transpose(0, 1)[None]
 
 
 def _run(backend, q, k, v, mask, gqa: bool = False, causal: bool = False) -> torch.Tensor:
