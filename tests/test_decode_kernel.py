@@ -74,12 +74,14 @@ def _clone(pools):
 
 @pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("num_full", [0, 1, 3, 4])
-@pytest.mark.parametrize("programs_per_sm", [1, 64])
-def test_fused_kernel_equals_torch(num_full, programs_per_sm):
-    """Both head groups in one launch, one split or many: the same outputs and the same pool writes as
-    the PyTorch path (rings that wrapped around, a sequence at its first token, rows between decode rows)."""
+@pytest.mark.parametrize("programs_per_sm,positions", [(1, [0, 5, 40, 15, 16, 99]), (64, [0, 5, 40, 15, 16, 99]),
+                                                       (64, [2100, 7, 700])])
+def test_fused_kernel_equals_torch(num_full, programs_per_sm, positions):
+    """Both head groups in one launch, one split or many (more than the merge kernel reads at a time):
+    the same outputs and the same pool writes as the PyTorch path (rings that wrapped around, a
+    sequence at its first token, rows between decode rows)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v, batch, full, ring = _layer(device, torch.float32, [0, 5, 40, 15, 16, 99], num_full, kv_heads=4)
+    q, k, v, batch, full, ring = _layer(device, torch.float32, positions, num_full, kv_heads=4)
     want_out, got_out = torch.zeros_like(q), torch.full_like(q, 7.0)
     want_full, want_ring = _clone(full), _clone(ring)
     _decode_torch(q, k, v, want_out, batch, want_full, want_ring, 0.125)
@@ -100,6 +102,31 @@ def test_fused_kernel_bfloat16(group, dim):
     _decode_torch(q, k, v, want, batch, _clone(full), _clone(ring), dim ** -0.5)
     head_split_decode_triton(q, k, v, got, batch, full, ring, dim ** -0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+def test_one_compiled_kernel_serves_every_split_and_head_count():
+    """Mixed steps vary the split count, the full heads and the table width; none of them may compile
+    the kernels again (Triton would for a value of 1 or one divisible by 16), which stalls serving."""
+    from rheads.engine.decode import _head_split_decode_kernel, _merge_splits_kernel
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for kernel in (_head_split_decode_kernel, _merge_splits_kernel)
+                   for caches in kernel.device_caches.values())
+
+    # on the H100 / H200's 132 SMs: 27, 32, 16, 2 and 1 splits; 5, 1, 2, 4 and 1 full heads; tables 188, 126,
+    # 64, 7 and 1 pages wide
+    cases = [([3000, 17, 700, 2], 5, 4), ([40, 2000], 1, 1), ([1023] * 3, 2, 16), ([100] * 16, 4, 2), ([7], 1, 64)]
+    counts = []
+    for positions, num_full, programs_per_sm in cases:
+        q, k, v, batch, full, ring = _layer("cuda", torch.bfloat16, positions, num_full, kv_heads=8, dim=128,
+                                            page=16, sink=64, window=256)
+        want, got = torch.zeros_like(q), torch.zeros_like(q)
+        _decode_torch(q, k, v, want, batch, _clone(full), _clone(ring), 128 ** -0.5)
+        head_split_decode_triton(q, k, v, got, batch, full, ring, 128 ** -0.5, programs_per_sm=programs_per_sm)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        counts.append(compiled())
+    assert counts[1:] == counts[:1] * (len(cases) - 1), counts
 
 
 @pytest.mark.parametrize("max_batch,captured", [(1, [1]), (6, [8, 4, 2, 1]), (64, [64, 48, 32, 24, 16, 8, 4, 2, 1]),

@@ -599,6 +599,31 @@ def test_pipelined_decode_equals_synchronous(llama, tokenizer) -> None:
     assert stop is None or sync["late"].finish_reason == "stop"
 
 
+def test_finishing_by_length_keeps_the_pipeline_going(llama, tokenizer) -> None:
+    """Requests that reach max_tokens one after another leave the pipelined batch without a synchronous
+    step: once all are decoding, the scheduler is never asked for a decode step again (each finish used
+    to cost one, the GPU idle while the host scheduled), and the tokens equal the synchronous engine's."""
+    arrivals = {0: [(f"r{n}", random_prompt(5 + n, 400 + n), SamplingParams(max_tokens=n, **GREEDY))
+                    for n in (6, 9, 10, 14)]}
+    want = run(make_engine(llama, tokenizer, MIXED, max_num_batched_tokens=64), arrivals)
+    engine = make_engine(llama, tokenizer, MIXED, max_num_batched_tokens=64, async_decode=True)
+    schedule, scheduled = engine.scheduler.schedule, []
+
+    def counted():
+        chunks = schedule()
+        scheduled.append([c.num_tokens for c in chunks])
+        return chunks
+
+    engine.scheduler.schedule = counted
+    check = check_accounting(MIXED)
+    got = run(engine, arrivals, check)
+    assert {k: (r.token_ids, r.finish_reason) for k, r in got.items()} == \
+        {k: (r.token_ids, r.finish_reason) for k, r in want.items()}
+    assert scheduled[:2] == [[5 + n for n in (6, 9, 10, 14)], [1] * 4]  # the prompts, the first decode step
+    assert all(chunks == [] for chunks in scheduled[2:]), scheduled  # then only pipelined launches
+    assert_empty(engine)
+
+
 def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, tokenizer, monkeypatch) -> None:
     """When the device-side draw of a pipelined step raises, that step's tokens are sampled on the host
     after the step before it is appended: nothing is lost or reordered, and a row that still fails there

@@ -32,6 +32,7 @@ except ImportError:  # CPU-only installs
 
 BLOCK_N = 64
 NUM_STAGES = 2  # 2.15 TB/s against 2.01 with 3 on shuffled pages (bench_decode_kernel.py, H100)
+MERGE_CHUNK = 32  # splits the merge kernel reads at a time (one compiled kernel serves every split count)
 PROGRAMS_PER_SM = 8  # split-K programs per SM a launch aims for: 8 reads 2.13 TB/s at 8 x 32k, 2 only 1.80
                      # (H100, benchmarks/bench_decode_kernel.py --programs-per-sm 2,4,8,16)
 
@@ -136,9 +137,12 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM) -> None:
     """The fused kernel, free of host syncs (so a CUDA graph can capture it); see the module docstring.
 
-    The split count and the number of full heads are runtime arguments, not compile-time constants:
-    mixed prefill + decode steps vary the split count, and each new constant would compile a new kernel
-    (1-2 s each, measured as a 4x slower 32k prefill at budget 0.5 on the H100).
+    The split count, the number of full heads and the strides that follow them are runtime arguments
+    that Triton does not specialise on (`_VARYING`): mixed prefill + decode steps vary them, and each
+    new constant compiles a new kernel (1-2 s, measured as a 4x slower 32k prefill at budget 0.5 on the
+    H100). Left to itself Triton also compiles apart an integer equal to 1 and one divisible by 16:
+    a compressed split's layers hold different numbers of full heads, so mid-serving compiles stalled
+    saturated prefills at budgets 0.5 and 0.25 only (benchmarks/RESULTS.md, H200).
     """
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -171,10 +175,14 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if splits > 1:
         _merge_splits_kernel[(size, split_q)](
             batch.rows, partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), splits,
-            SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim,
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), splits, CHUNK=MERGE_CHUNK, DIM=dim,
         )
 
+
+# Runtime integers that vary from step to step, which Triton would otherwise compile a kernel apart for
+# when one is 1 or divisible by 16: the split count, the full heads, the block table's width, the
+# partial results' strides
+_VARYING = ["NUM_FULL", "SPLITS", "stride_bt", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"]
 
 if triton is not None:
 
@@ -208,7 +216,7 @@ if triton is not None:
             m = m_new
         return acc, m, l
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_VARYING)
     def _head_split_decode_kernel(
         Q, KN, VN, ROWS, FK, FV, BT, LENS, PAGE_IDS, PAGE_OFFS, RK, RV, SLOTS, RLENS, ROFFS, OUT, PART, LSE, scale,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
@@ -268,19 +276,29 @@ if triton is not None:
                      mask=rows)
             tl.store(LSE + b * stride_lb + q_heads * stride_lh + s, lse, mask=offs_g < GROUP)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_VARYING)  # the names it lacks are ignored
     def _merge_splits_kernel(ROWS, PART, LSE, OUT, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                             stride_on, stride_oh, SPLITS, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr):
-        """out[row, head] = the splits' partial outputs weighted by softmax(lse); an empty split weighs 0."""
+                             stride_on, stride_oh, SPLITS, CHUNK: tl.constexpr, DIM: tl.constexpr):
+        """out[row, head] = the splits' partial outputs weighted by softmax(lse), CHUNK splits at a time
+        (online, as attention itself); an empty split weighs 0."""
         b = tl.program_id(0)
         h = tl.program_id(1)
-        offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, DIM)
-        lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=offs_s < SPLITS, other=float("-inf"))
-        weights = tl.exp(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
-        weights = weights / tl.sum(weights, 0)
-        partial = tl.load(PART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                          mask=offs_s[:, None] < SPLITS, other=0.0)
-        out = tl.sum(partial * weights[:, None], 0)
+        lse_row = LSE + b * stride_lb + h * stride_lh
+        part_row = PART + b * stride_pb + h * stride_ph
+        m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)
+        total = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
+        acc = tl.zeros([DIM], tl.float32)
+        for s0 in range(0, SPLITS, CHUNK):
+            offs_s = s0 + tl.arange(0, CHUNK)
+            valid = offs_s < SPLITS
+            lse = tl.load(lse_row + offs_s, mask=valid, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(lse, 0))  # finite from the first chunk on: split 0 is never empty
+            alpha = tl.exp(m - m_new)
+            weights = tl.exp(lse - m_new)
+            partial = tl.load(part_row + offs_s[:, None] * stride_ps + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(partial * weights[:, None], 0)
+            total = total * alpha + tl.sum(weights, 0)
+            m = m_new
         row = tl.load(ROWS + b).to(tl.int64)
-        tl.store(OUT + row * stride_on + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+        tl.store(OUT + row * stride_on + h * stride_oh + offs_d, (acc / total).to(OUT.dtype.element_ty))

@@ -276,23 +276,30 @@ class LLMEngine:
         """Launch the next decode step of the in-flight sequences, fed with their sampled tokens straight
         from the device, and only then read those tokens back and append them: the host's work for one
         step (detokenizing, stop checks, the server's streaming) runs while the device computes the next.
-        A sequence that finishes on the token read back here has one step too many in flight: its result
-        is dropped (its pages are freed now; the device writes to them in stream order, before any later
+        A sequence whose in-flight token is its last by length stays out of the launch; one that
+        finishes on a token read back here (a stop) has one step too many in flight: its result is
+        dropped (its pages are freed now; the device writes to them in stream order, before any later
         step can use them again). Returns what it launched (None: the batch changes, so the caller
         schedules) and the outputs read back."""
         previous, self._in_flight = self._in_flight, None
         chunks = self._next_decode(previous.seqs)
         undrawn = None  # the launched step's logits, if drawing on the device failed
         if chunks:
+            launched = [chunk.seq for chunk in chunks]
+            tokens = previous.tokens
+            if len(launched) < len(previous.seqs):  # the rows of the sequences that go on, gathered on the device
+                going_on = set(map(id, launched))
+                rows = [row for row, seq in enumerate(previous.seqs) if id(seq) in going_on]
+                tokens = tokens[torch.tensor(rows).to(tokens.device, non_blocking=True)]  # (a blocking copy waits for the GPU)
             try:
-                logits = self.runner.run(chunks, previous.tokens)
+                logits = self.runner.run(chunks, tokens)
             except Exception:
                 self._in_flight = previous  # nothing was appended: a retry starts from here
                 raise
             try:
-                self._in_flight = _InFlight(previous.seqs, draw_tokens(logits, [s.params for s in previous.seqs]))
+                self._in_flight = _InFlight(launched, draw_tokens(logits, [s.params for s in launched]))
             except Exception:  # noqa: BLE001 - sampled on the host below, row by row, once the tokens before are in
-                undrawn = logits
+                undrawn = launched, logits
         outputs = []
         for seq, token in zip(previous.seqs, previous.read()):
             if seq.status is not Status.RUNNING:
@@ -302,27 +309,29 @@ class LLMEngine:
             except Exception as error:  # noqa: BLE001 - reported to this request's client
                 outputs.append(self._fail(seq, error))
         if undrawn is not None:
-            rows = [row for row, seq in enumerate(previous.seqs) if seq.status is Status.RUNNING]
-            outputs += self._sample_and_append([previous.seqs[row] for row in rows], undrawn[rows])
+            launched, logits = undrawn
+            rows = [row for row, seq in enumerate(launched) if seq.status is Status.RUNNING]
+            outputs += self._sample_and_append([launched[row] for row in rows], logits[rows])
         return chunks, outputs
 
     def _next_decode(self, seqs: list[Sequence]) -> list[Chunk] | None:
-        """One more decode step of exactly these sequences, or None whenever the batch may change: one
-        finished or was aborted, one may reach its length limit, another is running or a waiting request
-        fits, or a page is missing (the scheduler then decides, preempting if it must)."""
+        """One more decode step of these sequences, less those whose in-flight token is their last by
+        length (they finish when it is read back), or None whenever the batch may change otherwise: one
+        finished or was aborted, another is running or a waiting request fits, or a page is missing (the
+        scheduler then decides, preempting if it must)."""
         scheduler, cache = self.scheduler, self.cache
         if len(scheduler.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
             return None
         if scheduler.waiting and cache.can_admit(scheduler.waiting[0].num_tokens + 1):
             return None
-        # each has its last sampled token in flight: num_tokens counts the tokens before it
-        if any(len(s.output_ids) + 2 > s.params.max_tokens or s.num_tokens + 2 > self.max_model_len for s in seqs):
+        # each has its last sampled token in flight: output_ids and num_tokens count the tokens before it
+        going_on = [s for s in seqs
+                    if len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < self.max_model_len]
+        if not going_on or sum(cache.pages_for(s.num_cached + 1) - len(s.pages) for s in going_on) > len(cache.free_pages):
             return None
-        if sum(cache.pages_for(s.num_cached + 1) - len(s.pages) for s in seqs) > len(cache.free_pages):
-            return None
-        for seq in seqs:
+        for seq in going_on:
             cache.grow(seq.slot, seq.pages, seq.num_cached + 1)
-        return [Chunk(seq, 1) for seq in seqs]
+        return [Chunk(seq, 1) for seq in going_on]
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """Finish one request with an error and give its cache back."""
