@@ -158,8 +158,8 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if splits > 1:
         partial = torch.empty(size, split_q, splits, dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(size, split_q, splits, dtype=torch.float32, device=q.device)
-    else:
-        partial = lse = out  # unused: the kernel stores straight into `out`
+    else:  # unused (the kernel stores straight into `out`), but fp32 as when used: one compiled kernel for both
+        partial = lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
     _head_split_decode_kernel[(size, num_full * splits + kv_heads - num_full)](
         q, k, v, batch.rows, full_k, full_v, table, batch.lengths, batch.page_ids, batch.page_offsets,
         ring_k, ring_v, batch.slots, batch.ring_lengths, batch.ring_offsets, out, partial, lse, scale,
