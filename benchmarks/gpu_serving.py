@@ -14,7 +14,8 @@ bytes -- the script starts the server on 127.0.0.1, warms it up and, for each --
 GPU memory is polled throughout (NVML); rheads' step metrics give the decode step time against the
 hardware limit ((weights + KV bytes read) / the HBM bandwidth measured here by a device copy).
 Prints a table per context and writes --json (with --merge, updates the contexts it ran in an existing
-one, so 8k and 32k can run as two calls).
+one, so 8k and 32k can run as two calls; with --section NAME, writes under that key of the file, so a
+run with other settings, such as long outputs, sits beside the main one).
 
     python benchmarks/gpu_serving.py --tokenizer .bench/tokenizer --contexts 8192 --json benchmarks/results/gpu_serving.json
     python benchmarks/gpu_serving.py --tokenizer .bench/tokenizer --contexts 32768 --merge --json ...
@@ -375,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gpu_serving.json")
     p.add_argument("--merge", action="store_true", help="update the contexts run here in an existing --json")
+    p.add_argument("--section", help="write this run under this key of --json (e.g. long_output), keeping the rest")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     args = p.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         configs.append((PEER, None))
 
-    report = json.loads(args.json.read_text()) if args.merge and args.json.exists() else {"configs": {}}
+    whole, report = open_report(args.json, args.merge, args.section)
     command, ran = shlex.join(["python", *sys.argv]), {str(c) for c in contexts}  # each figure keeps its command
     report.update({
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -422,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
             result["contexts"] = {**old.get("contexts", {}), **result["contexts"]}
             result["commands"] = {**old.get("commands", {}), **{c: command for c in result["contexts"] if c in ran}}
             report["configs"][name] = result
-            save(report, args.json)  # after every configuration: a run cut short keeps what it measured
+            save(whole, report, args.json)  # after every configuration: a run cut short keeps what it measured
     memory.close()
-    save(report, args.json)
+    save(whole, report, args.json)
     print(f"\n{report['device']}, {args.shape} random bf16 weights, KV memory {args.kv_cache_gib} GiB per server, "
           f"{args.max_tokens} output tokens (saturation), bandwidth "
           f"{bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s")
@@ -435,13 +437,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save(report: dict, path: Path) -> None:
-    """Recompute the ratios and tables from what the report holds, and write it."""
+def open_report(path: Path, merge: bool, section: str | None) -> tuple[dict, dict]:
+    """(the file's content, the report this run writes into it): the whole file, or one section of it
+    with the rest kept as it is; with `merge` the report keeps what this run does not measure."""
+    whole = json.loads(path.read_text()) if path.exists() and (merge or section) else {}
+    report = whole if section is None else (whole.get(section, {}) if merge else {})
+    report.setdefault("configs", {})
+    if section is not None:
+        whole[section] = report
+    return whole, report
+
+
+def save(whole: dict, report: dict, path: Path) -> None:
+    """Recompute the report's ratios and tables from what it holds, and write the file it belongs to."""
     report["ratios"] = ratios(report)
     report["tables"] = [format_context(report, str(c)) for c in sorted({int(c) for r in report["configs"].values()
                                                                         for c in r["contexts"]})]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
+    path.write_text(json.dumps(whole, indent=1, default=str))
 
 
 if __name__ == "__main__":

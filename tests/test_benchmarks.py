@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from gpu_serving import decode_steps, ratios  # noqa: E402
+from gpu_serving import decode_steps, open_report, ratios, save  # noqa: E402
 from load import Record, decoding_concurrency, percentile  # noqa: E402
 
 from rheads.engine.cache import CacheUsage  # noqa: E402
@@ -80,3 +81,27 @@ def test_ratios_read_the_32k_runs():
     r = ratios(report)
     assert r["concurrency_ratio_32k"] == 2.0 and r["throughput_ratio_32k"] == 1.5
     assert r["throughput_vs_peer_32k"] == 75.0 and r["decode_step_over_limit"] == 1.8
+
+
+def test_a_section_run_writes_beside_the_main_report(tmp_path):
+    """--section NAME puts a run under one key of the JSON and leaves the rest as it was; --merge keeps the
+    contexts a run does not measure, in the main report or in a section."""
+    def measured(context: str, throughput: float) -> dict:
+        done = {"requests": {"completed": 1, "sent": 1}}
+        return {"contexts": {context: {"saturation": {"output_token_throughput": throughput, **done}, "rate": done}}}
+
+    path = tmp_path / "gpu_serving.json"
+    whole, main = open_report(path, merge=False, section=None)
+    main["configs"]["rheads-1.0"] = measured("8192", 1.0)
+    main["device"] = "gpu"
+    save(whole, main, path)
+    whole, long_output = open_report(path, merge=False, section="long_output")
+    long_output["configs"]["rheads-0.5"] = measured("32768", 2.0)
+    save(whole, long_output, path)
+    written = json.loads(path.read_text())
+    assert written["device"] == "gpu" and list(written["configs"]) == ["rheads-1.0"]
+    assert list(written["long_output"]["configs"]) == ["rheads-0.5"] and "ratios" in written["long_output"]
+    assert len(written["tables"]) == len(written["long_output"]["tables"]) == 1
+    whole, merged = open_report(path, merge=True, section="long_output")
+    assert merged["configs"] == written["long_output"]["configs"] and whole["configs"] == written["configs"]
+    assert open_report(path, merge=False, section=None) == ({"configs": {}}, {"configs": {}})
