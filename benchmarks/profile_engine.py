@@ -25,7 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import SHAPES, _Tokenizer, sync  # noqa: E402
 
 from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split  # noqa: E402
+from rheads.engine.cache import CacheConfig, Footprint  # noqa: E402
 from rheads.engine.heads import restore_attention_heads  # noqa: E402
+from rheads.profile import head_dim_of  # noqa: E402
+
+
+def batch_memory(split, head_dim: int, config: EngineConfig, batch: int) -> int:
+    """KV bytes for `batch` sequences of max_model_len tokens under `split`, plus the pools' scratch page
+    and slot and some slack: the engine's own formula (cache.Footprint)."""
+    footprint = Footprint.of(split, head_dim, CacheConfig(page_size=config.page_size, sink=config.sink,
+                                                          window=config.window, dtype=config.dtype))
+    return (batch + 2) * footprint.bytes_for(config.max_model_len) + (64 << 20)
 
 
 def replay_seconds(runner, repeat: int) -> float:
@@ -50,7 +60,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens")
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled")
-    p.add_argument("--kv-memory-gib", type=float, default=20.0)
+    p.add_argument("--kv-memory-gib", type=float, help="default: what the whole batch needs at each budget")
     p.add_argument("--top", type=int, default=15, help="operators listed")
     p.add_argument("--decode-only", action="store_true",
                    help="prefill unprofiled (the profiler slows a long prefill several-fold)")
@@ -63,10 +73,12 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     for budget in map(float, args.budgets.split(",")):
         split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
-        engine = LLMEngine(model, _Tokenizer(), split, EngineConfig(
-            budget=None, kv_cache_memory=int(args.kv_memory_gib * 2**30), max_num_seqs=args.batch,
-            max_num_batched_tokens=args.chunk, max_model_len=args.context + 8 * args.steps + 64,
-            device=args.device, dtype=dtype, cuda_graphs=False))
+        engine_config = EngineConfig(budget=None, max_num_seqs=args.batch, max_num_batched_tokens=args.chunk,
+                                     max_model_len=args.context + 8 * args.steps + 64, device=args.device,
+                                     dtype=dtype, cuda_graphs=False)
+        engine_config.kv_cache_memory = (int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else
+                                         batch_memory(split, head_dim_of(config), engine_config, args.batch))
+        engine = LLMEngine(model, _Tokenizer(), split, engine_config)
         generator = torch.Generator().manual_seed(0)
         for i in range(args.batch):
             ids = torch.randint(0, config.vocab_size, (args.context,), generator=generator).tolist()
@@ -79,6 +91,9 @@ def main() -> None:
                 engine.step()
             sync(args.device)
         prefill_s = time.perf_counter() - start
+        if engine.num_running < args.batch:  # the others finished while waiting for room: not the batch asked for
+            raise SystemExit(f"only {engine.num_running} of {args.batch} sequences fit in the KV memory at budget "
+                             f"{budget:g}: raise --kv-memory-gib or leave it out")
         engine.step()
         sync(args.device)
         start = time.perf_counter()
