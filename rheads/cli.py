@@ -157,8 +157,8 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in the running batch")
     p.add_argument("--max-num-batched-tokens", type=_or_auto(int), default="auto",
-                   help=f"tokens per engine step, the prefill chunk (auto: {GPU_BATCHED_TOKENS} on a GPU, "
-                   f"{CPU_BATCHED_TOKENS} on a CPU)")
+                   help=f"prefill tokens per engine step, the chunk size; decoding sequences add one each "
+                   f"(auto: {GPU_BATCHED_TOKENS} on a GPU, {CPU_BATCHED_TOKENS} on a CPU)")
     p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before the previous one's tokens are read back, so the "
@@ -243,7 +243,7 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
                    help="most sequences in a running batch (default: %(default)s)")
     n.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
-                   help="tokens per engine step (default: %(default)s)")
+                   help="prefill tokens per engine step (default: %(default)s)")
     _add_eval_runtime_arguments(n, "weights and KV dtype")
 
     from .causality import NON_RETRIEVAL_BELOW, CausalityConfig

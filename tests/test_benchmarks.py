@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from gpu_serving import decode_steps, open_report, ratios, save  # noqa: E402
+from plan_coverage import wave  # noqa: E402
 from load import Record, decoding_concurrency, percentile  # noqa: E402
 
 from rheads.engine.cache import CacheUsage  # noqa: E402
@@ -105,3 +106,12 @@ def test_a_section_run_writes_beside_the_main_report(tmp_path):
     whole, merged = open_report(path, merge=True, section="long_output")
     assert merged["configs"] == written["long_output"]["configs"] and whole["configs"] == written["configs"]
     assert open_report(path, merge=False, section=None) == ({"configs": {}}, {"configs": {}})
+
+
+def test_plan_coverage_of_a_wave():
+    """Prompts of whole chunks meet planned cuDNN shapes only, whatever decodes beside them; uneven ones
+    leave their tails and some first-block pieces to flash."""
+    share, chunks, planned = wave([4096] * 6, chunk=1024, max_tokens=8, max_num_seqs=8)
+    assert share == 1.0 and chunks == planned == 6 * 4
+    share, chunks, planned = wave([3000, 4000, 2500, 3900], chunk=1024, max_tokens=8, max_num_seqs=8)
+    assert 0.3 < share < 1.0 and planned < chunks

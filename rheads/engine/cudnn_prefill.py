@@ -13,8 +13,8 @@ prefills: planned mid-run, a saturated server at budgets 0.5 and 0.25 prefilled 
 lone request, at budget 1.0 not (H200, benchmarks/RESULTS.md). So the plans are built before serving
 (`warm_up`: whole chunks after whole chunks, the shapes that carry most of a long prompt's
 attention), lengths are padded to whole ALIGN-blocks so that shapes repeat, and a chunk of any other
-shape (a prompt's tail, a chunk shifted by other requests) goes through SDPA's flash kernel instead
-(`planned`). PyTorch keeps cuDNN's plans per thread, so the thread that steps the engine builds its
+shape (a prompt's tail, the pieces of a prompt's first chunk-sized block that shared steps with other
+prompts) goes through SDPA's flash kernel instead (`planned`). PyTorch keeps cuDNN's plans per thread, so the thread that steps the engine builds its
 own (`LLMEngine.prepare_thread`), and the record of what is planned is per thread too.
 """
 
@@ -113,8 +113,8 @@ def plan_chunks(device: torch.device, dtype: torch.dtype, head_dim: int, groups:
                 chunk: int, max_len: int, attend: Attend = cudnn_attend) -> None:
     """Run (so plan) and record the calls of whole chunks: for each number of full KV heads a layer holds,
     a chunk of `chunk` queries after every whole number of chunks, starting on a block boundary or just
-    past one. A chunk a few tokens shorter or later (decoding sequences share the step's token budget)
-    makes the same calls."""
+    past one. The scheduler keeps a prompt's chunks on whole multiples of `chunk` (its module docstring);
+    a chunk up to a block shorter or later makes the same calls."""
     keys = torch.zeros(max_len, max(kv_head_counts), head_dim, dtype=dtype, device=device)
     starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk) for start in (whole - 1, whole)})
     for kv_heads in sorted(kv_head_counts):

@@ -5,6 +5,15 @@ a sequence still in prefill feeds its next chunk. Spare token budget admits wait
 when a window slot and the pages for their whole prompt are free: admission is decided by the
 compressed footprint. When a running sequence needs a page and none is free, the newest sequence is
 preempted (its cache freed, its tokens kept) and re-prefilled later, so requests wait, never fail.
+
+The token budget (`max_num_batched_tokens`) bounds a step's prefill tokens; a decoding sequence's one
+token rides outside it (there are at most `max_num_seqs` of them). And no prefill chunk crosses a
+multiple of the budget. So a prompt's chunks are whole budget-sized blocks, the shape the GPU kernels
+planned at start-up (`cudnn_prefill.plan_chunks`), except its tail and a block in which an older
+prompt's tail left less budget than the block needs (split in two; in a wave of long prompts, each
+prompt's first block, where attention is cheapest). Before, other prompts' tails shifted a prompt's
+every chunk off those shapes unless every prompt was a whole number of blocks long, and decoding
+sequences shifted them a little more each step.
 """
 
 from __future__ import annotations
@@ -68,24 +77,29 @@ class Scheduler:
         self.cache.grow(seq.slot, seq.pages, num_tokens)
         return True
 
+    def _prefill_tokens(self, seq: Sequence, budget: int) -> int:
+        """How many of seq's uncached tokens to feed: at most `budget` (what is left of this step's), and
+        not past the next multiple of the chunk size (max_num_batched_tokens)."""
+        size = self.max_num_batched_tokens
+        return min(seq.num_tokens - seq.num_cached, budget, size - seq.num_cached % size)
+
     def schedule(self) -> list[Chunk]:
-        budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens  # prefill tokens (see the module docstring)
         chunks: list[Chunk] = []
         for seq in sorted(self.running, key=lambda s: s.arrival):
-            if budget == 0:
-                break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_cached, budget)
+            decoding = seq.num_tokens - seq.num_cached == 1
+            n = 1 if decoding else self._prefill_tokens(seq, budget)
             if n > 0 and self._reserve(seq, seq.num_cached + n):
                 chunks.append(Chunk(seq, n))
-                budget -= n
+                budget -= 0 if decoding else n
         chunks = [c for c in chunks if c.seq.status is Status.RUNNING]  # drop any preempted later
         while self.waiting and budget > 0 and self.cache.can_admit(self.waiting[0].num_tokens + 1):
             seq = self.waiting.popleft()
             seq.slot, seq.status = self.cache.allocate_slot(), Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_tokens, budget)
+            n = self._prefill_tokens(seq, budget)
             self.cache.grow(seq.slot, seq.pages, n)
             chunks.append(Chunk(seq, n))
             budget -= n
