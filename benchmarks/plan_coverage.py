@@ -1,10 +1,11 @@
-"""How much of the full heads' prefill attention meets a cuDNN plan built at start-up, by workload.
+"""How much of the full heads' prefill attention takes the cuDNN path planned at start-up, by workload.
 
 No GPU and no model: the engine's own Scheduler steps a saturated wave on a cache of the
 Llama-3.1-8B shape (on the meta device), every decode token taken as sampled at once, and each prefill
-chunk is checked against the calls `cudnn_prefill.plan_chunks` records (a chunk of another shape
-runs on flash, ~1.8x slower: benchmarks/RESULTS.md). The figure is the share of attention work
-(queries x visible keys) in planned chunks, per budget's head counts alike, so one split is enough.
+chunk goes through the engine's own choice (`cudnn_prefill.planned_queries`, over the calls
+`plan_chunks` records at start-up; a chunk it leaves out runs on flash, ~1.8x slower:
+benchmarks/RESULTS.md). The figure is the share of attention work (queries x visible keys) on the
+cuDNN path; every number of full heads is planned alike, so one head count stands for all.
 
     python benchmarks/plan_coverage.py --json benchmarks/results/plan_coverage.json
 """
@@ -29,15 +30,14 @@ from rheads.engine.sequence import SamplingParams, Sequence, Status  # noqa: E40
 HEAD_DIM, LAYERS, KV_HEADS, GROUPS = 128, 32, 8, 4
 
 
-def planned_calls(chunk: int, max_len: int) -> set[tuple]:
-    """The (queries, keys, causal) calls plan_chunks plans, for one head count."""
-    starts = sorted({0} | {s for whole in range(chunk, max_len - chunk + 1, chunk) for s in (whole - 1, whole)})
-    return {call for start in starts for call in cudnn_prefill._calls(chunk, start)}
+def _shapes_only(q, k, v, causal, scaling):
+    """A kernel stand-in on the meta device: plan_chunks records the calls, nothing is computed."""
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 def wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int) -> tuple[float, int, int]:
-    """Step one wave of prompts of these lengths to the end: (planned share of the attention work,
-    prefill chunks, of which planned)."""
+    """Step one wave of prompts of these lengths to the end: (share of the attention work on the cuDNN
+    path, prefill chunks, of which on the cuDNN path)."""
     split = random_split(LAYERS, KV_HEADS, 0.5, seed=0)
     max_len = max(lengths) + max_tokens
     cache = HeadSplitCache(split, HEAD_DIM, CacheConfig(memory_bytes=200 << 30, max_num_seqs=max_num_seqs,
@@ -45,23 +45,25 @@ def wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int) -> 
     scheduler = Scheduler(cache, chunk)
     for i, n in enumerate(lengths):
         scheduler.add(Sequence(str(i), [0] * n, SamplingParams(max_tokens=max_tokens), arrival=i))
-    plans = planned_calls(chunk, max_len)
-    work = planned_work = chunks = planned = 0
+    meta = torch.device("meta")
+    cudnn_prefill.plan_chunks(meta, torch.bfloat16, HEAD_DIM, GROUPS, {KV_HEADS}, chunk, max_len, _shapes_only)
+    work = cudnn_work = chunks = on_cudnn = 0
     while scheduler.has_unfinished():
         for c in scheduler.schedule():
             seq, start = c.seq, c.seq.num_cached
             if start < len(seq.prompt_ids):  # a prefill chunk
                 area = c.num_tokens * (start + (c.num_tokens + 1) / 2)
-                hit = all(call in plans for call in cudnn_prefill._calls(c.num_tokens, start))
-                work, planned_work = work + area, planned_work + area * hit
-                chunks, planned = chunks + 1, planned + hit
+                q = torch.empty(c.num_tokens, KV_HEADS * GROUPS, HEAD_DIM, dtype=torch.bfloat16, device=meta)
+                hit = cudnn_prefill.planned_queries(q, KV_HEADS, start) is not None
+                work, cudnn_work = work + area, cudnn_work + area * hit
+                chunks, on_cudnn = chunks + 1, on_cudnn + hit
             seq.num_cached += c.num_tokens
             if seq.num_cached == seq.num_tokens:
                 seq.output_ids.append(0)
                 if len(seq.output_ids) == max_tokens:
                     seq.status = Status.FINISHED
                     scheduler.free(seq)
-    return planned_work / work, chunks, planned
+    return cudnn_work / work, chunks, on_cudnn
 
 
 def main() -> None:
@@ -82,7 +84,7 @@ def main() -> None:
     for name, lengths in tqdm(workloads.items(), desc="waves"):
         share, chunks, planned = wave(lengths, args.chunk, args.max_tokens, max(64, args.requests))
         rows[name] = {"planned_work_share": share, "prefill_chunks": chunks, "planned_chunks": planned}
-    print(f"{'workload':<32}{'attention work planned':>24}{'chunks planned':>18}")
+    print(f"{'workload':<32}{'attention work on cuDNN':>24}{'chunks on cuDNN':>18}")
     for name, r in rows.items():
         print(f"{name:<32}{r['planned_work_share']:>23.0%}{r['planned_chunks']:>10} / {r['prefill_chunks']}")
     if args.json:

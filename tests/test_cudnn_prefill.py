@@ -29,13 +29,14 @@ def _chunk(start, n, heads=4, kv_heads=2, dim=8, dtype=torch.float64, device="cp
 
 
 @pytest.mark.parametrize("start", [0, 3, 8, 13, 16, 40])
-@pytest.mark.parametrize("n", [1, 5, 8, 11, 24])
-def test_decomposition_equals_causal_attention(monkeypatch, start, n):
-    """Every split of the history into whole blocks and a remainder, chunks shorter and longer than a block."""
+@pytest.mark.parametrize("n,queries", [(1, None), (5, None), (8, None), (11, None), (24, None), (5, 24), (19, 32)])
+def test_decomposition_equals_causal_attention(monkeypatch, start, n, queries):
+    """Every split of the history into whole blocks and a remainder, chunks shorter and longer than a
+    block, and chunks run as more queries than they have (a tail padded to a planned chunk)."""
     monkeypatch.setattr(cudnn_prefill, "ALIGN", 8)
     q, keys, values = _chunk(start, n)
     out = cudnn_prefill.chunk_attention(q, keys[start:], values[start:], keys[:start], values[:start], 0.3,
-                                        attend=plain_attend)
+                                        attend=plain_attend, queries=queries)
     reference = _attend(q, keys, values, None, None, 0.3)
     assert out.shape == q.shape
     torch.testing.assert_close(out, reference, atol=1e-10, rtol=1e-10)
@@ -72,7 +73,15 @@ def test_only_shapes_planned_at_start_up_take_the_path(monkeypatch):
     assert not planned(5, 2 * chunk)  # a tail
     assert not planned(chunk, chunk + 13)  # a chunk moved by more than a block
     assert not planned(chunk, 2 * chunk, kv_heads=2)  # no layer has 2 full heads
-    assert not cudnn_prefill.usable(torch.zeros(chunk, 6, 8, dtype=torch.float64), 3, chunk)  # not on a GPU
+    assert not cudnn_prefill.usable(torch.zeros(chunk, 6, 8, dtype=torch.float64))  # not on a GPU
+
+    def queries(n, start):
+        return cudnn_prefill.planned_queries(torch.zeros(n, 6, 8, dtype=torch.float64), 3, start)
+
+    assert queries(chunk, 2 * chunk) == chunk and queries(chunk - 3, 2 * chunk) == chunk - 3  # planned as they are
+    assert queries(24, 2 * chunk) == chunk  # a long tail: padded, cheaper than flash
+    assert queries(16, 0) is None  # a whole short prompt: padding its causal block costs more than it saves
+    assert queries(5, 2 * chunk) is None and queries(24, 2 * chunk + 13) is None  # a short tail; off the plans
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -88,7 +97,13 @@ def test_cudnn_equals_flash_on_cuda(start, n):
 def test_warm_up_then_a_chunk_after_whole_chunks():
     cudnn_prefill.warm_up("cuda", torch.bfloat16, 128, 4, {1, 3}, 1024, 4096)
     q, keys, values = _chunk(2047, 1024, heads=12, kv_heads=3, dim=128, dtype=torch.bfloat16, device="cuda")
-    assert cudnn_prefill.usable(q, 3, 2047) and not cudnn_prefill.usable(q[:100], 3, 2047)
-    assert not cudnn_prefill.usable(q.float(), 3, 2047)
+    assert cudnn_prefill.usable(q) and cudnn_prefill.planned_queries(q, 3, 2047) == 1024
+    assert cudnn_prefill.planned_queries(q[:100], 3, 2047) is None and not cudnn_prefill.usable(q.float())
+    tail = cudnn_prefill.planned_queries(q[:900], 3, 2048)  # a long tail runs padded to a whole chunk
+    assert tail == 1024
+    out = cudnn_prefill.chunk_attention(q[:900], keys[2048:2948], values[2048:2948], keys[:2048], values[:2048],
+                                        128 ** -0.5, queries=tail)
+    torch.testing.assert_close(out, _attend(q[:900], keys[:2948], values[:2948], None, None, 128 ** -0.5),
+                               atol=2e-2, rtol=0)
     out = cudnn_prefill.chunk_attention(q, keys[2047:], values[2047:], keys[:2047], values[:2047], 128 ** -0.5)
     torch.testing.assert_close(out, _attend(q, keys, values, None, None, 128 ** -0.5), atol=2e-2, rtol=0)

@@ -8,14 +8,14 @@ part-block of history just before it and the chunk itself -- as one square causa
 rows are placeholder queries; the two outputs are merged by their log-sum-exp.
 
 cuDNN builds a plan for every new shape, 50-70 ms on the H200, and a layer's number of full heads is
-part of the shape, so a compressed model has several sets of plans. Built while serving, plans stall
-prefills: planned mid-run, a saturated server at budgets 0.5 and 0.25 prefilled 9-29% slower than a
-lone request, at budget 1.0 not (H200, benchmarks/RESULTS.md). So the plans are built before serving
-(`warm_up`: whole chunks after whole chunks, the shapes that carry most of a long prompt's
-attention), lengths are padded to whole ALIGN-blocks so that shapes repeat, and a chunk of any other
-shape (a prompt's tail, the pieces of a prompt's first chunk-sized block that shared steps with other
-prompts) goes through SDPA's flash kernel instead (`planned`). PyTorch keeps cuDNN's plans per thread, so the thread that steps the engine builds its
-own (`LLMEngine.prepare_thread`), and the record of what is planned is per thread too.
+part of the shape, so a compressed model has several sets of plans; built while serving, each would
+stall its step. So the plans are built before serving (`warm_up`: whole chunks after whole chunks,
+the shapes that carry most of a long prompt's attention, and the scheduler keeps a prompt's chunks on
+them), lengths are padded to whole ALIGN-blocks so that shapes repeat, and a chunk of any other shape
+goes through SDPA's flash kernel instead, except a prompt's tail long enough to pay for running
+padded to a planned chunk (`planned_queries`). PyTorch keeps cuDNN's plans per thread, so the thread
+that steps the engine builds its own (`LLMEngine.prepare_thread`), and the record of what is planned
+is per thread too.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 ALIGN = 512  # rows of every length handed to cuDNN are a multiple of this
 HALF = (torch.float16, torch.bfloat16)  # cuDNN's attention takes no fp32
+CUDNN_OVER_FLASH = 1.8  # the split through cuDNN against flash, 8k queries over 8k-32k keys (H200, RESULTS.md)
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,19 @@ def _calls(n: int, start: int) -> list[tuple[int, int, bool]]:
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k: torch.Tensor,
-                    history_v: torch.Tensor, scaling: float, attend: Attend = cudnn_attend) -> torch.Tensor:
+                    history_v: torch.Tensor, scaling: float, attend: Attend = cudnn_attend,
+                    queries: int | None = None) -> torch.Tensor:
     """Causal attention of a chunk over its history and itself.
 
     q [n, Hq, D], k, v [n, Hkv, D]: the chunk, at positions start..start+n-1; history_k, history_v
     [start, Hkv, D]: the keys before it. Returns [n, Hq, D]. `attend` is the kernel (cuDNN; tests pass
-    a plain one to check the decomposition anywhere).
+    a plain one to check the decomposition anywhere). `queries` > n runs the chunk as that many, the
+    rest placeholders after it (`planned_queries`): a real query sees no key after its own.
     """
     n, start = q.shape[0], history_k.shape[0]
+    if queries is not None and queries > n:
+        q, k, v = (_pad_rows(x, 0, queries - n) for x in (q, k, v))
+        return chunk_attention(q, k, v, history_k, history_v, scaling, attend)[:n]
     split, lead, length = _layout(n, start)
     own_q = _pad_rows(q, lead, length - lead - n)  # row i is position split + i
     own_k = _pad_rows(torch.cat([history_k[split:], k]), 0, length - lead - n)  # padding: after every real query
@@ -98,15 +104,33 @@ def _planned() -> set[tuple]:
     return _this_thread.__dict__.setdefault("planned", set())
 
 
-def planned(q: torch.Tensor, kv_heads: int, start: int) -> bool:
-    """Whether `warm_up` built the plans for a chunk with queries q [n, Hq, D] after `start` keys."""
+def planned(q: torch.Tensor, kv_heads: int, start: int, queries: int | None = None) -> bool:
+    """Whether `warm_up` built the plans for a chunk with queries q [n, Hq, D] after `start` keys (run
+    as `queries` queries, if given)."""
     shape = (q.device, q.dtype, q.shape[1], kv_heads, q.shape[2])
-    return all((*shape, *call) in _planned() for call in _calls(q.shape[0], start))
+    return all((*shape, *call) in _planned() for call in _calls(queries or q.shape[0], start))
 
 
-def usable(q: torch.Tensor, kv_heads: int, start: int) -> bool:
-    """Whether this chunk takes the cuDNN path: half precision on a GPU, a shape this thread planned."""
-    return q.is_cuda and q.dtype in HALF and planned(q, kv_heads, start)
+def _area(n: int, start: int) -> float:
+    """Query-key pairs a chunk of n queries after `start` keys attends: its attention work."""
+    return n * (start + (n + 1) / 2)
+
+
+def planned_queries(q: torch.Tensor, kv_heads: int, start: int) -> int | None:
+    """How many queries to run this chunk as on the cuDNN path, or None for flash: its own number when
+    planned; else, for a chunk shorter than the planned ones (a prompt's tail), theirs when the
+    padded chunk through cuDNN costs less than the chunk through flash."""
+    n, size = q.shape[0], getattr(_this_thread, "chunk", None)
+    if planned(q, kv_heads, start):
+        return n
+    if size and n < size and _area(size, start) < CUDNN_OVER_FLASH * _area(n, start) and planned(q, kv_heads, start, size):
+        return size
+    return None
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether cuDNN's kernel can take these queries at all: half precision on a GPU."""
+    return q.is_cuda and q.dtype in HALF
 
 
 def plan_chunks(device: torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
@@ -115,6 +139,7 @@ def plan_chunks(device: torch.device, dtype: torch.dtype, head_dim: int, groups:
     a chunk of `chunk` queries after every whole number of chunks, starting on a block boundary or just
     past one. The scheduler keeps a prompt's chunks on whole multiples of `chunk` (its module docstring);
     a chunk up to a block shorter or later makes the same calls."""
+    _this_thread.chunk = chunk
     keys = torch.zeros(max_len, max(kv_head_counts), head_dim, dtype=dtype, device=device)
     starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk) for start in (whole - 1, whole)})
     for kv_heads in sorted(kv_head_counts):
