@@ -131,8 +131,9 @@ def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, 
     keys[seq.page_table[pos // page], pos % page] = k
     values[seq.page_table[pos // page], pos % page] = v
     queries = cudnn_prefill.planned_queries(q, k.shape[1], seq.start) if cudnn_prefill.usable(q) else None
-    history = torch.arange(seq.start if queries else seq.start + len(pos), device=pos.device)  # cuDNN: the
-    where = (seq.page_table[history // page], history % page)  # chunk's own keys come from k, v
+    # through cuDNN the chunk's own keys come from k, v: only the history comes from the pages
+    history = torch.arange(seq.start if queries else seq.start + len(pos), device=pos.device)
+    where = (seq.page_table[history // page], history % page)
     if queries:
         return cudnn_prefill.chunk_attention(q, k, v, keys[where], values[where], scaling, queries=queries)
     return _attend(q, keys[where], values[where], None, None, scaling)

@@ -123,9 +123,8 @@ def planned_queries(q: torch.Tensor, kv_heads: int, start: int) -> int | None:
     n, size = q.shape[0], getattr(_this_thread, "chunk", None)
     if planned(q, kv_heads, start):
         return n
-    if size and n < size and _area(size, start) < CUDNN_OVER_FLASH * _area(n, start) and planned(q, kv_heads, start, size):
-        return size
-    return None
+    worth_padding = size and n < size and _area(size, start) < CUDNN_OVER_FLASH * _area(n, start)
+    return size if worth_padding and planned(q, kv_heads, start, size) else None
 
 
 def usable(q: torch.Tensor) -> bool:

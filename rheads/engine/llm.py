@@ -290,7 +290,8 @@ class LLMEngine:
             if len(launched) < len(previous.seqs):  # the rows of the sequences that go on, gathered on the device
                 going_on = set(map(id, launched))
                 rows = [row for row, seq in enumerate(previous.seqs) if id(seq) in going_on]
-                tokens = tokens[torch.tensor(rows).to(tokens.device, non_blocking=True)]  # (a blocking copy waits for the GPU)
+                rows = torch.tensor(rows).to(tokens.device, non_blocking=True)  # a blocking copy waits for the GPU
+                tokens = tokens[rows]
             try:
                 logits = self.runner.run(chunks, tokens)
             except Exception:
@@ -327,7 +328,8 @@ class LLMEngine:
         # each has its last sampled token in flight: output_ids and num_tokens count the tokens before it
         going_on = [s for s in seqs
                     if len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < self.max_model_len]
-        if not going_on or sum(cache.pages_for(s.num_cached + 1) - len(s.pages) for s in going_on) > len(cache.free_pages):
+        missing = sum(cache.pages_for(s.num_cached + 1) - len(s.pages) for s in going_on)
+        if not going_on or missing > len(cache.free_pages):
             return None
         for seq in going_on:
             cache.grow(seq.slot, seq.pages, seq.num_cached + 1)
