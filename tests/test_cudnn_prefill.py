@@ -99,11 +99,13 @@ def test_warm_up_then_a_chunk_after_whole_chunks():
     q, keys, values = _chunk(2047, 1024, heads=12, kv_heads=3, dim=128, dtype=torch.bfloat16, device="cuda")
     assert cudnn_prefill.usable(q) and cudnn_prefill.planned_queries(q, 3, 2047) == 1024
     assert cudnn_prefill.planned_queries(q[:100], 3, 2047) is None and not cudnn_prefill.usable(q.float())
-    tail = cudnn_prefill.planned_queries(q[:900], 3, 2048)  # a long tail runs padded to a whole chunk
-    assert tail == 1024
-    out = cudnn_prefill.chunk_attention(q[:900], keys[2048:2948], values[2048:2948], keys[:2048], values[:2048],
-                                        128 ** -0.5, queries=tail)
-    torch.testing.assert_close(out, _attend(q[:900], keys[:2948], values[:2948], None, None, 128 ** -0.5),
-                               atol=2e-2, rtol=0)
     out = cudnn_prefill.chunk_attention(q, keys[2047:], values[2047:], keys[:2047], values[:2047], 128 ** -0.5)
+    torch.testing.assert_close(out, _attend(q, keys, values, None, None, 128 ** -0.5), atol=2e-2, rtol=0)
+
+    cudnn_prefill.warm_up("cuda", torch.bfloat16, 128, 4, {3}, 2048, 8192)  # chunks of 2048: a tail of 1400
+    q, keys, values = _chunk(4096, 1400, heads=12, kv_heads=3, dim=128, dtype=torch.bfloat16, device="cuda")
+    tail = cudnn_prefill.planned_queries(q, 3, 4096)  # (its own 1536 rows are not planned) runs padded
+    assert tail == 2048 and cudnn_prefill.planned_queries(q[:1100], 3, 4096) is None  # (a short one: flash)
+    out = cudnn_prefill.chunk_attention(q, keys[4096:], values[4096:], keys[:4096], values[:4096], 128 ** -0.5,
+                                        queries=tail)
     torch.testing.assert_close(out, _attend(q, keys, values, None, None, 128 ** -0.5), atol=2e-2, rtol=0)
