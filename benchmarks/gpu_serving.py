@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import random
 import shlex
 import shutil
 import sys
@@ -151,11 +152,13 @@ class GpuMemory:
 
 # --- prompts and server metrics ------------------------------------------------------------------
 
-def make_prompts(tokenizer_dir: Path, length: int, count: int) -> list[str]:
-    """`count` different texts of `length` tokens each, cut from the shipped haystack at spread offsets."""
+def make_prompts(tokenizer_dir: Path, length: int, count: int, uneven: bool = False) -> list[str]:
+    """`count` different texts of `length` tokens each (uneven: of lengths drawn from [length / 2,
+    length], seeded), cut from the shipped haystack at spread offsets."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = tokenizer("\n\n".join(p.read_text() for p in haystack_files()), add_special_tokens=False)["input_ids"]
-    return [tokenizer.decode(make_prompt(ids, index, length)) for index in range(count)]
+    lengths = random.Random(length).choices(range(length // 2, length + 1), k=count) if uneven else [length] * count
+    return [tokenizer.decode(make_prompt(ids, index, n)) for index, n in enumerate(lengths)]
 
 
 def step_totals(base_url: str) -> dict[str, dict[str, float]]:
@@ -361,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="rheads configurations ('': the peer alone)")
     p.add_argument("--no-peer", action="store_true", help="leave `transformers serve` out")
     p.add_argument("--contexts", default="8192,32768", help="prompt lengths in tokens")
+    p.add_argument("--uneven", action="store_true",
+                   help="prompts of lengths drawn from [context / 2, context] (concurrency as for context)")
     p.add_argument("--kv-cache-gib", type=float, default=30.0, help="KV memory of every server")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
              "weights_bytes": weights_read_per_step(config), "bandwidth": bandwidth,
              # the rate phase takes prompts from the end, none of which a saturation phase sent (a server with
              # a prefix cache would answer those from it)
-             "prompts": {c: make_prompts(args.tokenizer, c, most + args.rate_requests) for c in contexts}}
+             "prompts": {c: make_prompts(args.tokenizer, c, most + args.rate_requests, args.uneven) for c in contexts}}
     configs: list[tuple[str, float | None]] = [(f"rheads-{b}", b) for b in budgets]
     if not args.no_peer:
         configs.append((PEER, None))
