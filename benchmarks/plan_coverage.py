@@ -52,7 +52,7 @@ def wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int) -> 
         for c in scheduler.schedule():
             seq, start = c.seq, c.seq.num_cached
             if start < len(seq.prompt_ids):  # a prefill chunk
-                area = c.num_tokens * (start + (c.num_tokens + 1) / 2)
+                area = cudnn_prefill.attention_area(c.num_tokens, start)
                 q = torch.empty(c.num_tokens, KV_HEADS * GROUPS, HEAD_DIM, dtype=torch.bfloat16, device=meta)
                 hit = cudnn_prefill.planned_queries(q, KV_HEADS, start) is not None
                 work, cudnn_work = work + area, cudnn_work + area * hit

@@ -111,7 +111,7 @@ def planned(q: torch.Tensor, kv_heads: int, start: int, queries: int | None = No
     return all((*shape, *call) in _planned() for call in _calls(queries or q.shape[0], start))
 
 
-def _area(n: int, start: int) -> float:
+def attention_area(n: int, start: int) -> float:
     """Query-key pairs a chunk of n queries after `start` keys attends: its attention work."""
     return n * (start + (n + 1) / 2)
 
@@ -123,7 +123,7 @@ def planned_queries(q: torch.Tensor, kv_heads: int, start: int) -> int | None:
     n, size = q.shape[0], getattr(_this_thread, "chunk", None)
     if planned(q, kv_heads, start):
         return n
-    worth_padding = size and n < size and _area(size, start) < CUDNN_OVER_FLASH * _area(n, start)
+    worth_padding = size and n < size and attention_area(size, start) < CUDNN_OVER_FLASH * attention_area(n, start)
     return size if worth_padding and planned(q, kv_heads, start, size) else None
 
 
