@@ -21,18 +21,24 @@ import torch.nn.functional as F
 from rheads.engine.decode import DecodeBatch, head_split_decode_triton
 
 
-def timed(fn, repeat: int = 20) -> float:
-    """Median milliseconds of fn over CUDA events, after a warm-up."""
+def timed(fn, repeat: int = 20, calls: int = 10) -> float:
+    """Median milliseconds of one fn call, as a CUDA graph of `calls` back-to-back calls replays them (as
+    the engine serves decode steps): timing single calls would count the Python launch, which takes
+    longer than an 8k layer's kernel."""
     fn()
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
 

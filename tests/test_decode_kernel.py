@@ -195,7 +195,7 @@ def test_cuda_graph_decode_equals_eager(budget):
 def test_rms_norm_kernel_equals_transformers(dtype, width):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from rheads.engine.fused import rms_norm
+    from rheads.engine.fused import add_rms_norm, rms_norm
 
     if dtype is torch.bfloat16 and not CUDA:
         pytest.skip("bfloat16 runs on the GPU")
@@ -210,6 +210,11 @@ def test_rms_norm_kernel_equals_transformers(dtype, width):
     tol = 1e-5 if dtype is torch.float32 else 1e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     torch.testing.assert_close(rms_norm(norm, hidden.transpose(0, 1)), norm(hidden.transpose(0, 1)), atol=tol, rtol=tol)
+    residual = torch.randn(5, 3, width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    update = hidden.transpose(0, 1)  # strided, as a view may come
+    total, normed = add_rms_norm(norm, residual, update)
+    assert torch.equal(total, residual + update)  # rounded once to the dtype, as eager's add rounds
+    torch.testing.assert_close(normed, norm(residual + update), atol=tol, rtol=tol)
 
 
 def _dtypes():

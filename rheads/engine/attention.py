@@ -51,6 +51,7 @@ class BatchMeta:
     seqs: list[SeqSlice]  # sequences fed through the per-sequence path (prefill chunks)
     positions: torch.Tensor  # [tokens]
     decode: DecodeBatch | None = None
+    residual: torch.Tensor | None = None  # the residual stream a decoder layer leaves for the next (fused.py)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: float) -> torch.Tensor:
