@@ -988,6 +988,23 @@ def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits.masked_fill(mask, float("-inf")).softmax(-1)
 
 
+@pytest.mark.parametrize("vocab", [128256, 49152, 1000, 37])
+def test_greedy_tokens_equal_argmax_ties_included(vocab) -> None:
+    """The two-pass greedy pick is argmax's, the first of equal maxima too, for vocabularies that split
+    into chunks (Llama 3's, SmolLM2's, a small one) and one that does not."""
+    from rheads.engine.sampler import greedy_tokens
+
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits[0] = 1.0  # all equal: token 0
+    logits[1, [3, vocab // 2, vocab - 1]] = 99.0  # equal maxima in different chunks
+    logits[2, -1] = 99.0  # in the last chunk
+    logits[3, [vocab // 2, vocab // 2 + 1]] = 99.0  # equal maxima in one chunk
+    want = logits.argmax(-1)
+    assert want[:4].tolist() == [0, 3, vocab - 1, vocab // 2]
+    assert torch.equal(greedy_tokens(logits), want)
+    assert torch.equal(greedy_tokens(logits.float()), want)
+
+
 @pytest.mark.parametrize("seeded", [False, True], ids=["batched-draw", "seeded-row"])
 def test_sampling_keeps_top_k_top_p_and_the_distribution(seeded) -> None:
     """Unseeded rows are drawn together on the device, seeded rows one by one with their own generator:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .sequence import SamplingParams, TokenLogprob
@@ -19,12 +21,24 @@ def draw_tokens(logits: torch.Tensor, params: list[SamplingParams], plain: list[
     """The next token of every plain row (default: every row) of [rows, vocab] logits, on their device,
     without waiting for it (other rows get an argmax nobody reads): greedy rows by one argmax, the
     others by one batched draw."""
-    tokens = logits.argmax(-1)
+    tokens = greedy_tokens(logits)
     drawn = [row for row, p in enumerate(params) if (plain is None or plain[row]) and p.temperature >= GREEDY_BELOW]
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
         tokens = tokens.index_copy(0, rows, _draw(logits[rows].float(), [params[row] for row in drawn]))
     return tokens
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (the first of equal maxima) of [rows, vocab] logits, in two passes over chunks of
+    the vocabulary: one pass gives each row to one block of threads, 35 us at 48 x 128k on the H200,
+    where the chunks' maxima spread over the whole GPU."""
+    chunk = math.gcd(logits.shape[-1], 1024)
+    if chunk < 64 or logits.shape[0] == 0:
+        return logits.argmax(-1)
+    best, where = logits.reshape(logits.shape[0], -1, chunk).max(-1)  # each chunk's first maximum
+    winner = best.argmax(-1, keepdim=True)  # the first chunk holding the row's maximum
+    return (winner * chunk + where.gather(1, winner))[:, 0]
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
