@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import HeadSplitCache
+from .transfer import to_device
 
 try:
     import triton
@@ -55,12 +56,7 @@ class DecodeBatch:
         return {name: value for name, value in self.__dict__.items() if isinstance(value, torch.Tensor)}
 
     def to(self, device: torch.device) -> "DecodeBatch":
-        return DecodeBatch(**{**self.__dict__, **{k: v.to(device, non_blocking=True) for k, v in self.tensors().items()}})
-
-    def copy_into(self, static: "DecodeBatch") -> None:
-        """Fill a CUDA graph's static batch (same shapes) with this batch's values."""
-        for name, value in self.tensors().items():
-            getattr(static, name).copy_(value, non_blocking=True)
+        return DecodeBatch(**{**self.__dict__, **{k: to_device(v, device) for k, v in self.tensors().items()}})
 
 
 def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,

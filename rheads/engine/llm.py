@@ -25,6 +25,7 @@ from .heads import HeadSplit, permute_attention_heads, select_heads
 from .runner import ModelRunner
 from .sampler import draw_tokens, is_plain, sample_batch
 from .scheduler import Chunk, Scheduler
+from .transfer import to_device
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
 
 
@@ -290,7 +291,7 @@ class LLMEngine:
             if len(launched) < len(previous.seqs):  # the rows of the sequences that go on, gathered on the device
                 going_on = set(map(id, launched))
                 rows = [row for row, seq in enumerate(previous.seqs) if id(seq) in going_on]
-                rows = torch.tensor(rows).to(tokens.device, non_blocking=True)  # a blocking copy waits for the GPU
+                rows = to_device(rows, tokens.device)
                 tokens = tokens[rows]
             try:
                 logits = self.runner.run(chunks, tokens)

@@ -2,8 +2,8 @@
 
 On CUDA, a step in which every sequence decodes one token replays a CUDA graph captured for the next
 batch-size bucket (padding rows write to the cache's scratch page and slot): the whole step, 32 layers
-of small kernels, becomes one launch. The engine captures every bucket it can use at start-up. Steps
-with prefill chunks run eagerly.
+of small kernels, becomes one launch, its inputs one copy from pinned memory. The engine captures every
+bucket it can use at start-up. Steps with prefill chunks run eagerly.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .attention import BatchMeta, SeqSlice
 from .decode import DecodeBatch
 from .cache import HeadSplitCache
 from .scheduler import Chunk
+from .transfer import to_device
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -48,22 +49,22 @@ class ModelRunner:
             if chunk.num_tokens == 1:
                 decoding.append((begin, chunk))
             else:
-                table = torch.tensor(seq.pages, dtype=torch.long, device=self.device)
+                table = to_device(seq.pages, self.device, torch.long)
                 slices.append(SeqSlice(begin, len(positions), start, seq.slot, table))
             if chunk.samples or input_tokens is not None:
                 last.append(len(positions) - 1)
         device = self.device
-        position_ids = torch.tensor(positions, device=device)
+        position_ids = to_device(positions, device)
         decode = self.decode_batch(decoding).to(device) if decoding else None
         meta = BatchMeta(self.cache, slices, position_ids, decode)
         hidden = self.model.model(
-            input_ids=(torch.tensor(ids, device=device) if input_tokens is None else input_tokens)[None],
+            input_ids=(to_device(ids, device) if input_tokens is None else input_tokens)[None],
             position_ids=position_ids[None],
             use_cache=False, rheads_batch=meta,
         ).last_hidden_state[0]
         for chunk in chunks:
             chunk.seq.num_cached += chunk.num_tokens
-        return self.model.lm_head(hidden[torch.tensor(last, device=device)]) if last else hidden[:0]
+        return self.model.lm_head(hidden[to_device(last, device)]) if last else hidden[:0]
 
     def decode_batch(self, decoding: list[tuple[int, Chunk]], size: int | None = None,
                      width: int | None = None) -> DecodeBatch:
@@ -124,10 +125,13 @@ class _DecodeGraph:
     def __init__(self, runner: ModelRunner, size: int):
         self.size = size
         device = runner.device
-        self.batch = runner.decode_batch([], size, runner.max_pages).to(device)
-        self.batch.max_length = runner.max_model_len
-        self.input_ids = torch.zeros(1, size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(1, size, dtype=torch.long, device=device)
+        template = runner.decode_batch([], size, runner.max_pages)
+        self.inputs = _PinnedInputs({**template.tensors(), "input_ids": torch.zeros(size, dtype=torch.long),
+                                     "positions": torch.zeros(size, dtype=torch.long)}, device)
+        views = self.inputs.views
+        self.batch = DecodeBatch(**{name: views[name] for name in template.tensors()},
+                                 max_length=runner.max_model_len)
+        self.input_ids, self.positions = views["input_ids"][None], views["positions"][None]
         meta = BatchMeta(runner.cache, [], self.positions[0], self.batch)
 
         def forward() -> torch.Tensor:
@@ -145,9 +149,51 @@ class _DecodeGraph:
             self.logits = forward()
 
     def replay(self, batch: DecodeBatch, token_ids: torch.Tensor) -> None:
-        """Run the graph on `batch` fed with `token_ids` (host or device; rows past them keep stale ids)."""
-        positions = batch.lengths.long() - 1
-        self.input_ids[0, :len(token_ids)].copy_(token_ids, non_blocking=True)
-        self.positions[0].copy_(positions, non_blocking=True)
-        batch.copy_into(self.batch)
+        """Run the graph on `batch` (host tensors) fed with `token_ids` (host or device; rows past them keep
+        stale ids)."""
+        values = {**batch.tensors(), "positions": batch.lengths.long() - 1}
+        if token_ids.device.type == "cpu":
+            values["input_ids"] = token_ids
+        self.inputs.upload(values)
+        if token_ids.device.type != "cpu":
+            self.input_ids[0, :len(token_ids)].copy_(token_ids)
         self.graph.replay()
+
+
+class _PinnedInputs:
+    """A CUDA graph's static inputs as views of one device buffer, uploaded per step from pinned host
+    memory in one asynchronous copy. A copy from pageable memory, one per tensor, makes the host wait
+    until the GPU reaches it: the next step could not be launched while one runs.
+
+    Two host buffers take turns; before one is written again, the copy that last read it has finished.
+    """
+
+    ALIGN = 16
+
+    def __init__(self, like: dict[str, torch.Tensor], device: torch.device):
+        self._places, size = {}, 0
+        for name, tensor in like.items():
+            self._places[name] = (size, tensor.dtype, tensor.shape)
+            size += -(-tensor.numel() * tensor.element_size() // self.ALIGN) * self.ALIGN
+        self._device = torch.zeros(size, dtype=torch.uint8, device=device)
+        self._hosts = [torch.zeros(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
+        self.views = self._views(self._device)
+        for name, tensor in like.items():
+            self.views[name].copy_(tensor)
+
+    def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: buffer[start:start + dtype.itemsize * shape.numel()].view(dtype).view(shape)
+                for name, (start, dtype, shape) in self._places.items()}
+
+    def upload(self, values: dict[str, torch.Tensor]) -> None:
+        """Write these tensors (each at most its input's rows) into the device views, in one copy."""
+        host, copied = self._hosts[self._turn], self._copied[self._turn]
+        copied.synchronize()  # at once unless the GPU is two steps behind
+        views = self._views(host)
+        for name, value in values.items():
+            views[name][:len(value)].copy_(value)
+        self._device.copy_(host, non_blocking=True)
+        copied.record()
+        self._turn ^= 1

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .sequence import SamplingParams, TokenLogprob
+from .transfer import to_device
 
 
 GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows to nan)
@@ -24,7 +25,7 @@ def draw_tokens(logits: torch.Tensor, params: list[SamplingParams], plain: list[
     tokens = greedy_tokens(logits)
     drawn = [row for row, p in enumerate(params) if (plain is None or plain[row]) and p.temperature >= GREEDY_BELOW]
     if drawn:
-        rows = torch.tensor(drawn, device=logits.device)
+        rows = to_device(drawn, logits.device)
         tokens = tokens.index_copy(0, rows, _draw(logits[rows].float(), [params[row] for row in drawn]))
     return tokens
 
@@ -57,9 +58,9 @@ def _sorted_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[t
     kept) and top-p over what is left: its probabilities in descending order, and that order."""
     vocab = logits.shape[1]
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+    temperature = to_device([p.temperature for p in params], device)
+    top_k = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device)
+    top_p = to_device([p.top_p for p in params], device)
     ordered, order = (logits / temperature[:, None]).sort(-1, descending=True)
     kth = ordered.gather(1, (top_k - 1)[:, None])
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))
