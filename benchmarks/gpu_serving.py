@@ -240,7 +240,6 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
     is_peer = budget is None
     model = str(setup["model_dir"]) if is_peer else name
     extra_body = {} if is_peer else None  # the peer refuses ignore_eos; its model dir has no EOS
-    memory.reset()
     print(f"[{name}] starting", file=sys.stderr, flush=True)
     server = ServerProcess(name, server_command(name, budget, setup["model_dir"], setup["profile"], args,
                                                 setup["max_model_len"], config),
@@ -254,6 +253,7 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
             n = capacity(config, 1.0 if is_peer else budget, context + args.max_tokens, args)
             prompts = setup["prompts"][context]
             before = step_totals(server.base)
+            memory.reset()
             saturation = asyncio.run(run_load(
                 server.base, n, n, args.saturation_duration, max_tokens=args.max_tokens, model=model,
                 label=f"{name} {context} saturation", progress=not args.no_progress,
@@ -266,13 +266,13 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
                 prompts=lambda i: prompts[-1 - i % len(prompts)],
                 rate=args.rates[context], extra_body=extra_body, request_timeout=args.rate_duration + 30))
             out["contexts"][str(context)] = {"offered_concurrency": n, "saturation": brief(saturation),
-                                             "decode_steps": steps, "rate": brief(rate)}
+                                             "decode_steps": steps, "rate": brief(rate),
+                                             "peak_gpu_memory_bytes": memory.peak()}
             print(f"[{name}] {context}: {saturation['output_token_throughput']:.1f} tok/s with {n} offered, "
                   f"peak streaming {saturation['decoding']['peak']}", file=sys.stderr, flush=True)
     finally:
         out["exit_code"] = server.stop()
         out["log_tail"] = server.output()[-1500:]
-    out["peak_gpu_memory_bytes"] = memory.peak()
     return out
 
 
@@ -300,6 +300,7 @@ ROWS = [  # label, path into a context's result, format
     ("rate: ITL p50 (ms)", ("rate", "itl_s", "p50"), "{:.1f}", 1000),
     ("rate: ITL p99 (ms)", ("rate", "itl_s", "p99"), "{:.1f}", 1000),
     ("rate: completed / sent", None, None),
+    ("peak GPU memory (GiB)", ("peak_gpu_memory_bytes",), "{:.1f}", 1 / GIB),
 ]
 
 
@@ -318,9 +319,6 @@ def format_context(report: dict, context: str) -> str:
             v = _get(r, *path)
             cells.append("-" if v is None else fmt.format(v * (scale[0] if scale else 1)))
         lines.append(f"{label:<{width}}" + "".join(f"{c:>20}" for c in cells))
-    mem = [report["configs"][n].get("peak_gpu_memory_bytes") for n in names]
-    lines.append(f"{'peak GPU memory (GiB)':<{width}}" + "".join(f"{'-' if m is None else f'{m / GIB:.1f}':>20}"
-                                                                for m in mem))
     return "\n".join(lines)
 
 
