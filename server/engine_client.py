@@ -2,13 +2,19 @@
 
 Only the engine thread touches the engine: handlers validate a request (fixed settings only), then
 post it to an inbox that the thread drains before each step, so a long prefill step never blocks the
-event loop. Each output goes to its request's asyncio queue. A handler that stops iterating (client
-gone, task cancelled) posts an abort, which frees the request's cache pages before the next step.
+event loop. Each output goes to its request's asyncio queue, a step's outputs in one call into the
+loop. A handler that stops iterating (client gone, task cancelled) posts an abort, which frees the
+request's cache pages before the next step.
+
+Both threads run Python under one GIL. While the handlers stream a step's tokens, the engine thread
+waits for the GIL to launch the next step; CPython hands it over only after its switch interval
+(5 ms by default, over half an 8k decode step), so the client lowers it to SWITCH_INTERVAL_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -18,6 +24,8 @@ from rheads.engine import LLMEngine, RequestOutput, SamplingParams
 from rheads.engine.llm import RequestError
 
 from .metrics import Metrics
+
+SWITCH_INTERVAL_S = 0.0005  # how long a thread holding the GIL keeps it while the engine thread waits
 
 
 class QueueFullError(RuntimeError):
@@ -41,6 +49,7 @@ class EngineClient:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="rheads-engine", daemon=True)
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread.start()
         self._ready.wait()  # the engine thread's own start-up (its cuDNN plans) comes before any request
         if self._start_error is not None:
@@ -55,10 +64,15 @@ class EngineClient:
     def num_unfinished(self) -> int:
         return len(self._pending)
 
-    def _deliver(self, out: RequestOutput) -> None:
-        pending = self._pending.get(out.request_id)
-        if pending is not None:
-            pending.loop.call_soon_threadsafe(pending.queue.put_nowait, out)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their requests' queues: one wake-up of each event loop, not one per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            pending = self._pending.get(out.request_id)
+            if pending is not None:
+                by_loop.setdefault(pending.loop, []).append((pending.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         failed = []
@@ -88,8 +102,7 @@ class EngineClient:
                 outputs += self._step()
             self._waiting = self.engine.num_waiting + len(self._inbox)
             self.metrics.observe_engine(self.engine)
-            for out in outputs:
-                self._deliver(out)
+            self._deliver(outputs)
             if not busy and not self._inbox:
                 self._work.wait(0.5)
                 self._work.clear()
@@ -124,6 +137,11 @@ class EngineClient:
         if self._pending.pop(request_id, None) is not None:
             self._inbox.append(("abort", request_id))
             self._work.set()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 class RequestStream:
