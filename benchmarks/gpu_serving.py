@@ -240,6 +240,7 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
     is_peer = budget is None
     model = str(setup["model_dir"]) if is_peer else name
     extra_body = {} if is_peer else None  # the peer refuses ignore_eos; its model dir has no EOS
+    memory.reset()  # each context's peak counts from the server's start: start-up (graph capture) included
     print(f"[{name}] starting", file=sys.stderr, flush=True)
     server = ServerProcess(name, server_command(name, budget, setup["model_dir"], setup["profile"], args,
                                                 setup["max_model_len"], config),
@@ -253,7 +254,6 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
             n = capacity(config, 1.0 if is_peer else budget, context + args.max_tokens, args)
             prompts = setup["prompts"][context]
             before = step_totals(server.base)
-            memory.reset()
             saturation = asyncio.run(run_load(
                 server.base, n, n, args.saturation_duration, max_tokens=args.max_tokens, model=model,
                 label=f"{name} {context} saturation", progress=not args.no_progress,

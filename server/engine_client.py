@@ -5,16 +5,11 @@ post it to an inbox that the thread drains before each step, so a long prefill s
 event loop. Each output goes to its request's asyncio queue, a step's outputs in one call into the
 loop. A handler that stops iterating (client gone, task cancelled) posts an abort, which frees the
 request's cache pages before the next step.
-
-Both threads run Python under one GIL. While the handlers stream a step's tokens, the engine thread
-waits for the GIL to launch the next step; CPython hands it over only after its switch interval
-(5 ms by default, over half an 8k decode step), so the client lowers it to SWITCH_INTERVAL_S.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -24,8 +19,6 @@ from rheads.engine import LLMEngine, RequestOutput, SamplingParams
 from rheads.engine.llm import RequestError
 
 from .metrics import Metrics
-
-SWITCH_INTERVAL_S = 0.0005  # how long a thread holding the GIL keeps it while the engine thread waits
 
 
 class QueueFullError(RuntimeError):
@@ -49,7 +42,6 @@ class EngineClient:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="rheads-engine", daemon=True)
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread.start()
         self._ready.wait()  # the engine thread's own start-up (its cuDNN plans) comes before any request
         if self._start_error is not None:
