@@ -223,7 +223,9 @@ async def run_load(base_url: str, concurrency: int = 8, requests: int = 64, dura
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=request_timeout,
                                  limits=limits) as client, \
             httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10) as side:
-        if prompts is None:
+        if prompts is not None:
+            prompt_tokens = None  # the caller's prompts: their lengths are in the records, not this setting
+        else:
             ids = await haystack_ids(side)
             prompts = lambda index: make_prompt(ids, index, prompt_tokens)  # noqa: E731
         if model is None:
