@@ -25,8 +25,8 @@ from .heads import HeadSplit, permute_attention_heads, select_heads
 from .runner import ModelRunner
 from .sampler import draw_tokens, is_plain, sample_batch
 from .scheduler import Chunk, Scheduler
-from .transfer import to_device
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
+from .transfer import to_device
 
 
 DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (the imported ones)
