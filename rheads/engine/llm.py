@@ -222,8 +222,10 @@ class LLMEngine:
         the device and returns; the next call launches the step after it before reading them back
         (`_pipelined_step`), so a request's token arrives one call later and the host never idles the GPU.
         A failure while sampling or appending one request's token finishes that request alone with
-        finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises:
-        the batch's cache state is unknown then, so the caller fails what is in flight.
+        finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises,
+        and the step may be retried: a decode step writes each sequence's new entry alone and again the
+        same, but a prefill chunk that died after some layers wrote its window slot has lost entries its
+        later queries read, so those sequences go back to the waiting queue, to be computed again.
         """
         self.prepare_thread()
         start = time.perf_counter()
@@ -237,7 +239,13 @@ class LLMEngine:
         if not chunks:
             return outputs
         num_tokens = sum(c.num_tokens for c in chunks)
-        logits = self.runner.run(chunks)
+        try:
+            logits = self.runner.run(chunks)
+        except Exception:
+            for chunk in chunks:
+                if chunk.num_tokens > 1:
+                    self.scheduler.preempt(chunk.seq)
+            raise
         done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
         if (self.async_decode and num_tokens == len(chunks) == len(done)
                 and all(is_plain(s.params, s.generator) for s in done)):

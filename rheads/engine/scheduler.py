@@ -59,7 +59,8 @@ class Scheduler:
         self.cache.release(seq.slot, seq.pages)
         seq.slot, seq.num_cached = None, 0
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Give a running sequence's cache back and queue it first, to be computed again from its first token."""
         self.running.remove(seq)
         self.cache.release(seq.slot, seq.pages)
         seq.slot, seq.num_cached, seq.status = None, 0, Status.WAITING
@@ -71,7 +72,7 @@ class Scheduler:
         need = self.cache.pages_for(num_tokens) - len(seq.pages)
         while need > len(self.cache.free_pages):
             victim = max(self.running, key=lambda s: s.arrival)
-            self._preempt(victim)
+            self.preempt(victim)
             if victim is seq:
                 return False
         self.cache.grow(seq.slot, seq.pages, num_tokens)
