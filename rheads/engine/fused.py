@@ -197,9 +197,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if not kernels_on(gate_up):
         gate, up = gate_up.split(width, dim=-1)
         return F.silu(gate) * up
-    rows = gate_up.reshape(-1, 2 * width)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _contiguous_rows(gate_up)
     out = torch.empty(rows.shape[0], width, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(width))
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, block))](rows, out, rows.stride(0), width, BLOCK=block)
