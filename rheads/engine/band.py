@@ -21,6 +21,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .cache import held_positions
+from .transfer import to_device
 
 BLOCK = 128  # FlexAttention's default block size, in queries and in keys
 
@@ -89,7 +90,7 @@ def band_block_mask(held: torch.Tensor, start: int, n: int, sink: int, window: i
     none = (k_lo > q_hi) | ((k_lo >= sink) & (q_lo - k_hi >= window))
     full = (k_hi <= q_lo) & ((k_hi < sink) | (q_hi - k_lo < window)) & ~padding.any(1)[None, :]
     partial = ~none & ~full
-    sink_t, window_t = torch.tensor(sink, device=device), torch.tensor(window, device=device)
+    sink_t, window_t = to_device(sink, device), to_device(window, device)  # without waiting for the GPU
 
     def visible(b, h, q_index, k_index):
         query, key = q_pos[q_index], k_pos[k_index]
