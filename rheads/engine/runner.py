@@ -177,6 +177,7 @@ class _PinnedInputs:
             size += -(-tensor.numel() * tensor.element_size() // self.ALIGN) * self.ALIGN
         self._device = torch.zeros(size, dtype=torch.uint8, device=device)
         self._hosts = [torch.zeros(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self._host_views = [self._views(host) for host in self._hosts]
         self._copied = [torch.cuda.Event(), torch.cuda.Event()]
         self._turn = 0
         self.views = self._views(self._device)
@@ -189,9 +190,8 @@ class _PinnedInputs:
 
     def upload(self, values: dict[str, torch.Tensor]) -> None:
         """Write these tensors (each at most its input's rows) into the device views, in one copy."""
-        host, copied = self._hosts[self._turn], self._copied[self._turn]
+        host, views, copied = self._hosts[self._turn], self._host_views[self._turn], self._copied[self._turn]
         copied.synchronize()  # at once unless the GPU is two steps behind
-        views = self._views(host)
         for name, value in values.items():
             views[name][:len(value)].copy_(value)
         self._device.copy_(host, non_blocking=True)
