@@ -84,6 +84,31 @@ def test_only_shapes_planned_at_start_up_take_the_path(monkeypatch):
     assert queries(5, 2 * chunk) is None and queries(24, 2 * chunk + 13) is None  # a short tail; off the plans
 
 
+def test_planned_calls_have_the_strides_of_the_served_ones(monkeypatch):
+    """cuDNN keys its plans by stride as well as shape: the calls planned at start-up must hand the kernel
+    tensors laid out as a served chunk's are (its history gathered from the pages, its queries a slice of
+    the layer's heads), or each served call of a layer with fewer full heads than the widest plans anew."""
+    monkeypatch.setattr(cudnn_prefill, "ALIGN", 8)
+    monkeypatch.setattr(cudnn_prefill, "_this_thread", threading.local())
+    layouts = []
+
+    def recording_attend(q, k, v, causal, scaling):
+        layouts.append(tuple((x.shape, x.stride()) for x in (q, k, v)) + (causal,))
+        return plain_attend(q, k, v, causal, scaling)
+
+    chunk, groups, dim = 16, 2, 8
+    cudnn_prefill.plan_chunks(torch.device("cpu"), torch.float64, dim, groups, {1, 3}, chunk, 4 * chunk, recording_attend)
+    planned, layouts[:] = set(layouts), []
+    pages = torch.randn(8, 8, 3, dim, dtype=torch.float64)  # a layer's pool: pages of 8 tokens, 3 full KV heads
+    for kv_heads in (1, 3):
+        qkv = torch.randn(chunk, (groups + 2) * 4, dim, dtype=torch.float64)  # all of a layer's q, k, v heads
+        q, k, v = qkv[:, :groups * kv_heads], qkv[:, 8:8 + kv_heads], qkv[:, 12:12 + kv_heads]
+        history = torch.arange(2 * chunk)
+        keys = pages[history // 8, history % 8, :kv_heads].contiguous()  # gathered, as attention._full_heads does
+        cudnn_prefill.chunk_attention(q, k, v, keys, keys, 1.0, recording_attend)
+    assert layouts and set(layouts) <= planned
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("start,n", [(0, 100), (0, 1024), (700, 1), (1024, 512), (1500, 2100), (8181, 8192)])
 def test_cudnn_equals_flash_on_cuda(start, n):

@@ -139,11 +139,13 @@ def plan_chunks(device: torch.device, dtype: torch.dtype, head_dim: int, groups:
     past one. The scheduler keeps a prompt's chunks on whole multiples of `chunk` (its module docstring);
     a chunk up to a block shorter or later makes the same calls."""
     _this_thread.chunk = chunk
-    keys = torch.zeros(max_len, max(kv_head_counts), head_dim, dtype=dtype, device=device)
     starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk) for start in (whole - 1, whole)})
     for kv_heads in sorted(kv_head_counts):
+        # contiguous, as the engine's gathered history is: cuDNN's plans are per stride too, and a plan
+        # for the heads of a wider tensor would leave the served call to plan again, mid-step
+        history = torch.zeros(max_len, kv_heads, head_dim, dtype=dtype, device=device)
         q = torch.zeros(chunk, kv_heads * groups, head_dim, dtype=dtype, device=device)
-        own, history = keys[:chunk, :kv_heads], keys[:, :kv_heads]
+        own = history[:chunk]
         for start in starts:
             chunk_attention(q, own, own, history[:start], history[:start], 1.0, attend)
             _planned().update((device, dtype, q.shape[1], kv_heads, head_dim, *call) for call in _calls(chunk, start))
