@@ -3,7 +3,9 @@
 Random weights at a real shape (default Llama-3.1-8B, bf16) with a synthetic split, like bench_engine.py.
 For each budget: feed `--batch` prompts of `--context` tokens in chunks of `--chunk` (profiled: the
 prefill steps), then `--steps` decode steps of the whole batch (profiled separately, CUDA graphs off
-so each kernel shows), and print the operators that take the most device time.
+so each kernel shows), and print the operators that take the most device time. With `--arrival-tokens`
+it also times steps in which a prompt of that many tokens arrives beside the decoding batch (the prefill
+chunk and the decode rows in one eager step, as a served request's arrival makes them).
 
     python benchmarks/profile_engine.py --context 8192 --batch 4 --budgets 1.0,0.25
 """
@@ -51,6 +53,26 @@ def replay_seconds(runner, repeat: int) -> float:
     return start.elapsed_time(end) / 1000 / repeat
 
 
+def arrival_step_seconds(engine: LLMEngine, tokens: int, steps: int, vocab: int, device: str) -> float:
+    """Mean wall time of `steps` steps, before each of which a new `tokens`-token prompt (one output
+    token) arrives: each step prefills it beside the running batch's decode rows."""
+    generator = torch.Generator().manual_seed(1)
+
+    def arrive(i: int) -> None:
+        ids = torch.randint(0, vocab, (tokens,), generator=generator).tolist()
+        engine.add_request(f"arrival-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+
+    arrive(-1)  # a first one outside the timing: its chunk shape's first run
+    engine.step()
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        arrive(i)
+        engine.step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
@@ -62,6 +84,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     p.add_argument("--kv-memory-gib", type=float, help="default: what the whole batch needs at each budget")
     p.add_argument("--top", type=int, default=15, help="operators listed")
+    p.add_argument("--arrival-tokens", type=int, default=0, help="time steps with a prompt this long arriving")
     p.add_argument("--decode-only", action="store_true",
                    help="prefill unprofiled (the profiler slows a long prefill several-fold)")
     args = p.parse_args()
@@ -73,7 +96,7 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     for budget in map(float, args.budgets.split(",")):
         split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
-        engine_config = EngineConfig(budget=None, max_num_seqs=args.batch, max_num_batched_tokens=args.chunk,
+        engine_config = EngineConfig(budget=None, max_num_seqs=args.batch + (2 if args.arrival_tokens else 0), max_num_batched_tokens=args.chunk,
                                      max_model_len=args.context + 8 * args.steps + 64, device=args.device,
                                      dtype=dtype, cuda_graphs=False)
         engine_config.kv_cache_memory = (int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else
@@ -115,11 +138,15 @@ def main() -> None:
             sync(args.device)
             graph_s = (time.perf_counter() - start) / args.steps
             replay_s = replay_seconds(engine.runner, args.steps)
+        if args.arrival_tokens:
+            arrival_s = arrival_step_seconds(engine, args.arrival_tokens, args.steps, config.vocab_size, args.device)
         print(f"\n=== budget {budget:g}: prefill (after the first chunk{'' if prefill else ', unprofiled'}) {prefill_s:.2f} s; "
               f"eager decode step {decode_s * 1000:.1f} ms, of which {gpu_s * 1000:.1f} ms of device kernels; "
               f"with CUDA graphs {'-' if graph_s is None else f'{graph_s * 1000:.1f}'} ms, "
               f"of which the graph replay alone {'-' if replay_s is None else f'{replay_s * 1000:.1f}'} ms "
               f"(batch {args.batch}, context {args.context})")
+        if args.arrival_tokens:
+            print(f"    a step with a {args.arrival_tokens}-token prompt arriving: {arrival_s * 1000:.1f} ms")
         if prefill is not None:
             print("--- prefill")
             print(prefill.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
