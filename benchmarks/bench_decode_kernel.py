@@ -25,11 +25,17 @@ def timed(fn, repeat: int = 20, calls: int = 10) -> float:
     """Median milliseconds of one fn call, as a CUDA graph of `calls` back-to-back calls replays them (as
     the engine serves decode steps): timing single calls would count the Python launch, which takes
     longer than an 8k layer's kernel."""
-    fn()
+    return graph_timed([fn] * calls, repeat)
+
+
+def graph_timed(fns: list, repeat: int = 20) -> float:
+    """Median milliseconds per call of a CUDA graph that runs each of `fns` once, in order."""
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
+        for fn in fns:
             fn()
     times = []
     for _ in range(repeat):
@@ -38,7 +44,7 @@ def timed(fn, repeat: int = 20, calls: int = 10) -> float:
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+        times.append(start.elapsed_time(end) / len(fns))
     return sorted(times)[len(times) // 2]
 
 

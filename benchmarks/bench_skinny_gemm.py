@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from bench_decode_kernel import graph_timed
+
 
 @triton.jit
 def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, M, K, stride_x, stride_w, stride_out,
@@ -43,26 +45,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: 
     return out
 
 
-def timed(fns: list, repeat: int = 15) -> float:
-    """Median milliseconds per call of a CUDA graph that runs each of `fns` once."""
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / len(fns))
-    return sorted(times)[len(times) // 2]
-
-
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "down": (14336, 4096), "gate_up": (4096, 28672)}
 
 
@@ -82,7 +64,7 @@ def main() -> None:
             x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(batch, n, device="cuda", dtype=torch.bfloat16)
             reference = F.linear(x, weights[0])
-            cublas = timed([lambda w=w: F.linear(x, w) for w in weights])
+            cublas = graph_timed([lambda w=w: F.linear(x, w) for w in weights])
             best = None
             for block_n, block_k, warps, stages in settings:
                 try:
@@ -90,8 +72,8 @@ def main() -> None:
                     if not torch.allclose(got.float(), reference.float(), atol=2e-2, rtol=2e-2):
                         print(f"  {name} {batch} {block_n},{block_k},{warps},{stages}: wrong result")
                         continue
-                    ms = timed([lambda w=w, s=(block_n, block_k, warps, stages): skinny_linear(x, w, *s, out)
-                                for w in weights])
+                    ms = graph_timed([lambda w=w, s=(block_n, block_k, warps, stages): skinny_linear(x, w, *s, out)
+                                      for w in weights])
                 except Exception as error:  # settings that need more shared memory than the SM has
                     print(f"  {name} {batch} {block_n},{block_k},{warps},{stages}: {type(error).__name__}")
                     continue
