@@ -11,6 +11,13 @@ bytes -- the script starts the server on 127.0.0.1, warms it up and, for each --
               the most requests streaming at once, tokens/s while that many stream;
   rate        --rate-requests requests at a fixed rate: TTFT and inter-token latency p50/p99.
 
+With --arrivals RATE, once per configuration:
+
+  arrivals    --arrival-streams requests of short prompts decode --arrival-stream-tokens tokens each,
+              first alone, then while --arrival-prompt-tokens prompts arrive at RATE per second (one
+              output token each): the streams' inter-token latency in both, and the arrivals' TTFT. A
+              step that prefills an arrival holds up every stream's next token.
+
 GPU memory is polled throughout (NVML); rheads' step metrics give the decode step time against the
 hardware limit ((weights + KV bytes read) / the HBM bandwidth measured here by a device copy).
 Prints a table per context and writes --json (with --merge, updates the contexts it ran in an existing
@@ -234,6 +241,27 @@ def warm_up(base: str, model: str, extra_body: dict, sizes: list[int]) -> None:
                              prompts=lambda i: f"warm up request {i}", extra_body=extra_body))
 
 
+async def streams_with_arrivals(base: str, model: str, extra_body: dict | None, args: argparse.Namespace,
+                                setup: dict) -> dict:
+    """The arrivals phase (module docstring): the streams alone, then beside the arrivals."""
+    streams, arriving = setup["stream_prompts"], setup["arrival_prompts"]
+    timeout = args.arrival_duration + 60
+
+    def stream_load(label: str):
+        return run_load(base, args.arrival_streams, args.arrival_streams, args.arrival_duration,
+                        max_tokens=args.arrival_stream_tokens, model=model, label=label, progress=False,
+                        prompts=lambda i: streams[i % len(streams)], extra_body=extra_body, request_timeout=timeout)
+
+    alone = await stream_load("streams alone")
+    # arrivals for twice as long as the streams took alone (they take longer beside them), within the limit
+    arrival_s = min(2 * alone["elapsed_s"], args.arrival_duration)
+    beside, arrivals = await asyncio.gather(stream_load("streams beside arrivals"), run_load(
+        base, 256, len(arriving), arrival_s, max_tokens=1, model=model, label="arrivals",
+        progress=False, prompts=lambda i: arriving[i], rate=args.arrivals, extra_body=extra_body,
+        request_timeout=timeout))
+    return {"streams_alone": brief(alone), "streams_beside_arrivals": brief(beside), "arrivals": brief(arrivals)}
+
+
 def run_config(name: str, budget: float | None, setup: dict, args: argparse.Namespace, memory: GpuMemory,
                logs: Path) -> dict:
     config, contexts = setup["config"], setup["contexts"]
@@ -270,6 +298,8 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
                                              "peak_gpu_memory_bytes": memory.peak()}
             print(f"[{name}] {context}: {saturation['output_token_throughput']:.1f} tok/s with {n} offered, "
                   f"peak streaming {saturation['decoding']['peak']}", file=sys.stderr, flush=True)
+        if args.arrivals:
+            out["arrivals"] = asyncio.run(streams_with_arrivals(server.base, model, extra_body, args, setup))
     finally:
         out["exit_code"] = server.stop()
         out["log_tail"] = server.output()[-1500:]
@@ -322,6 +352,41 @@ def format_context(report: dict, context: str) -> str:
     return "\n".join(lines)
 
 
+ARRIVAL_ROWS = [  # label, phase, path into its summary, format, scale
+    ("streams' ITL p50 alone (ms)", "streams_alone", ("itl_s", "p50"), "{:.1f}", 1000),
+    ("streams' ITL p50 beside arrivals", "streams_beside_arrivals", ("itl_s", "p50"), "{:.1f}", 1000),
+    ("streams' ITL p99 alone (ms)", "streams_alone", ("itl_s", "p99"), "{:.1f}", 1000),
+    ("streams' ITL p99 beside arrivals", "streams_beside_arrivals", ("itl_s", "p99"), "{:.1f}", 1000),
+    ("streams' output tok/s alone", "streams_alone", ("output_token_throughput",), "{:.1f}", 1),
+    ("streams' tok/s beside arrivals", "streams_beside_arrivals", ("output_token_throughput",), "{:.1f}", 1),
+    ("arrivals' TTFT p50 (ms)", "arrivals", ("ttft_s", "p50"), "{:.0f}", 1000),
+    ("arrivals' TTFT p99 (ms)", "arrivals", ("ttft_s", "p99"), "{:.0f}", 1000),
+    ("arrivals completed / sent", "arrivals", None, None, None),
+]
+
+
+def format_arrivals(report: dict) -> str | None:
+    """The arrivals phase's table, or None where no configuration ran it."""
+    names = [n for n, c in report["configs"].items() if c.get("arrivals")]
+    if not names:
+        return None
+    settings = report["configs"][names[0]]["arrivals"]["arrivals"]["config"]
+    width = 32
+    lines = [f"{'arrivals at ' + str(settings['rate']) + '/s':<{width}}" + "".join(f"{n:>20}" for n in names),
+             "-" * (width + 20 * len(names))]
+    for label, phase, path, fmt, scale in ARRIVAL_ROWS:
+        cells = []
+        for n in names:
+            summary = report["configs"][n]["arrivals"][phase]
+            if path is None:
+                cells.append(f"{summary['requests']['completed']}/{summary['requests']['sent']}")
+                continue
+            v = _get(summary, *path)
+            cells.append("-" if v is None else fmt.format(v * scale))
+        lines.append(f"{label:<{width}}" + "".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
+
+
 def ratios(report: dict) -> dict:
     """The headline ratios at 32k (budget 0.5 over budget 1.0 and over the peer) and the step figure."""
     def at(name: str, *path):
@@ -361,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=REPO / ".bench", help="model directory and profile go here")
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="rheads configurations ('': the peer alone)")
     p.add_argument("--no-peer", action="store_true", help="leave `transformers serve` out")
-    p.add_argument("--contexts", default="8192,32768", help="prompt lengths in tokens")
+    p.add_argument("--contexts", default="8192,32768", help="prompt lengths in tokens ('': the arrivals phase alone)")
     p.add_argument("--uneven", action="store_true",
                    help="prompts of lengths drawn from [context / 2, context] (concurrency as for context)")
     p.add_argument("--kv-cache-gib", type=float, default=30.0, help="KV memory of every server")
@@ -376,13 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-requests", type=int, default=16)
     p.add_argument("--rate-max-tokens", type=int, default=64)
     p.add_argument("--rate-duration", type=float, default=90.0, help="seconds before a rate phase stops")
+    p.add_argument("--arrivals", type=float, default=None, help="requests/s of the arrivals phase (none: skip it)")
+    p.add_argument("--arrival-streams", type=int, default=16, help="requests that decode through the arrivals")
+    p.add_argument("--arrival-stream-prompt-tokens", type=int, default=1024)
+    p.add_argument("--arrival-stream-tokens", type=int, default=1024, help="output tokens per stream")
+    p.add_argument("--arrival-prompt-tokens", type=int, default=512)
+    p.add_argument("--arrival-duration", type=float, default=60.0, help="seconds before each arrivals run stops")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gpu_serving.json")
     p.add_argument("--merge", action="store_true", help="update the contexts run here in an existing --json")
     p.add_argument("--section", help="write this run under this key of --json (e.g. long_output), keeping the rest")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     args = p.parse_args(argv)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",") if c]
     rate_of = dict(tuple(map(float, kv.split(":"))) for kv in args.rate.split(","))
     args.rates = {c: rate_of.get(float(c), list(rate_of.values())[-1]) for c in contexts}
 
@@ -397,13 +468,19 @@ def main(argv: list[str] | None = None) -> int:
     profile = args.workdir / f"random-{args.shape}.profile.json"
     synthetic_profile(ModelIdentity.from_config(config, str(model_dir))).save(profile)
     budgets = [float(b) for b in args.budgets.split(",") if b]
-    most = max(capacity(config, b, c + args.max_tokens, args) for b in budgets or [1.0] for c in contexts)
+    most = max((capacity(config, b, c + args.max_tokens, args) for b in budgets or [1.0] for c in contexts), default=0)
+    longest = max([c + max(args.max_tokens, args.rate_max_tokens) for c in contexts]
+                  + ([args.arrival_stream_prompt_tokens + args.arrival_stream_tokens] if args.arrivals else []))
     setup = {"config": config, "contexts": contexts, "model_dir": model_dir, "profile": profile,
-             "max_model_len": max(contexts) + max(args.max_tokens, args.rate_max_tokens) + 64,
+             "max_model_len": longest + 64,
              "weights_bytes": weights_read_per_step(config), "bandwidth": bandwidth,
              # the rate phase takes prompts from the end, none of which a saturation phase sent (a server with
              # a prefix cache would answer those from it)
              "prompts": {c: make_prompts(args.tokenizer, c, most + args.rate_requests, args.uneven) for c in contexts}}
+    if args.arrivals:
+        setup["stream_prompts"] = make_prompts(args.tokenizer, args.arrival_stream_prompt_tokens, args.arrival_streams)
+        setup["arrival_prompts"] = make_prompts(args.tokenizer, args.arrival_prompt_tokens,
+                                                int(args.arrivals * args.arrival_duration) + 1)
     configs: list[tuple[str, float | None]] = [(f"rheads-{b}", b) for b in budgets]
     if not args.no_peer:
         configs.append((PEER, None))
@@ -425,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"budget": budget, "contexts": {}, "error": str(error)[-2000:]}
             old = report["configs"].get(name, {"contexts": {}})
             result["contexts"] = {**old.get("contexts", {}), **result["contexts"]}
+            if "arrivals" not in result and "arrivals" in old:
+                result["arrivals"] = old["arrivals"]
             result["commands"] = {**old.get("commands", {}), **{c: command for c in result["contexts"] if c in ran}}
             report["configs"][name] = result
             save(whole, report, args.json)  # after every configuration: a run cut short keeps what it measured
@@ -456,6 +535,9 @@ def save(whole: dict, report: dict, path: Path) -> None:
     report["ratios"] = ratios(report)
     report["tables"] = [format_context(report, str(c)) for c in sorted({int(c) for r in report["configs"].values()
                                                                         for c in r["contexts"]})]
+    arrivals = format_arrivals(report)
+    if arrivals is not None:
+        report["tables"].append(arrivals)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(whole, indent=1, default=str))
 

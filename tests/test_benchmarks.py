@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from gpu_serving import decode_steps, open_report, ratios, save  # noqa: E402
+from gpu_serving import decode_steps, format_arrivals, open_report, ratios, save  # noqa: E402
 from plan_coverage import wave  # noqa: E402
 from load import Record, decoding_concurrency, percentile  # noqa: E402
 
@@ -115,3 +115,20 @@ def test_plan_coverage_of_a_wave():
     assert share == 1.0 and chunks == planned == 6 * 4
     share, chunks, planned = wave([3000, 4000, 2500, 3900], chunk=1024, max_tokens=8, max_num_seqs=8)
     assert 0.3 < share < 1.0 and planned < chunks
+
+
+def test_the_arrivals_table_reads_each_phase():
+    """Milliseconds from seconds, each row from its own phase, counts as completed / sent; no table where no
+    configuration ran the phase."""
+    def phase(itl_p50: float, itl_p99: float, ttft_p50: float = 0.0) -> dict:
+        return {"config": {"rate": 4.0}, "requests": {"completed": 9, "sent": 10}, "output_token_throughput": 50.0,
+                "itl_s": {"p50": itl_p50, "p99": itl_p99}, "ttft_s": {"p50": ttft_p50, "p99": None}}
+
+    arrivals = {"streams_alone": phase(0.008, 0.010), "streams_beside_arrivals": phase(0.009, 0.075),
+                "arrivals": phase(0.0, 0.0, ttft_p50=0.120)}
+    report = {"configs": {"rheads-0.5": {"contexts": {}, "arrivals": arrivals}, "rheads-1.0": {"contexts": {}}}}
+    rows = dict(line.rsplit(None, 1) for line in format_arrivals(report).splitlines()[2:])
+    assert rows["streams' ITL p99 alone (ms)"] == "10.0" and rows["streams' ITL p99 beside arrivals"] == "75.0"
+    assert rows["arrivals' TTFT p50 (ms)"] == "120" and rows["arrivals' TTFT p99 (ms)"] == "-"
+    assert rows["arrivals completed / sent"] == "9/10"
+    assert format_arrivals({"configs": {"rheads-1.0": {"contexts": {}}}}) is None
