@@ -334,22 +334,31 @@ ROWS = [  # label, path into a context's result, format
 ]
 
 
+def _table(title: str, names: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A column per configuration, a line per (label, cells)."""
+    width = 32
+    lines = [f"{title:<{width}}" + "".join(f"{n:>20}" for n in names), "-" * (width + 20 * len(names))]
+    lines += [f"{label:<{width}}" + "".join(f"{c:>20}" for c in cells) for label, cells in rows]
+    return "\n".join(lines)
+
+
+def _cell(summary: dict, path: tuple | None, fmt: str | None, scale: float) -> str:
+    """One figure of a summary, formatted; a None path gives its phase's completed / sent."""
+    if path is None:
+        return f"{summary['requests']['completed']}/{summary['requests']['sent']}"
+    v = _get(summary, *path)
+    return "-" if v is None else fmt.format(v * scale)
+
+
 def format_context(report: dict, context: str) -> str:
     names = [n for n, c in report["configs"].items() if context in c["contexts"]]
-    width = 32
-    lines = [f"{'context ' + context:<{width}}" + "".join(f"{n:>20}" for n in names), "-" * (width + 20 * len(names))]
+    rows = []
     for label, path, fmt, *scale in ROWS:
-        cells = []
-        for n in names:
-            r = report["configs"][n]["contexts"][context]
-            if path is None:
-                phase = r["rate" if label.startswith("rate") else "saturation"]["requests"]
-                cells.append(f"{phase['completed']}/{phase['sent']}")
-                continue
-            v = _get(r, *path)
-            cells.append("-" if v is None else fmt.format(v * (scale[0] if scale else 1)))
-        lines.append(f"{label:<{width}}" + "".join(f"{c:>20}" for c in cells))
-    return "\n".join(lines)
+        results = [report["configs"][n]["contexts"][context] for n in names]
+        if path is None:  # completed / sent of the phase the label names
+            results = [r["rate" if label.startswith("rate") else "saturation"] for r in results]
+        rows.append((label, [_cell(r, path, fmt, scale[0] if scale else 1) for r in results]))
+    return _table("context " + context, names, rows)
 
 
 ARRIVAL_ROWS = [  # label, phase, path into its summary, format, scale
@@ -370,21 +379,10 @@ def format_arrivals(report: dict) -> str | None:
     names = [n for n, c in report["configs"].items() if c.get("arrivals")]
     if not names:
         return None
-    settings = report["configs"][names[0]]["arrivals"]["arrivals"]["config"]
-    width = 32
-    lines = [f"{'arrivals at ' + str(settings['rate']) + '/s':<{width}}" + "".join(f"{n:>20}" for n in names),
-             "-" * (width + 20 * len(names))]
-    for label, phase, path, fmt, scale in ARRIVAL_ROWS:
-        cells = []
-        for n in names:
-            summary = report["configs"][n]["arrivals"][phase]
-            if path is None:
-                cells.append(f"{summary['requests']['completed']}/{summary['requests']['sent']}")
-                continue
-            v = _get(summary, *path)
-            cells.append("-" if v is None else fmt.format(v * scale))
-        lines.append(f"{label:<{width}}" + "".join(f"{c:>20}" for c in cells))
-    return "\n".join(lines)
+    rate = report["configs"][names[0]]["arrivals"]["arrivals"]["config"]["rate"]
+    rows = [(label, [_cell(report["configs"][n]["arrivals"][phase], path, fmt, scale) for n in names])
+            for label, phase, path, fmt, scale in ARRIVAL_ROWS]
+    return _table(f"arrivals at {rate}/s", names, rows)
 
 
 def ratios(report: dict) -> dict:
