@@ -96,7 +96,8 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     for budget in map(float, args.budgets.split(",")):
         split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
-        engine_config = EngineConfig(budget=None, max_num_seqs=args.batch + (2 if args.arrival_tokens else 0), max_num_batched_tokens=args.chunk,
+        room = 2 if args.arrival_tokens else 0  # an arrival, and the one before it finishing
+        engine_config = EngineConfig(budget=None, max_num_seqs=args.batch + room, max_num_batched_tokens=args.chunk,
                                      max_model_len=args.context + 8 * args.steps + 64, device=args.device,
                                      dtype=dtype, cuda_graphs=False)
         engine_config.kv_cache_memory = (int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else
