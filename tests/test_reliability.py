@@ -1,12 +1,14 @@
 """Reliability and security: under load, faults and hostile input nothing is lost.
 
 Two SmolLM2 engines are served per module on free 127.0.0.1 ports (helpers in tests/serving.py): `served`
-with the default settings and an API key, `guarded` with every security flag set. A third server is a real
-`rheads serve` subprocess, for SIGTERM. Every request goes to 127.0.0.1 only; every loop is bounded.
+with the default settings and an API key, `guarded` with every security flag set; the disconnect test serves
+its own, of short prefill steps. Another server is a real `rheads serve` subprocess, for SIGTERM. Every request
+goes to 127.0.0.1 only; every loop is bounded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -118,14 +120,34 @@ def test_serve_flags_reach_the_settings_and_uvicorn(monkeypatch, engine):
 
 
 def test_the_key_is_compared_in_constant_time(served, monkeypatch):
-    calls = []
+    """The key decides through hmac.compare_digest alone, of SHA-256 digests of the presented and the configured
+    header: equal lengths whatever is sent, so neither a key's length nor its prefix shows in the time taken."""
+    calls, verdict = [], {}
     real = hmac.compare_digest
-    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
-    for given in ("Bearer wrong", "Bearer " + KEY[:-1], "", "Bearer " + KEY + "x" * 1000):
-        assert_error(httpx.get(f"{served.base}/v1/models", headers={"Authorization": given}), 401,
-                     "AuthenticationError")
-    assert httpx.get(f"{served.base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-    assert len(calls) == 5 and all(len(a) == len(b) == 32 for a, b in calls)  # digests: the length leaks nothing
+
+    def spy(a, b):
+        calls.append((a, b))
+        return verdict.get("forced", real(a, b))
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    configured = hashlib.sha256(f"Bearer {KEY}".encode()).digest()
+
+    def models(header: str | None) -> httpx.Response:
+        return httpx.get(f"{served.base}/v1/models", headers={} if header is None else {"Authorization": header})
+
+    wrong = ["Bearer wrong", "Bearer " + KEY[:-1], "Bearer " + KEY + "x" * 1000, "", "Bearer", KEY]
+    for given in [*wrong, None]:
+        calls.clear()
+        assert_error(models(given), 401, "AuthenticationError")
+        assert calls == [(hashlib.sha256((given or "").encode()).digest(), configured)], given
+    calls.clear()
+    assert models(f"Bearer {KEY}").status_code == 200 and calls == [(configured, configured)]
+    # compare_digest's answer is the whole decision: no comparison of the raw key before or beside it
+    verdict["forced"] = True
+    for given in [*wrong, None]:
+        assert models(given).status_code == 200, given
+    verdict["forced"] = False
+    assert_error(models(f"Bearer {KEY}"), 401, "AuthenticationError")
 
 
 def test_health_and_metrics_are_open_by_default_and_keyed_on_request(served, guarded):
@@ -267,9 +289,7 @@ def test_hostile_bodies_are_4xx_in_openai_shape(http, served, path):
     for body in ({"prompt": [-1], "max_tokens": 2}, {"prompt": [[5], [2**70]]}, {"prompt": [[]]},
                  {"prompt": ["a"] * 17, "n": 16}, {"messages": []}, {"messages": [[]]}, {"messages": {}},
                  {"messages": [{"role": "user"}] * 3, "n": 10**6}):
-        r = http.post(path, json=body)
-        assert 400 <= r.status_code < 500, (body, r.text)
-        assert_error(r, r.status_code)
+        assert_error(http.post(path, json=body), 400, "BadRequestError")
     wait_idle(served.base)
 
 
@@ -441,16 +461,40 @@ def test_a_forward_failure_fails_the_batch_and_frees_everything(engine, served, 
         assert h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
-def test_many_disconnects_leak_nothing(served, engine):
+@pytest.fixture()
+def short_steps(one_thread_module):
+    """An engine that prefills 64 tokens a step, served: a prompt stays part-prefilled for many short steps, so a
+    client can be seen to leave mid-prompt without waiting out long ones."""
+    eng = build_engine(max_num_batched_tokens=64)
+    srv = Served(create_app(eng, ServerSettings(served_model_names=NAMES, api_key=KEY)))
+    yield srv, eng
+    srv.stop()
+
+
+def test_many_disconnects_leak_nothing(short_steps):
     """60 clients leave: mid-prompt (streaming), mid-stream, and while waiting for a whole response."""
+    served, engine = short_steps
     rng = random.Random(0)
     long_prompt = (engine.tokenizer("The history of the world, told slowly. " * 40)["input_ids"] * 4)[:800]
+    mid_ids = long_prompt[1:] + long_prompt[:1]  # its own prompt: how its sequence is told from not_streaming's
 
-    def mid_prompt() -> None:  # an 800-token prompt prefills in four 256-token steps
+    def prefilled() -> int | None:
+        """How many prompt tokens of the mid-prompt request are cached; None before it is admitted (read
+        beside the engine thread: the dict is copied in one go, each field read once)."""
+        for seq in engine.sequences.copy().values():
+            if seq.prompt_ids == mid_ids and seq.slot is not None:
+                return len(mid_ids) if seq.output_ids else seq.num_cached
+        return None
+
+    def mid_prompt() -> None:  # an 800-token prompt prefills in thirteen 64-token steps at best
         with keyed(served.base) as h, h.stream("POST", "/v1/completions", json={
-                "prompt": long_prompt, "max_tokens": 300, "ignore_eos": True, "stream": True}) as r:
+                "prompt": mid_ids, "max_tokens": 300, "ignore_eos": True, "stream": True}) as r:
             assert r.status_code == 200
-            time.sleep(rng.uniform(0, 0.3))
+            deadline = time.monotonic() + 30
+            while not (cached := prefilled()):  # leave once some, not all, of the prompt is in the cache
+                assert time.monotonic() < deadline, "the prompt never started prefilling"
+                time.sleep(0.02)
+            assert cached < len(mid_ids), "the prompt was prefilled before the client could leave mid-prompt"
 
     def mid_stream() -> None:
         with keyed(served.base) as h, h.stream("POST", "/v1/chat/completions", json={
