@@ -1,0 +1,203 @@
+"""The oracles' references, and the helpers that drive an engine against them.
+
+Shared by tests/test_engine.py (tiny shapes on the CPU) and tests/test_served_oracles.py (the served path:
+CUDA, bf16, graphs, cuDNN, FlexAttention and Triton). No reference here calls the engine's attention,
+cache or kernels: transformers runs the model with its own attention (`generate`, or one forward pass),
+or with `sink_window_reference`, plain softmax attention that applies the sink + window rule as written
+in MISSION.md (a streaming head's query at q sees key k iff k <= q and (k < sink or q - k < window)).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from rheads.engine import HeadSplit, LLMEngine, SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+
+def tiny_model(kind: str, shape: dict, num_layers: int = 4, seed: int = 0, initializer_range: float = 0.2,
+               **overrides):
+    """A small random Llama, Mistral (no sliding window), Qwen2 or Qwen3 (q/k norms) in fp32, eval mode, with
+    non-zero biases; `initializer_range` sets how peaky its attention is."""
+    torch.manual_seed(seed)
+    if kind in ("mistral", "qwen3"):
+        overrides = {"sliding_window": None, **overrides}
+    config = CONFIGS[kind](num_hidden_layers=num_layers, initializer_range=initializer_range, **{**shape, **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def random_prompt(length: int, seed: int, vocab: int) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@dataclass
+class Result:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    outputs: int = 0
+
+
+def run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]],
+        after_step=None, max_steps: int = 10_000) -> dict[str, Result]:
+    """Step the engine to the end, adding requests at the steps given; gather each request's output."""
+    results: dict[str, Result] = {}
+    step = 0
+    while step <= max(arrivals, default=0) or engine.has_unfinished():
+        for rid, ids, params in arrivals.get(step, []):
+            engine.add_request(rid, ids, params)
+            results[rid] = Result(list(ids))
+        for out in engine.step():
+            res = results[out.request_id]
+            assert res.finish_reason is None, "output after the request finished"
+            res.token_ids += out.new_token_ids
+            res.text += out.new_text
+            res.logprobs += out.new_logprobs
+            res.outputs += 1
+            assert out.num_output_tokens == len(res.token_ids)
+            assert out.num_prompt_tokens == len(res.prompt_ids)
+            if out.finished:
+                res.finish_reason = out.finish_reason
+        if after_step is not None:
+            after_step(engine, step)
+        step += 1
+        assert step < max_steps, "the engine does not finish"
+    return results
+
+
+def hf_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """transformers' own greedy decoding on the model's device, eos ignored: the tokens, and at each step
+    the margin between the best and the second-best log-probability (where a tie could go either way)."""
+    ids = torch.tensor([prompt_ids], device=model.device)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    assert len(tokens) == n
+    return tokens, [top2_margin(scores[0].float().log_softmax(-1)) for scores in out.scores]
+
+
+def top2_margin(row: torch.Tensor) -> float:
+    best = torch.topk(row.float(), 2).values
+    return float(best[0] - best[1])
+
+
+# --- the reference: the original model in one pass, each streaming KV head masked to sink + window -----
+
+REF_ATTENTION = "rheads_test_sink_window_reference"
+
+
+def sink_window_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Softmax attention over one unpadded sequence, accumulated in fp32 from the inputs' precision (as a
+    fused kernel does); streaming heads see sink + window only."""
+    split, sink, window = kwargs["rheads_reference"]
+    _, num_heads, n, _ = query.shape
+    group = num_heads // key.shape[1]
+    q_pos = torch.arange(n, device=query.device)[:, None]
+    k_pos = torch.arange(n, device=query.device)[None, :]
+    causal = k_pos <= q_pos
+    streaming = causal & ((k_pos < sink) | (q_pos - k_pos < window))
+    full = set(split.full[module.layer_idx])
+    mask = torch.stack([causal if head // group in full else streaming for head in range(num_heads)])
+    keys = key.float().repeat_interleave(group, dim=1)
+    values = value.float().repeat_interleave(group, dim=1)
+    scores = (query.float() @ keys.transpose(-1, -2)) * scaling
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (weights @ values).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(REF_ATTENTION, sink_window_reference)
+
+
+def reference_logprobs(model, ids: list[int], split: HeadSplit | None = None, sink: int = 0, window: int = 0,
+                       device: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """log_softmax of the original model's logits over `ids` in one pass, in fp32 on the CPU: [len(ids), vocab].
+
+    With a split: each streaming KV head's query heads see only sink + window; else the model's own
+    attention (full causal). `device` / `dtype`: run a copy there and in that precision (the yardstick
+    that says how far that precision alone moves the result)."""
+    ref = copy.deepcopy(model)
+    if device is not None or dtype is not None:
+        ref = ref.to(device or ref.device, dtype or ref.dtype)
+    kwargs = {}
+    if split is not None:
+        ref.config._attn_implementation = REF_ATTENTION
+        kwargs["rheads_reference"] = (split, sink, window)
+    with torch.inference_mode():
+        logits = ref(torch.tensor([ids], device=ref.device), use_cache=False, **kwargs).logits[0]
+    return logits.float().log_softmax(-1).cpu()
+
+
+def check_logprobs_against(reference: torch.Tensor, res: Result, k: int, tol: float = 1e-4) -> None:
+    """Each generated position: the chosen token's and the top-k logprobs equal the reference's."""
+    n = len(res.prompt_ids)
+    assert len(res.logprobs) == len(res.token_ids)
+    for i, (token, lp) in enumerate(zip(res.token_ids, res.logprobs)):
+        row = reference[n - 1 + i]
+        assert lp.token_id == token
+        assert lp.logprob == pytest.approx(float(row[token]), abs=tol), f"position {i}"
+        top = torch.topk(row, k)
+        assert [t for t, _ in lp.top] == top.indices.tolist(), f"position {i}"
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=tol), f"position {i}"
+
+
+# --- comparisons that allow for a precision's rounding, and no more ------------------------------------
+
+def generated_rows(reference: torch.Tensor, res: Result) -> torch.Tensor:
+    """The reference's rows that predict each generated token: [generated, vocab]."""
+    n = len(res.prompt_ids)
+    return reference[n - 1:n - 1 + len(res.token_ids)]
+
+
+def logprob_errors(truth: torch.Tensor, other: torch.Tensor, res: Result, k: int = 5) -> torch.Tensor:
+    """Per generated position, how far `other` lies from `truth` on the log-probabilities of the truth's
+    top-k tokens and the generated token: [generated]."""
+    errors = []
+    for i, (want, got) in enumerate(zip(generated_rows(truth, res), generated_rows(other, res))):
+        tokens = torch.cat([torch.topk(want, k).indices, torch.tensor([res.token_ids[i]])])
+        errors.append(float((want[tokens] - got[tokens]).abs().max()))
+    return torch.tensor(errors)
+
+
+def precision_bounds(yardstick: torch.Tensor, factor: float, floor: float) -> torch.Tensor:
+    """Per position, the log-probability error a precision may cause: `factor` x what it costs the reference
+    there (some positions are far more sensitive than others), never less than its median over the
+    positions (a position where the reference's rounding happened to cancel), plus `floor`."""
+    return factor * yardstick.clamp(min=float(yardstick.median())) + floor
+
+
+def check_within(truth: torch.Tensor, res: Result, bounds: torch.Tensor, what: str) -> int:
+    """The engine's result against the fp32 truth, `bounds` being per position the log-probability error
+    its precision may cause: every logprob it reports (the chosen token's and its top-k) lies within the
+    bound of the truth's, and every greedy token is the truth's best wherever the truth's top-2 margin
+    exceeds twice the bound (below that, rounding may rightly pick the other). Returns how many tokens
+    were decided that way."""
+    decided = 0
+    rows = generated_rows(truth, res)
+    for i, (token, row) in enumerate(zip(res.token_ids, rows)):
+        bound, margin = float(bounds[i]), top2_margin(row)
+        if margin > 2 * bound:
+            decided += 1
+            assert token == int(row.argmax()), f"{what}: position {i}: token {token}, the truth's best is " \
+                f"{int(row.argmax())} by a margin of {margin:.4f} (bound {bound:.4f})"
+    for i, lp in enumerate(res.logprobs):
+        bound = float(bounds[i])
+        for token, value in [(lp.token_id, lp.logprob)] + list(lp.top):
+            error = abs(value - float(rows[i][token]))
+            assert error <= bound, f"{what}: position {i}, token {token}: logprob {value:.5f} against the " \
+                f"truth's {float(rows[i][token]):.5f}, off by {error:.5f} > bound {bound:.5f}"
+    return decided
