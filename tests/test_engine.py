@@ -7,8 +7,10 @@
 5. sampling (seeds, top-k, stop strings, lengths, logprobs);
 6. head selection and the head permutation.
 
-Tiny random Llama / Qwen2 models (vocabulary 49152, so the SmolLM2 tokenizer decodes them) stand in
-wherever the weights do not matter; one test runs the real SmolLM2 preset.
+Tiny random Llama, Mistral, Qwen2 and Qwen3 models, with GQA groups of 2 and 7 and MHA (vocabulary 49152,
+so the SmolLM2 tokenizer decodes them), stand in wherever the weights do not matter; one test runs the
+real SmolLM2 preset. The references live in tests/oracles.py; tests/test_served_oracles.py holds the
+engine to them on the served GPU path.
 """
 
 from __future__ import annotations
