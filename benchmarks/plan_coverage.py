@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,11 +36,20 @@ def _shapes_only(q, k, v, causal, scaling):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
-def wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int) -> tuple[float, int, int]:
+def wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
+         max_len: int | None = None) -> tuple[float, int, int]:
     """Step one wave of prompts of these lengths to the end: (share of the attention work on the cuDNN
-    path, prefill chunks, of which on the cuDNN path)."""
+    path, prefill chunks, of which on the cuDNN path). `max_len` is the engine's max_model_len, up to
+    which it plans (default: the wave's longest request). In a thread of its own, as an engine's stepping
+    thread: cuDNN's plans are kept per thread, and an earlier wave's would count for this one's chunks."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(_wave, lengths, chunk, max_tokens, max_num_seqs, max_len).result()
+
+
+def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
+          max_len: int | None) -> tuple[float, int, int]:
     split = random_split(LAYERS, KV_HEADS, 0.5, seed=0)
-    max_len = max(lengths) + max_tokens
+    max_len = max_len or max(lengths) + max_tokens
     cache = HeadSplitCache(split, HEAD_DIM, CacheConfig(memory_bytes=200 << 30, max_num_seqs=max_num_seqs,
                                                         dtype=torch.bfloat16, device="meta"))
     scheduler = Scheduler(cache, chunk)
@@ -82,7 +92,8 @@ def main() -> None:
     }
     rows = {}
     for name, lengths in tqdm(workloads.items(), desc="waves"):
-        share, chunks, planned = wave(lengths, args.chunk, args.max_tokens, max(64, args.requests))
+        share, chunks, planned = wave(lengths, args.chunk, args.max_tokens, max(64, args.requests),
+                                      max_len=32768 + args.max_tokens)  # one engine serves every wave
         rows[name] = {"planned_work_share": share, "prefill_chunks": chunks, "planned_chunks": planned}
     print(f"{'workload':<32}{'attention work on cuDNN':>24}{'chunks on cuDNN':>18}")
     for name, r in rows.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -109,17 +108,10 @@ def test_a_section_run_writes_beside_the_main_report(tmp_path):
     assert open_report(path, merge=False, section=None) == ({"configs": {}}, {"configs": {}})
 
 
-def _wave_alone(*args, **kwargs) -> tuple[float, int, int]:
-    """wave() in a thread of its own, as an engine's stepping thread: cuDNN's plans are kept per thread, and
-    those an earlier wave recorded here (up to its own longer max_len) would count for this one's chunks."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(wave, *args, **kwargs).result()
-
-
 def test_plan_coverage_of_a_wave():
     """Prompts of whole chunks meet planned cuDNN shapes only, whatever decodes beside them; uneven ones
     leave their tails and some first-block pieces to flash."""
-    share, chunks, planned = _wave_alone([4096] * 6, chunk=1024, max_tokens=8, max_num_seqs=8)
+    share, chunks, planned = wave([4096] * 6, chunk=1024, max_tokens=8, max_num_seqs=8)
     assert share == 1.0 and chunks == planned == 6 * 4
     # The scheduler feeds 1024 prompt tokens a step, oldest prompt first (decodes ride outside), and no chunk
     # crosses a multiple of 1024: a prompt's tail leaves the rest of its step to the next prompt. Planned at
@@ -140,7 +132,7 @@ def test_plan_coverage_of_a_wave():
         return n * start + n * (n + 1) / 2
 
     expected = sum(work(n, s) for n, s, hit in prefills if hit) / sum(work(n, s) for n, s, _ in prefills)
-    share, chunks, planned = _wave_alone([3000, 4000, 2500, 3900], chunk=1024, max_tokens=8, max_num_seqs=8)
+    share, chunks, planned = wave([3000, 4000, 2500, 3900], chunk=1024, max_tokens=8, max_num_seqs=8)
     assert (chunks, planned) == (len(prefills), sum(hit for _, _, hit in prefills)) == (19, 11)
     assert share == pytest.approx(expected, rel=1e-12) and round(expected, 4) == 0.6782
 
