@@ -1,11 +1,13 @@
 """The batched decode path: the fused Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) and the
-PyTorch path write and attend alike, and the PyTorch path equals plain attention over each history."""
+PyTorch path write the pools where their layout says and attend as attention worked out here over each
+history does."""
 
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_within_yardstick, exact_attention, pytorch_attention, seen  # tests/conftest.py
 
 from rheads.engine.decode import DecodeBatch, _decode_torch, head_split_decode_triton, paged_decode_reference, triton
 
@@ -72,36 +74,125 @@ def _clone(pools):
     return tuple(t.clone() for t in pools) if pools else None
 
 
+def _ring_index(position: int, sink: int, window: int) -> int:
+    """Where a streaming slot keeps the key at `position`: the sinks in place, the rest in a ring."""
+    return position if position < sink else sink + (position - sink) % window
+
+
+def _streaming_seen(position: int, sink: int, window: int) -> list[int]:
+    """The key positions a streaming head's query at `position` sees."""
+    return [k for k in range(position + 1) if k < sink or position - k < window]
+
+
+def _written(pools, batch, positions, k, v, sink, window):
+    """Copies of the pools as a step must leave them: each decoding row's new K/V at its position's page
+    entry (full heads, first) and ring entry (streaming heads), nothing else touched."""
+    full, ring = (_clone(p) for p in pools)
+    num_full = full[0].shape[2] if full else 0
+    for b, (row, pos) in enumerate(zip(batch.rows.tolist(), positions)):
+        if full:
+            at = int(batch.page_table[b, pos // full[0].shape[1]]), pos % full[0].shape[1]
+            full[0][at], full[1][at] = k[row, :num_full], v[row, :num_full]
+        if ring:
+            at = int(batch.slots[b]), _ring_index(pos, sink, window)
+            ring[0][at], ring[1][at] = k[row, num_full:], v[row, num_full:]
+    return full, ring
+
+
+def _history(pools, batch, b, pos, sink, window):
+    """Row b's keys and values [n, Hkv, D] for each head group the layer has, gathered position by position
+    from the written pools, its newest key last."""
+    full, ring = pools
+    groups = []
+    if full:
+        at = torch.arange(pos + 1, device=full[0].device)
+        pages = batch.page_table[b, at // full[0].shape[1]].long()
+        groups.append(tuple(pool[pages, at % full[0].shape[1]] for pool in full))
+    if ring:
+        entries = [_ring_index(p, sink, window) for p in _streaming_seen(pos, sink, window)]
+        groups.append(tuple(pool[int(batch.slots[b]), entries] for pool in ring))
+    return groups
+
+
+def _exact(q, keys, values, scale):
+    return exact_attention(q[None], keys, values, scale)[0]
+
+
+def _lose_newest(q, keys, values, scale):
+    visible = torch.arange(len(keys), device=keys.device) < len(keys) - 1
+    return exact_attention(q[None], keys, values, scale, visible[None])[0]
+
+
+def _sdpa(q, keys, values, scale):
+    return pytorch_attention(q[None], keys, values, scale)[0]
+
+
+def _check_decode(got, q, pools, batch, positions, sink, window, scale):
+    """The decoding rows of `got` against attention worked out here over the `_written` pools, row by row
+    and head group by head group (a group's outputs scale with its history). The planted bug loses the
+    newest key, the one the kernel takes from registers rather than the pool: in every row that has
+    another key, some head group must see it."""
+    full, ring = pools
+    num_full = full[0].shape[2] if full else 0
+    split_q = num_full * (q.shape[1] // (num_full + (ring[0].shape[2] if ring else 0)))
+    heads = [h for h in (slice(0, split_q), slice(split_q, q.shape[1])) if h.stop > h.start]
+    rows = batch.rows.tolist()
+    histories = [_history(pools, batch, b, pos, sink, window) for b, pos in enumerate(positions)]
+    caught = torch.zeros(len(positions), dtype=torch.bool)
+    for i, h in enumerate(heads):
+        exact, sdpa, planted = (torch.stack([attend(q[row, h], *history[i], scale)
+                                             for row, history in zip(rows, histories)])
+                                for attend in (_exact, _sdpa, _lose_newest))
+        what = f"{'full' if h.start == 0 and num_full else 'streaming'} heads at positions {positions}: "
+        tolerance = assert_within_yardstick(got[batch.rows, h], exact, sdpa, what)
+        caught |= seen(planted, exact, tolerance).cpu()
+    blind = [pos for pos, c in zip(positions, caught.tolist()) if pos > 0 and not c]
+    assert not blind, f"the tolerance cannot see a lost newest key at positions {blind}"
+
+
+def _assert_pools_equal(got, want):
+    for g, w in zip(got or (), want or ()):
+        differ = int((g != w).sum())
+        assert differ == 0, f"{differ} of {g.numel()} pool entries differ"
+
+
+@pytest.mark.triton
 @pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("num_full", [0, 1, 3, 4])
 @pytest.mark.parametrize("programs_per_sm,positions", [(1, [0, 5, 40, 15, 16, 99]), (64, [0, 5, 40, 15, 16, 99]),
                                                        (64, [2100, 7, 700])])
 def test_fused_kernel_equals_torch(num_full, programs_per_sm, positions):
     """Both head groups in one launch, one split or many (more than the merge kernel reads at a time):
-    the same outputs and the same pool writes as the PyTorch path (rings that wrapped around, a
-    sequence at its first token, rows between decode rows)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v, batch, full, ring = _layer(device, torch.float32, positions, num_full, kv_heads=4)
-    want_out, got_out = torch.zeros_like(q), torch.full_like(q, 7.0)
-    want_full, want_ring = _clone(full), _clone(ring)
-    _decode_torch(q, k, v, want_out, batch, want_full, want_ring, 0.125)
+    the attention worked out here, and the same pool writes as the PyTorch path (rings that wrapped
+    around, a sequence at its first token, rows between decode rows)."""
+    device, sink, window = "cuda" if torch.cuda.is_available() else "cpu", 4, 12
+    q, k, v, batch, full, ring = _layer(device, torch.float32, positions, num_full, kv_heads=4, sink=sink,
+                                        window=window)
+    want = _written((full, ring), batch, positions, k, v, sink, window)
+    torch_out, got_out = torch.zeros_like(q), torch.full_like(q, 7.0)
+    torch_full, torch_ring = _clone(full), _clone(ring)
+    _decode_torch(q, k, v, torch_out, batch, torch_full, torch_ring, 0.125)
     head_split_decode_triton(q, k, v, got_out, batch, full, ring, 0.125, num_sms=4, programs_per_sm=programs_per_sm)
-    torch.testing.assert_close(got_out[batch.rows], want_out[batch.rows], atol=1e-4, rtol=1e-4)
+    _check_decode(got_out, q, want, batch, positions, sink, window, 0.125)
+    _check_decode(torch_out, q, want, batch, positions, sink, window, 0.125)
     assert (got_out[::2] == 7.0).all()  # rows that do not decode are left alone
-    for got, want in ((full, want_full), (ring, want_ring)):
-        for g, w in zip(got or (), want or ()):
-            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    for got, torch_pools, expected in zip((full, ring), (torch_full, torch_ring), want):
+        _assert_pools_equal(got, expected)
+        _assert_pools_equal(torch_pools, expected)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("group,dim", [(4, 128), (3, 64), (1, 128)])
 def test_fused_kernel_bfloat16(group, dim):
-    q, k, v, batch, full, ring = _layer("cuda", torch.bfloat16, [3000, 17, 700, 2], 5, kv_heads=8, group=group,
-                                        dim=dim, page=16, sink=64, window=256)
-    want, got = torch.zeros_like(q), torch.zeros_like(q)
-    _decode_torch(q, k, v, want, batch, _clone(full), _clone(ring), dim ** -0.5)
+    positions, sink, window = [3000, 17, 700, 2], 64, 256
+    q, k, v, batch, full, ring = _layer("cuda", torch.bfloat16, positions, 5, kv_heads=8, group=group, dim=dim,
+                                        page=16, sink=sink, window=window)
+    want = _written((full, ring), batch, positions, k, v, sink, window)
+    got = torch.zeros_like(q)
     head_split_decode_triton(q, k, v, got, batch, full, ring, dim ** -0.5)
-    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    _check_decode(got, q, want, batch, positions, sink, window, dim ** -0.5)
+    for pools, expected in zip((full, ring), want):
+        _assert_pools_equal(pools, expected)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
@@ -117,14 +208,14 @@ def test_one_compiled_kernel_serves_every_split_and_head_count():
     # on the H100 / H200's 132 SMs: 27, 32, 16, 2 and 1 splits; 5, 1, 2, 4 and 1 full heads; tables 188, 126,
     # 64, 7 and 1 pages wide
     cases = [([3000, 17, 700, 2], 5, 4), ([40, 2000], 1, 1), ([1023] * 3, 2, 16), ([100] * 16, 4, 2), ([7], 1, 64)]
-    counts = []
+    counts, sink, window = [], 64, 256
     for positions, num_full, programs_per_sm in cases:
         q, k, v, batch, full, ring = _layer("cuda", torch.bfloat16, positions, num_full, kv_heads=8, dim=128,
-                                            page=16, sink=64, window=256)
-        want, got = torch.zeros_like(q), torch.zeros_like(q)
-        _decode_torch(q, k, v, want, batch, _clone(full), _clone(ring), 128 ** -0.5)
+                                            page=16, sink=sink, window=window)
+        want = _written((full, ring), batch, positions, k, v, sink, window)
+        got = torch.zeros_like(q)
         head_split_decode_triton(q, k, v, got, batch, full, ring, 128 ** -0.5, programs_per_sm=programs_per_sm)
-        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        _check_decode(got, q, want, batch, positions, sink, window, 128 ** -0.5)
         counts.append(compiled())
     assert counts[1:] == counts[:1] * (len(cases) - 1), counts
 
@@ -190,6 +281,7 @@ def test_cuda_graph_decode_equals_eager(budget):
         assert max(abs(a[1] - b[1]) for a, b in zip(eager[rid], graphed[rid])) < 1e-4
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("dtype,width", [(torch.float32, 64), (torch.float32, 100), (torch.bfloat16, 4096)])
 def test_rms_norm_kernel_equals_transformers(dtype, width):
@@ -221,7 +313,7 @@ def _dtypes():
     return [torch.float32] + ([torch.bfloat16] if CUDA else [])
 
 
-@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.triton)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_equals_transformers_bit_for_bit(kernel, dtype, monkeypatch):
     """q and k as the fused forward hands them over (strided views of one q/k/v product), positions
@@ -254,6 +346,7 @@ def test_rotary_equals_transformers_bit_for_bit(kernel, dtype, monkeypatch):
         assert differ == 0, f"{differ} of {got.numel()} differ, by up to {float((got.float() - want.float()).abs().max())}"
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("dtype", _dtypes())
 def test_silu_and_mul_kernel_equals_transformers(dtype):
