@@ -1,0 +1,123 @@
+"""Plant the bugs the oracles exist to catch, one at a time, and check that the tests named for each fail.
+
+    python tests/mutants.py            # the CPU's mutants (TRITON_INTERPRET=1 for the Triton kernel)
+    python tests/mutants.py --cuda     # and the served path's, on a GPU (scripts/test-gpu's machine)
+
+Each mutant is a one-line change to the engine, applied to a copy of the working tree; the run fails if a
+mutant survives (its tests pass) or no longer applies (the code it plants into has changed: update it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments
+    cuda: bool = False  # only where a GPU runs the served path
+    env: tuple[tuple[str, str], ...] = ()
+
+
+SERVED = "tests/test_served_oracles.py"
+MUTANTS = [
+    Mutant("window one wider (the SDPA band's rule)", "rheads/engine/attention.py",
+           "(q_pos - k_pos < window)", "(q_pos - k_pos <= window)",
+           ("tests/test_band.py", "tests/test_engine.py", "-k", "compressed or admits_exactly_the_band")),
+    Mutant("window one wider (FlexAttention's mask)", "rheads/engine/band.py",
+           "(query - key < window_t)", "(query - key <= window_t)", ("tests/test_band.py",)),
+    Mutant("window one wider (FlexAttention's mask), served", "rheads/engine/band.py",
+           "(query - key < window_t)", "(query - key <= window_t)", (SERVED, "-k", "compressed and cuda"), cuda=True),
+    Mutant("a history block dropped from the full heads' prefill", "rheads/engine/cudnn_prefill.py",
+           "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split], False, scaling)",
+           "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[ALIGN:split], history_v[ALIGN:split], False, scaling)"
+           " if split > ALIGN else attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split],"
+           " False, scaling)", ("tests/test_cudnn_prefill.py",)),
+    Mutant("a history block dropped from the full heads' prefill, served", "rheads/engine/cudnn_prefill.py",
+           "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split], False, scaling)",
+           "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[ALIGN:split], history_v[ALIGN:split], False, scaling)"
+           " if split > ALIGN else attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split],"
+           " False, scaling)", (SERVED, "-k", "cuda-bf16 and not streaming"), cuda=True),
+    Mutant("the newest key dropped from the Triton decode", "rheads/engine/decode.py",
+           "end = tl.minimum(start + per_split, length)", "end = tl.minimum(start + per_split, length - 1)",
+           ("tests/test_decode_kernel.py", "-m", "triton"), env=(("TRITON_INTERPRET", "1"),)),
+    Mutant("the newest key dropped from the Triton decode, served", "rheads/engine/decode.py",
+           "end = tl.minimum(start + per_split, length)", "end = tl.minimum(start + per_split, length - 1)",
+           ("tests/test_decode_kernel.py", SERVED, "-k", "cuda and not streaming and not fused_kernel_equals"),
+           cuda=True),
+    Mutant("a preemption that keeps num_cached", "rheads/engine/scheduler.py",
+           "seq.slot, seq.num_cached, seq.status = None, 0, Status.WAITING",
+           "seq.slot, seq.status = None, Status.WAITING", ("tests/test_engine.py", "-k", "tight_memory")),
+]
+
+
+def tree_copy() -> Path:
+    """The working tree as it is: tracked and untracked files git does not ignore (without git, as on
+    the GPU machine's copy, everything but caches and environments)."""
+    target = Path(tempfile.mkdtemp(prefix="rheads-mutant-")) / "tree"
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                                check=True, capture_output=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copytree(ROOT, target, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".gpuparts",
+                                                                    ".whl", ".bench", "*.egg-info"))
+        return target
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    return target
+
+
+def try_mutant(mutant: Mutant) -> tuple[bool, str]:
+    """(killed, what the tests said)."""
+    tree = tree_copy()
+    try:
+        path = tree / mutant.path
+        source = path.read_text()
+        if source.count(mutant.old) != 1:
+            return False, f"does not apply: {mutant.old!r} is not in {mutant.path} exactly once"
+        path.write_text(source.replace(mutant.old, mutant.new))
+        env = {**os.environ, **dict(mutant.env), "PYTHONDONTWRITEBYTECODE": "1"}
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                              cwd=tree, env=env, capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+        tests = sorted({line.split()[1].split("[")[0] for line in failed})  # the failing tests, not their cases
+        summary = f"{', '.join(tests)} | " + (lines[-1] if lines else done.stderr[-300:])
+        return done.returncode == 1 and bool(failed), summary
+    finally:
+        shutil.rmtree(tree.parent, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cuda", action="store_true", help="also the served path's mutants (needs a GPU)")
+    args = parser.parse_args()
+    survivors = 0
+    for mutant in MUTANTS:
+        if mutant.cuda and not args.cuda:
+            continue
+        killed, said = try_mutant(mutant)
+        survivors += not killed
+        print(f"{'killed  ' if killed else 'SURVIVED'} {mutant.name}: {' '.join(mutant.tests)}\n         {said}",
+              flush=True)
+    print(f"{survivors} mutant(s) survived" if survivors else "every mutant was killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
