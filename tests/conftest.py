@@ -11,6 +11,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias
 
 
+@pytest.fixture(autouse=True, scope="session")
+def compiles_per_engine():
+    """Each engine a test builds on CUDA compiles FlexAttention for its dtype and head counts, as a server
+    does once; past dynamo's default recompile limit it would silently run FlexAttention uncompiled."""
+    config = torch._dynamo.config
+    before = config.recompile_limit, config.accumulated_recompile_limit
+    config.recompile_limit, config.accumulated_recompile_limit = 1024, 4096
+    yield
+    config.recompile_limit, config.accumulated_recompile_limit = before
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run far faster on one thread (two OpenMP threads thrash on a busy two-core box)."""
