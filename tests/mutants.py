@@ -40,7 +40,7 @@ MUTANTS = [
     Mutant("window one wider (FlexAttention's mask)", "rheads/engine/band.py",
            "(query - key < window_t)", "(query - key <= window_t)", ("tests/test_band.py",)),
     Mutant("window one wider (FlexAttention's mask), served", "rheads/engine/band.py",
-           "(query - key < window_t)", "(query - key <= window_t)", (SERVED, "-k", "compressed and cuda"), cuda=True),
+           "(query - key < window_t)", "(query - key <= window_t)", (SERVED, "-x", "-k", "compressed and cuda"), cuda=True),
     Mutant("a history block dropped from the full heads' prefill", "rheads/engine/cudnn_prefill.py",
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split], False, scaling)",
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[ALIGN:split], history_v[ALIGN:split], False, scaling)"
@@ -50,14 +50,13 @@ MUTANTS = [
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split], False, scaling)",
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[ALIGN:split], history_v[ALIGN:split], False, scaling)"
            " if split > ALIGN else attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split],"
-           " False, scaling)", (SERVED, "-k", "cuda-bf16 and not streaming"), cuda=True),
+           " False, scaling)", (SERVED, "-x", "-k", "cuda-bf16 and not streaming"), cuda=True),
     Mutant("the newest key dropped from the Triton decode", "rheads/engine/decode.py",
            "end = tl.minimum(start + per_split, length)", "end = tl.minimum(start + per_split, length - 1)",
            ("tests/test_decode_kernel.py", "-m", "triton"), env=(("TRITON_INTERPRET", "1"),)),
     Mutant("the newest key dropped from the Triton decode, served", "rheads/engine/decode.py",
            "end = tl.minimum(start + per_split, length)", "end = tl.minimum(start + per_split, length - 1)",
-           ("tests/test_decode_kernel.py", SERVED, "-k", "cuda and not streaming and not fused_kernel_equals"),
-           cuda=True),
+           ("tests/test_decode_kernel.py", SERVED, "-x", "-k", "bfloat16 or (cuda-bf16 and not streaming)"), cuda=True),
     Mutant("a preemption that keeps num_cached", "rheads/engine/scheduler.py",
            "seq.slot, seq.num_cached, seq.status = None, 0, Status.WAITING",
            "seq.slot, seq.status = None, Status.WAITING", ("tests/test_engine.py", "-k", "tight_memory")),

@@ -102,8 +102,9 @@ REF_ATTENTION = "rheads_test_sink_window_reference"
 
 
 def sink_window_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Softmax attention over one unpadded sequence, accumulated in fp32 from the inputs' precision (as a
-    fused kernel does); streaming heads see sink + window only."""
+    """Softmax attention over one unpadded sequence in the inputs' precision as a fused kernel computes it
+    (scores and softmax in fp32, the probabilities rounded to the inputs' dtype before they weigh the
+    values); streaming heads see sink + window only."""
     split, sink, window = kwargs["rheads_reference"]
     _, num_heads, n, _ = query.shape
     group = num_heads // key.shape[1]
@@ -117,7 +118,7 @@ def sink_window_reference(module, query, key, value, attention_mask, scaling=Non
     values = value.float().repeat_interleave(group, dim=1)
     scores = (query.float() @ keys.transpose(-1, -2)) * scaling
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (weights @ values).to(query.dtype).transpose(1, 2).contiguous(), None
+    return (weights.to(query.dtype).float() @ values).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(REF_ATTENTION, sink_window_reference)
