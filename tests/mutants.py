@@ -1,7 +1,8 @@
 """Plant the bugs the oracles exist to catch, one at a time, and check that the tests named for each fail.
 
     python tests/mutants.py            # the CPU's mutants (TRITON_INTERPRET=1 for the Triton kernel)
-    python tests/mutants.py --cuda     # and the served path's, on a GPU (scripts/test-gpu's machine)
+    python tests/mutants.py --cuda     # on a GPU (scripts/test-gpu's machine): the served path's instead of
+                                       # the interpreter's
 
 Each mutant is a one-line change to the engine, applied to a copy of the working tree; the run fails if a
 mutant survives (its tests pass) or no longer applies (the code it plants into has changed: update it).
@@ -28,7 +29,7 @@ class Mutant:
     old: str
     new: str
     tests: tuple[str, ...]  # pytest arguments
-    cuda: bool = False  # only where a GPU runs the served path
+    where: str = "any"  # "cuda": only where a GPU runs the served path; "cpu": only without one
     env: tuple[tuple[str, str], ...] = ()
 
 
@@ -40,7 +41,8 @@ MUTANTS = [
     Mutant("window one wider (FlexAttention's mask)", "rheads/engine/band.py",
            "(query - key < window_t)", "(query - key <= window_t)", ("tests/test_band.py",)),
     Mutant("window one wider (FlexAttention's mask), served", "rheads/engine/band.py",
-           "(query - key < window_t)", "(query - key <= window_t)", (SERVED, "-x", "-k", "compressed and cuda"), cuda=True),
+           "(query - key < window_t)", "(query - key <= window_t)", (SERVED, "-x", "-k", "compressed and cuda"),
+           where="cuda"),
     Mutant("a history block dropped from the full heads' prefill", "rheads/engine/cudnn_prefill.py",
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split], False, scaling)",
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[ALIGN:split], history_v[ALIGN:split], False, scaling)"
@@ -50,13 +52,14 @@ MUTANTS = [
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split], False, scaling)",
            "attend(_pad_rows(q, 0, _aligned(n) - n), history_k[ALIGN:split], history_v[ALIGN:split], False, scaling)"
            " if split > ALIGN else attend(_pad_rows(q, 0, _aligned(n) - n), history_k[:split], history_v[:split],"
-           " False, scaling)", (SERVED, "-x", "-k", "cuda-bf16 and not streaming"), cuda=True),
+           " False, scaling)", (SERVED, "-x", "-k", "cuda-bf16 and not streaming"), where="cuda"),
     Mutant("the newest key dropped from the Triton decode", "rheads/engine/decode.py",
            "end = tl.minimum(start + per_split, length)", "end = tl.minimum(start + per_split, length - 1)",
-           ("tests/test_decode_kernel.py", "-m", "triton"), env=(("TRITON_INTERPRET", "1"),)),
+           ("tests/test_decode_kernel.py", "-m", "triton"), env=(("TRITON_INTERPRET", "1"),), where="cpu"),
     Mutant("the newest key dropped from the Triton decode, served", "rheads/engine/decode.py",
            "end = tl.minimum(start + per_split, length)", "end = tl.minimum(start + per_split, length - 1)",
-           ("tests/test_decode_kernel.py", SERVED, "-x", "-k", "bfloat16 or (cuda-bf16 and not streaming)"), cuda=True),
+           ("tests/test_decode_kernel.py", SERVED, "-x", "-k", "bfloat16 or (cuda-bf16 and not streaming)"),
+           where="cuda"),
     Mutant("a preemption that keeps num_cached", "rheads/engine/scheduler.py",
            "seq.slot, seq.num_cached, seq.status = None, 0, Status.WAITING",
            "seq.slot, seq.status = None, Status.WAITING", ("tests/test_engine.py", "-k", "tight_memory")),
@@ -104,11 +107,11 @@ def try_mutant(mutant: Mutant) -> tuple[bool, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cuda", action="store_true", help="also the served path's mutants (needs a GPU)")
+    parser.add_argument("--cuda", action="store_true", help="the served path's mutants too (needs a GPU)")
     args = parser.parse_args()
     survivors = 0
     for mutant in MUTANTS:
-        if mutant.cuda and not args.cuda:
+        if mutant.where == ("cpu" if args.cuda else "cuda"):
             continue
         killed, said = try_mutant(mutant)
         survivors += not killed
