@@ -76,7 +76,7 @@ class EngineClient:
             try:
                 self.engine.add_request(request_id, *rest)
             except RequestError as error:  # validated already; only a race (a duplicate id) lands here
-                failed.append(RequestOutput(request_id, [], "", [], True, "error", 0, 0, error=str(error)))
+                failed.append(RequestOutput.failure(request_id, str(error)))
         return failed
 
     def _run(self) -> None:
@@ -107,8 +107,7 @@ class EngineClient:
             failed = []
             for request_id in list(self.engine.sequences):
                 self.engine.abort(request_id)
-                failed.append(RequestOutput(request_id, [], "", [], True, "error", 0, 0,
-                                            error=f"{type(error).__name__}: {error}"))
+                failed.append(RequestOutput.failure(request_id, f"{type(error).__name__}: {error}"))
             return failed
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":

@@ -887,18 +887,16 @@ def test_restore_undoes_the_permutation() -> None:
 def test_incremental_detokenization_equals_full_decode(tokenizer) -> None:
     """Decoding only the newest tokens gives, after every token, the text a full decode gives (multi-byte
     characters split over tokens wait for their last byte)."""
-    from types import SimpleNamespace
-
+    from rheads.engine.output import detokenize
     from rheads.engine.sequence import Sequence
 
     text = "Hello 世界 🙂🙂 naïve café — ok\n\n  spaces\tand 1234567 digits; «quotes» ∑ end"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids += torch.randint(0, tokenizer.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    owner = SimpleNamespace(tokenizer=tokenizer)
     seq = Sequence("r", [1, 2, 3], SamplingParams())
     for i, token in enumerate(ids, 1):
         seq.output_ids.append(token)
-        got = LLMEngine._detokenize(owner, seq)
+        got = detokenize(tokenizer, seq)
         assert got == tokenizer.decode(ids[:i], skip_special_tokens=True), i
     assert seq.read_offset > len(ids) - 10  # it really decoded incrementally
 

@@ -22,6 +22,7 @@ from .attention import ATTENTION_NAME
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .fused import fuse_modules
 from .heads import HeadSplit, permute_attention_heads, select_heads
+from .output import append_token
 from .runner import ModelRunner
 from .sampler import draw_tokens, is_plain, sample_batch
 from .scheduler import Chunk, Scheduler
@@ -349,49 +350,16 @@ class LLMEngine:
         self.scheduler.free(seq)
         self.sequences.pop(seq.request_id, None)
         seq.status, seq.finish_reason = Status.FINISHED, "error"
-        return RequestOutput(seq.request_id, [], "", [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
-                             error=f"{type(error).__name__}: {error}")
-
-    def _detokenize(self, seq: Sequence) -> str:
-        """The whole output's text, decoding only the last few tokens (as vLLM does): the tokens since the
-        last committed text, with the ones before them as context, so spaces and merges come out as a
-        full decode would. A trailing incomplete UTF-8 character ("\ufffd") is not committed yet."""
-        ids, decode = seq.output_ids, self.tokenizer.decode
-        prefix = decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-        full = decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-        text = seq.decoded + full[len(prefix):]
-        if not text.endswith("\ufffd") and len(full) > len(prefix):
-            seq.decoded, seq.prefix_offset, seq.read_offset = text, seq.read_offset, len(ids)
-        return text
+        return RequestOutput.failure(seq.request_id, f"{type(error).__name__}: {error}", len(seq.prompt_ids),
+                                     len(seq.output_ids))
 
     def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
-        params = seq.params
-        finish = None
-        new_ids = [token]
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-            finish = "stop"
-        seq.output_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        text = self._detokenize(seq)
-        for stop in params.stop:
-            at = text.find(stop, max(0, len(seq.text) - len(stop)))
-            if at >= 0:
-                text, finish = text[:at], "stop"
-                break
-        if finish is None and (len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
-            finish = "length"
-        if finish is None and text.endswith("\ufffd"):
-            text = seq.text  # an incomplete UTF-8 sequence: wait for the next token
-        if finish is None and params.stop:  # hold back what may be the start of a stop string
-            text = text[:max(len(seq.text), len(text) - max(map(len, params.stop)) + 1)]
-        new_text, seq.text = text[len(seq.text):], text
-        if finish:
-            seq.status, seq.finish_reason = Status.FINISHED, finish
+        out = append_token(self.tokenizer, seq, token, logprob, self.eos_ids, self.max_model_len)
+        if out.finished:
+            seq.status, seq.finish_reason = Status.FINISHED, out.finish_reason
             self.scheduler.free(seq)
             self.sequences.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, new_ids, new_text, [logprob] if logprob else [], finish is not None,
-                             finish, len(seq.prompt_ids), len(seq.output_ids))
+        return out
 
 
 @dataclass

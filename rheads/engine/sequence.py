@@ -97,3 +97,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+
+    @classmethod
+    def failure(cls, request_id: str, error: str, num_prompt_tokens: int = 0,
+                num_output_tokens: int = 0) -> "RequestOutput":
+        """A failed request's last output: no tokens, finish_reason "error", the message for its client."""
+        return cls(request_id, [], "", [], True, "error", num_prompt_tokens, num_output_tokens, error=error)
