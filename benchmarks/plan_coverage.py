@@ -59,7 +59,8 @@ def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
     cudnn_prefill.plan_chunks(meta, torch.bfloat16, HEAD_DIM, GROUPS, {KV_HEADS}, chunk, max_len, _shapes_only)
     work = cudnn_work = chunks = on_cudnn = 0
     while scheduler.has_unfinished():
-        for c in scheduler.schedule():
+        step = scheduler.schedule()
+        for c in step:
             seq, start = c.seq, c.seq.num_cached
             if start < len(seq.prompt_ids):  # a prefill chunk
                 area = cudnn_prefill.attention_area(c.num_tokens, start)
@@ -67,12 +68,13 @@ def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
                 hit = cudnn_prefill.planned_queries(q, KV_HEADS, start) is not None
                 work, cudnn_work = work + area, cudnn_work + area * hit
                 chunks, on_cudnn = chunks + 1, on_cudnn + hit
-            seq.num_cached += c.num_tokens
-            if seq.num_cached == seq.num_tokens:
-                seq.output_ids.append(0)
-                if len(seq.output_ids) == max_tokens:
-                    seq.status = Status.FINISHED
-                    scheduler.free(seq)
+        scheduler.update(step)
+        for c in step:
+            if c.samples:
+                c.seq.output_ids.append(0)
+                if len(c.seq.output_ids) == max_tokens:
+                    c.seq.status = Status.FINISHED
+                    scheduler.free(c.seq)
     return cudnn_work / work, chunks, on_cudnn
 
 

@@ -219,7 +219,7 @@ class Ledger:
             for chunk, end in zip(chunks, ends):
                 rid = chunk.seq.request_id
                 self.cached[rid] = self.cached.get(rid, 0) + chunk.num_tokens
-                if end or args:  # a pipelined launch feeds a sampled token: it ends the tokens too
+                if end:
                     self.sampled.add(rid)
             return logits
 

@@ -109,8 +109,8 @@ class LLMEngine:
         permute_attention_heads(model, split)
         model.config._attn_implementation = ATTENTION_NAME
         fuse_modules(model)  # one q/k/v and one gate/up product; on CUDA one kernel per norm, RoPE, SiLU
-        self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
         groups = text_config.num_attention_heads // split.num_kv_heads
@@ -247,7 +247,8 @@ class LLMEngine:
                 if chunk.num_tokens > 1:
                     self.scheduler.preempt(chunk.seq)
             raise
-        done = [chunk.seq for chunk in chunks if chunk.seq.num_cached == chunk.seq.num_tokens]  # these sample
+        self.scheduler.update(chunks)
+        done = [chunk.seq for chunk in chunks if chunk.samples]
         if (self.async_decode and num_tokens == len(chunks) == len(done)
                 and all(is_plain(s.params, s.generator) for s in done)):
             try:
@@ -292,7 +293,7 @@ class LLMEngine:
         step can use them again). Returns what it launched (None: the batch changes, so the caller
         schedules) and the outputs read back."""
         previous, self._in_flight = self._in_flight, None
-        chunks = self._next_decode(previous.seqs)
+        chunks = self.scheduler.schedule_pipelined(previous.seqs)
         undrawn = None  # the launched step's logits, if drawing on the device failed
         if chunks:
             launched = [chunk.seq for chunk in chunks]
@@ -307,6 +308,7 @@ class LLMEngine:
             except Exception:
                 self._in_flight = previous  # nothing was appended: a retry starts from here
                 raise
+            self.scheduler.update(chunks)
             try:
                 self._in_flight = _InFlight(launched, draw_tokens(logits, [s.params for s in launched]))
             except Exception:  # noqa: BLE001 - sampled on the host below, row by row, once the tokens before are in
@@ -324,26 +326,6 @@ class LLMEngine:
             rows = [row for row, seq in enumerate(launched) if seq.status is Status.RUNNING]
             outputs += self._sample_and_append([launched[row] for row in rows], logits[rows])
         return chunks, outputs
-
-    def _next_decode(self, seqs: list[Sequence]) -> list[Chunk] | None:
-        """One more decode step of these sequences, less those whose in-flight token is their last by
-        length (they finish when it is read back), or None whenever the batch may change otherwise: one
-        finished or was aborted, another is running or a waiting request fits, or a page is missing (the
-        scheduler then decides, preempting if it must)."""
-        scheduler, cache = self.scheduler, self.cache
-        if len(scheduler.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
-            return None
-        if scheduler.waiting and cache.can_admit(scheduler.waiting[0].num_tokens + 1):
-            return None
-        # each has its last sampled token in flight: output_ids and num_tokens count the tokens before it
-        going_on = [s for s in seqs
-                    if len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < self.max_model_len]
-        missing = sum(cache.pages_for(s.num_cached + 1) - len(s.pages) for s in going_on)
-        if not going_on or missing > len(cache.free_pages):
-            return None
-        for seq in going_on:
-            cache.grow(seq.slot, seq.pages, seq.num_cached + 1)
-        return [Chunk(seq, 1) for seq in going_on]
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """Finish one request with an error and give its cache back."""

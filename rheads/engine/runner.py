@@ -30,7 +30,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], input_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed every chunk; return logits [sampling chunks, vocab] for chunks that end a sequence.
+        """Feed every chunk; return logits [sampling chunks, vocab] for the chunks that sample. It reads the
+        sequences and never changes them: the scheduler advances what is cached (`Scheduler.update`).
 
         `input_tokens` (on the device, one per chunk) feeds a pipelined decode step: tokens sampled by
         the step before, which the host has not read yet.
@@ -51,7 +52,7 @@ class ModelRunner:
             else:
                 table = to_device(seq.pages, self.device, torch.long)
                 slices.append(SeqSlice(begin, len(positions), start, seq.slot, table))
-            if chunk.samples or input_tokens is not None:
+            if chunk.samples:
                 last.append(len(positions) - 1)
         device = self.device
         position_ids = to_device(positions, device)
@@ -62,8 +63,6 @@ class ModelRunner:
             position_ids=position_ids[None],
             use_cache=False, rheads_batch=meta,
         ).last_hidden_state[0]
-        for chunk in chunks:
-            chunk.seq.num_cached += chunk.num_tokens
         return self.model.lm_head(hidden[to_device(last, device)]) if last else hidden[:0]
 
     def decode_batch(self, decoding: list[tuple[int, Chunk]], size: int | None = None,
@@ -114,8 +113,6 @@ class ModelRunner:
         if input_tokens is None:
             input_tokens = torch.tensor([c.seq.token_ids(c.seq.num_cached, c.seq.num_cached + 1)[0] for c in chunks])
         graph.replay(self.decode_batch(decoding, size, self.max_pages), input_tokens)
-        for chunk in chunks:
-            chunk.seq.num_cached += 1
         return graph.logits[:len(chunks)]
 
 

@@ -14,6 +14,10 @@ prompt's tail left less budget than the block needs (split in two; in a wave of 
 prompt's first block, where attention is cheapest). Before, other prompts' tails shifted a prompt's
 every chunk off those shapes unless every prompt was a whole number of blocks long, and decoding
 sequences shifted them a little more each step.
+
+A step is `schedule` (or, for a pipelined decode step, `schedule_pipelined`), the runner's forward, then
+`update`: the scheduler is what admits, grows, preempts and advances a sequence's cached tokens; the
+runner only reads them.
 """
 
 from __future__ import annotations
@@ -25,21 +29,22 @@ from .cache import HeadSplitCache
 from .sequence import Sequence, Status
 
 
-@dataclass
+@dataclass(frozen=True)
 class Chunk:
     seq: Sequence
     num_tokens: int  # tokens fed this step, starting at seq.num_cached
+    samples: bool  # its logits give the sequence's next token: it reaches the last token (or feeds a sampled one)
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.seq.num_cached + self.num_tokens == self.seq.num_tokens
+    @classmethod
+    def of(cls, seq: Sequence, num_tokens: int) -> "Chunk":
+        return cls(seq, num_tokens, seq.num_cached + num_tokens == seq.num_tokens)
 
 
 class Scheduler:
-    def __init__(self, cache: HeadSplitCache, max_num_batched_tokens: int):
+    def __init__(self, cache: HeadSplitCache, max_num_batched_tokens: int, max_model_len: int | None = None):
         self.cache = cache
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -93,7 +98,7 @@ class Scheduler:
             decoding = seq.num_tokens - seq.num_cached == 1
             n = 1 if decoding else self._prefill_tokens(seq, budget)
             if n > 0 and self._reserve(seq, seq.num_cached + n):
-                chunks.append(Chunk(seq, n))
+                chunks.append(Chunk.of(seq, n))
                 budget -= 0 if decoding else n
         chunks = [c for c in chunks if c.seq.status is Status.RUNNING]  # drop any preempted later
         while self.waiting and budget > 0 and self.cache.can_admit(self.waiting[0].num_tokens + 1):
@@ -102,6 +107,30 @@ class Scheduler:
             self.running.append(seq)
             n = self._prefill_tokens(seq, budget)
             self.cache.grow(seq.slot, seq.pages, n)
-            chunks.append(Chunk(seq, n))
+            chunks.append(Chunk.of(seq, n))
             budget -= n
         return chunks
+
+    def update(self, chunks: list[Chunk]) -> None:
+        """After a forward over `chunks` returned: their tokens are in the cache."""
+        for chunk in chunks:
+            chunk.seq.num_cached += chunk.num_tokens
+
+    def schedule_pipelined(self, seqs: list[Sequence]) -> list[Chunk] | None:
+        """One more decode step of these sequences, each with its last sampled token still on the device
+        (not appended: output_ids and num_tokens count the tokens before it), less those for which that
+        token is the last by length (they finish when it is read back); or None whenever the batch may
+        change otherwise: one finished or was aborted, another is running or a waiting request fits, or
+        a page is missing (`schedule` then decides, preempting if it must)."""
+        if len(self.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
+            return None
+        if self.waiting and self.cache.can_admit(self.waiting[0].num_tokens + 1):
+            return None
+        limit = self.max_model_len or float("inf")
+        going_on = [s for s in seqs if len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < limit]
+        missing = sum(self.cache.pages_for(s.num_cached + 1) - len(s.pages) for s in going_on)
+        if not going_on or missing > len(self.cache.free_pages):
+            return None
+        for seq in going_on:
+            self.cache.grow(seq.slot, seq.pages, seq.num_cached + 1)
+        return [Chunk(seq, 1, samples=True) for seq in going_on]  # each feeds its in-flight token
