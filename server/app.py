@@ -203,13 +203,16 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(404, f"The model `{body.model}` does not exist. Served: {model_name}.",
                            "NotFoundError", "model")
 
-    def chat_prompt(messages) -> list[int]:
+    def chat_prompt(messages, add_generation_prompt: bool) -> list[int]:
+        """The model's chat template over the messages, the assistant's turn opened unless the client
+        continues a message of its own (vLLM's `add_generation_prompt`)."""
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
         if not tokenizer.chat_template:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
                            "BadRequestError", "messages")
         try:
-            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as error:  # a template may refuse a conversation (roles out of order)
             raise APIError(400, f"the chat template refused these messages: {error}", "BadRequestError",
                            "messages") from error
@@ -361,7 +364,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body)
         check_size(body, 1, "n")
-        prompt = await off_loop(lambda: chat_prompt(body.messages))
+        prompt = await off_loop(lambda: chat_prompt(body.messages, body.add_generation_prompt))
         room = engine.max_model_len - len(prompt)
         if engine.cache.has_full_heads:  # by default, no more than the whole full-head pool can hold
             room = min(room, engine.cache.num_pages * engine.cache.config.page_size - len(prompt))
@@ -410,8 +413,9 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/tokenize", dependencies=keyed)
     async def tokenize(body: TokenizeRequest):
         check_model(body)
-        ids = await off_loop(lambda: chat_prompt(body.messages) if body.messages is not None else
-                             tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+        ids = await off_loop(lambda: chat_prompt(body.messages, body.add_generation_prompt)
+                             if body.messages is not None
+                             else tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", dependencies=keyed)

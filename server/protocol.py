@@ -108,6 +108,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with messages, as in a chat request
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
@@ -141,7 +142,7 @@ class ErrorResponse(BaseModel):
 
 def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status)).model_dump()
 
 
 def new_id(prefix: str) -> str:

@@ -166,9 +166,10 @@ def test_stop_string_truncates_before_the_stop(client, engine, reference):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def _chat_prompt_tokens(tokenizer, messages: list[dict]) -> int:
-    """Tokens of the model's own chat template over these messages, with the assistant's turn opened."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _chat_prompt_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> int:
+    """Tokens of the model's own chat template over these messages, with the assistant's turn opened
+    (unless not)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -257,6 +258,19 @@ def test_tokenize_detokenize_round_trip(http, engine):
     messages = [{"role": "user", "content": "hello"}]
     chat = http.post("/tokenize", json={"messages": messages}).json()
     assert chat["count"] == len(chat["tokens"]) == _chat_prompt_tokens(engine.tokenizer, messages) > 3
+    unopened = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert unopened["count"] == _chat_prompt_tokens(engine.tokenizer, messages, False) < chat["count"]
+    assert chat["tokens"][:unopened["count"]] == unopened["tokens"]  # the same, less the assistant's opening
+
+
+def test_add_generation_prompt_is_honoured(client, engine):
+    """As in vLLM: false leaves the assistant's turn unopened, so the prompt is the template without it."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    usage = {flag: client.chat.completions.create(model=PRESET, messages=messages, max_tokens=2, temperature=0,
+                                                  extra_body={"add_generation_prompt": flag}).usage.prompt_tokens
+             for flag in (True, False)}
+    assert usage == {flag: _chat_prompt_tokens(engine.tokenizer, messages, flag) for flag in (True, False)}
+    assert usage[False] < usage[True]
 
 
 def test_a_long_tokenization_stalls_no_other_request(served, engine, monkeypatch):
