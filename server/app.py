@@ -365,9 +365,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         check_model(body)
         check_size(body, 1, "n")
         prompt = await off_loop(lambda: chat_prompt(body.messages, body.add_generation_prompt))
-        room = engine.max_model_len - len(prompt)
-        if engine.cache.has_full_heads:  # by default, no more than the whole full-head pool can hold
-            room = min(room, engine.cache.num_pages * engine.cache.config.page_size - len(prompt))
+        room = engine.output_room(len(prompt))  # by default, as many as the context and the cache leave
         max_tokens = body.max_completion_tokens or body.max_tokens or max(min(room, max_tokens_limit), 1)
         top = body.top_logprobs if body.logprobs else None
         params = sampling(body, max_tokens, (top or 0) if body.logprobs else None)

@@ -674,6 +674,7 @@ def test_requests_too_large_are_refused(llama, tokenizer) -> None:
     engine = make_engine(llama, tokenizer, HeadSplit.uniform(4, 2, True), kv_cache_memory=10 * _sizes(
         HeadSplit.uniform(4, 2, True))[0], max_model_len=64)
     assert engine.cache.num_pages == 10
+    assert engine.output_room(37) == 3 and engine.output_room(38) == 2  # 10 pages of 4 hold 40 tokens
     with pytest.raises(RequestError, match="KV cache"):
         engine.add_request("big", random_prompt(38, 1), SamplingParams(max_tokens=3))  # 41 tokens > 40
     with pytest.raises(RequestError, match="maximum context length"):

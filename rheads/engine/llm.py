@@ -183,6 +183,14 @@ class LLMEngine:
                 f"{self.cache.num_pages * self.cache.config.page_size}; reduce max_tokens or the prompt."
             )
 
+    def output_room(self, num_prompt_tokens: int) -> int:
+        """The most tokens a request with this many prompt tokens may generate here: what the model's context
+        and the whole full-head pool leave (`validate` refuses more)."""
+        room = self.max_model_len
+        if self.cache.has_full_heads:
+            room = min(room, self.cache.num_pages * self.cache.config.page_size)
+        return room - num_prompt_tokens
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its cache; True if it was still unfinished."""
         seq = self.sequences.pop(request_id, None)
