@@ -136,16 +136,16 @@ def test_the_key_is_compared_in_constant_time(served, monkeypatch):
         return httpx.get(f"{served.base}/v1/models", headers={} if header is None else {"Authorization": header})
 
     wrong = ["Bearer wrong", "Bearer " + KEY[:-1], "Bearer " + KEY + "x" * 1000, "", "Bearer", KEY]
-    for given in [*wrong, None]:
+    for header in [*wrong, None]:
         calls.clear()
-        assert_error(models(given), 401, "AuthenticationError")
-        assert calls == [(hashlib.sha256((given or "").encode()).digest(), configured)], given
+        assert_error(models(header), 401, "AuthenticationError")
+        assert calls == [(hashlib.sha256((header or "").encode()).digest(), configured)], header
     calls.clear()
     assert models(f"Bearer {KEY}").status_code == 200 and calls == [(configured, configured)]
     # compare_digest's answer is the whole decision: no comparison of the raw key before or beside it
     verdict["forced"] = True
-    for given in [*wrong, None]:
-        assert models(given).status_code == 200, given
+    for header in [*wrong, None]:
+        assert models(header).status_code == 200, header
     verdict["forced"] = False
     assert_error(models(f"Bearer {KEY}"), 401, "AuthenticationError")
 
