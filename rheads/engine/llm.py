@@ -193,11 +193,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its cache; True if it was still unfinished."""
-        seq = self.sequences.pop(request_id, None)
+        seq = self.sequences.get(request_id)
         if seq is None:
             return False
-        self.scheduler.free(seq)
-        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        self._finish(seq, "abort")
         return True
 
     def has_unfinished(self) -> bool:
@@ -335,20 +334,22 @@ class LLMEngine:
             outputs += self._sample_and_append([launched[row] for row in rows], logits[rows])
         return chunks, outputs
 
-    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
-        """Finish one request with an error and give its cache back."""
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """End a request: its cache back to the pools, its id free again."""
         self.scheduler.free(seq)
         self.sequences.pop(seq.request_id, None)
-        seq.status, seq.finish_reason = Status.FINISHED, "error"
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Finish one request with an error and give its cache back."""
+        self._finish(seq, "error")
         return RequestOutput.failure(seq.request_id, f"{type(error).__name__}: {error}", len(seq.prompt_ids),
                                      len(seq.output_ids))
 
     def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         out = append_token(self.tokenizer, seq, token, logprob, self.eos_ids, self.max_model_len)
         if out.finished:
-            seq.status, seq.finish_reason = Status.FINISHED, out.finish_reason
-            self.scheduler.free(seq)
-            self.sequences.pop(seq.request_id, None)
+            self._finish(seq, out.finish_reason)
         return out
 
 
