@@ -34,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from .evaluate import (
-    Cell, EvalConfig, EvalResult, Generation, cell_key, check_resumable, eval_needles, format_mean_std, grid,
+    Cell, EvalConfig, EvalResult, Answer, cell_key, check_resumable, eval_needles, format_mean_std, grid,
     grid_prompts, haystack_sha, load_cells, load_model_and_profile, mean, save_cells, score, short_sha, std,
     write_atomic,
 )
@@ -179,7 +179,7 @@ RESUME_KEYS = ("model", "config_fingerprint", "profile_scores", "needles", "hays
 
 
 @torch.inference_mode()
-def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> Generation:
+def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> Answer:
     """Greedy `model.generate` with its KV cache (heads masked by the caller's `heads_masked`, if any)."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
@@ -190,7 +190,7 @@ def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int)
                          top_k=None, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad)
     new = out[0, ids.shape[1]:].tolist()
     finish = "stop" if new and new[-1] in eos_ids else "length"
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), finish, len(new))
+    return Answer(tokenizer.decode(new, skip_special_tokens=True), finish, len(new))
 
 
 def run_causality(model, tokenizer, model_name: str, profile: Profile, config: CausalityConfig, out: Path,
@@ -251,7 +251,7 @@ def run_causality(model, tokenizer, model_name: str, profile: Profile, config: C
                     evaluated += 1
                     bar.update(1)
 
-    summary = summarise(cells, settings, heads, cells_grid, profile, config.non_retrieval_below)
+    summary = causality_summary(cells, settings, heads, cells_grid, profile, config.non_retrieval_below)
     summary["meta"] = meta
     summary["grid"] = {"lengths": sorted(dict.fromkeys(config.lengths)), "depths": list(dict.fromkeys(config.depths)),
                        "needles": len(needles), "cells_per_masking": len(cells_grid)}
@@ -272,7 +272,7 @@ def evaluate_causality(model_spec: str, config: CausalityConfig, out: Path, prof
 
 # --- summary ------------------------------------------------------------------------------------------------
 
-def summarise(cells: list[dict], settings: list[MaskSetting], heads: dict[str, list[Head]], cells_grid: list[Cell],
+def causality_summary(cells: list[dict], settings: list[MaskSetting], heads: dict[str, list[Head]], cells_grid: list[Cell],
               profile: Profile, below: float = NON_RETRIEVAL_BELOW) -> dict:
     """Per masking: accuracy (overall and per length), recall and the masked heads' mean score; then one curve
     per selection over K, with the unmasked run as K = 0 of both and random seeds as mean and std (maskings

@@ -226,20 +226,21 @@ def check_resumable(old: dict, new: dict, keys: tuple[str, ...] = RESUME_KEYS) -
 # --- running one configuration through the engine ----------------------------------------------------
 
 @dataclass
-class Generation:
+class Answer:
+    """A model's answer to one prompt, as the evaluations grade it."""
     text: str
     finish_reason: str
     num_output_tokens: int
 
 
 def generate(engine, prompts: list[list[int]], max_tokens: list[int],
-             on_finish: Callable[[int], None] | None = None) -> list[Generation]:
+             on_finish: Callable[[int], None] | None = None) -> list[Answer]:
     """Submit every prompt to the engine at once (greedy) and step until all have finished."""
     from .engine.llm import generate_all
     from .engine.sequence import SamplingParams
 
     requests = [(ids, SamplingParams(max_tokens=budget, temperature=0.0)) for ids, budget in zip(prompts, max_tokens)]
-    return [Generation(c.text, c.finish_reason, len(c.token_ids)) for c in generate_all(engine, requests, on_finish)]
+    return [Answer(c.text, c.finish_reason, len(c.token_ids)) for c in generate_all(engine, requests, on_finish)]
 
 
 def _engine_config(config: EvalConfig, budget: float, memory: int):
@@ -346,7 +347,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
 
     kv = {s.name: kv_bytes_per_sequence(splits[s.name], head_dim, element_size, config.page_size, config.sink,
                                         config.window, max(lengths)) for s in settings}
-    summary = summarise(cells, settings, splits, kv, cells_grid, layers * kv_heads, hidden)
+    summary = eval_summary(cells, settings, splits, kv, cells_grid, layers * kv_heads, hidden)
     summary["meta"] = meta
     summary["grid"] = {"lengths": lengths, "depths": list(dict.fromkeys(config.depths)),
                        "needles": len(needles), "cells_per_config": len(cells_grid)}
@@ -407,7 +408,7 @@ def std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def summarise(cells: list[dict], settings: list[CacheSetting], splits: dict[str, HeadSplit], kv_bytes: dict[str, int],
+def eval_summary(cells: list[dict], settings: list[CacheSetting], splits: dict[str, HeadSplit], kv_bytes: dict[str, int],
               cells_grid: list[Cell], total_heads: int, hidden: dict[tuple, bool] | None = None) -> dict:
     """Per configuration: accuracy per length, per (length, depth), overall, mean recall; then per group
     (random seeds merged) mean and std of those accuracies. Only cells of this grid count.

@@ -156,7 +156,7 @@ def _check_resumable(old: Profile, params: dict, identity: ModelIdentity) -> Non
             )
 
 
-def summarise(identity: ModelIdentity, method: ProfileMethod, samples: list[SampleRecord]) -> Profile:
+def profile_from_samples(identity: ModelIdentity, method: ProfileMethod, samples: list[SampleRecord]) -> Profile:
     """Per-head means over kept samples (heads that never copied score 0), then KV-head aggregates."""
     layers, heads = identity.num_layers, identity.num_attention_heads
     kept = [s for s in samples if s.kept]
@@ -197,7 +197,7 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
     todo = [cell for cell in _grid(config, len(needles)) if cell not in done]
     stop_ids = {i for i in [tokenizer.eos_token_id, *(_generation_eos(model))] if i is not None}
     kept = sum(s.kept for s in samples)
-    profile = summarise(identity, method, samples)
+    profile = profile_from_samples(identity, method, samples)
     bar = tqdm(todo, desc=f"profiling {source.name}", unit="sample")  # closed when the loop ends
     for length, needle_index, depth in bar:
         needle = needles[needle_index]
@@ -217,7 +217,7 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
         ))
         kept += samples[-1].kept
         bar.set_postfix(kept=kept, done=len(samples))
-        profile = summarise(identity, method, samples)
+        profile = profile_from_samples(identity, method, samples)
         profile.save(out)
     return profile
 

@@ -18,7 +18,7 @@ from rheads.causality import (
     ATTENTION_NAME, MASKED_ATTR, CausalityConfig, heads_masked, mask_settings, masked_sdpa_attention,
     random_non_retrieval_heads, run_causality, top_retrieval_heads,
 )
-from rheads.evaluate import Cell, Generation, load_cells
+from rheads.evaluate import Cell, Answer, load_cells
 from rheads.models import resolve_model
 from rheads.profile import ModelIdentity, Profile, ProfileMethod
 
@@ -185,7 +185,7 @@ def test_run_writes_outputs_and_resume_generates_nothing(tokenizer, tmp_path: Pa
                  for h in getattr(layer.self_attn, MASKED_ATTR).tolist()}
         calls.append({"heads": heads, "max_new_tokens": max_new_tokens, "impl": model.config._attn_implementation})
         # the unmasked model answers right, every masking wrong
-        return Generation("a brass thimble and a dried sprig of juniper" if not heads else "no idea", "stop", 5)
+        return Answer("a brass thimble and a dried sprig of juniper" if not heads else "no idea", "stop", 5)
 
     monkeypatch.setattr(causality, "generate_answer", fake)
     config = CausalityConfig(lengths=[200], depths=[0.5], needles_file=None, num_needles=3, ks=[0, 2],
@@ -228,7 +228,7 @@ def test_summary_of_an_interrupted_run(model) -> None:
     cells_grid = [Cell(100, 0.5, 0)]
     cells = [{"config": name, "length": 100, "depth": 0.5, "needle": 0, "correct": ok, "recall": float(ok)}
              for name, ok in (("none", True), ("retrieval-k2", False), ("random-k2-s0", True))]  # s1 not run yet
-    summary = causality.summarise(cells, settings, heads, cells_grid, profile)
+    summary = causality.causality_summary(cells, settings, heads, cells_grid, profile)
     retrieval, rnd = summary["curves"]["retrieval"], summary["curves"]["random"]
     assert [(p["k"], p["accuracy"]) for p in retrieval] == [(0, 1.0), (2, 0.0)]
     assert rnd[1]["seeds"] == [0] and rnd[1]["accuracy"] == 1.0

@@ -20,8 +20,8 @@ from rheads.engine import HeadSplit, SamplingParams, random_split, select_heads
 from rheads.engine.heads import restore_attention_heads
 from rheads.engine.llm import EngineConfig, LLMEngine
 from rheads.evaluate import (
-    CacheSetting, EvalConfig, Generation, cache_settings, format_summary, kv_bytes_per_sequence, load_cells,
-    profile_properties, run_niah_eval, score, split_for, summarise,
+    CacheSetting, EvalConfig, Answer, cache_settings, format_summary, kv_bytes_per_sequence, load_cells,
+    profile_properties, run_niah_eval, score, split_for, eval_summary,
 )
 from rheads.models import resolve_model
 from rheads.niah import Needle, build_prompt, load_needles, unigram_recall
@@ -87,7 +87,7 @@ def _fake_generate(responses, calls: list):
         for i, _ in enumerate(prompts):
             if on_finish:
                 on_finish(i)
-            out.append(Generation(responses(len(calls) - 1, i), "stop", 3))
+            out.append(Answer(responses(len(calls) - 1, i), "stop", 3))
         return out
     return fake
 
@@ -340,7 +340,7 @@ def test_summary_random_seeds_mean_std() -> None:
     cells.append({"config": "full", "length": 300, "depth": 0.5, "needle": 0, "correct": False, "recall": 0.0})
     splits = {s.name: HeadSplit.uniform(2, 2, s.selection != "window") for s in settings}
     kv = {s.name: 1 << 20 for s in settings}
-    summary = summarise(cells, settings, splits, kv, grid, 4)
+    summary = eval_summary(cells, settings, splits, kv, grid, 4)
     groups = {g["name"]: g for g in summary["groups"]}
     assert list(groups) == ["full", "retrieval-0.5", "random-0.5", "window"]
     assert groups["full"]["accuracy"] == 1.0  # the cell outside the grid does not count
@@ -465,7 +465,7 @@ def test_summary_accuracy_on_hidden_answers() -> None:
               "recall": 1.0} for s in settings for d in (0.0, 0.5, 1.0)]
     hidden = {(100, 0.0, 0): False, (100, 0.5, 0): True, (100, 1.0, 0): False}
     splits = {s.name: HeadSplit.uniform(1, 1, s.name == "full") for s in settings}
-    summary = summarise(cells, settings, splits, {"full": 2, "window": 1}, grid, 1, hidden)
+    summary = eval_summary(cells, settings, splits, {"full": 2, "window": 1}, grid, 1, hidden)
     window = summary["groups"][1]
     assert window["accuracy"] == pytest.approx(2 / 3) and window["accuracy_hidden"] == 0.0
     assert summary["groups"][0]["accuracy_hidden"] == 1.0 and window["cells_hidden"] == 1

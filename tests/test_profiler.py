@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from rheads.models import resolve_model
 from rheads.niah import NiahPrompt, _template_parts, build_prompt, load_needles, unigram_recall
 from rheads.profile import ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord
-from rheads.profiler import ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_model, run_sample, summarise
+from rheads.profiler import ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_model, run_sample, profile_from_samples
 
 SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-135M-Instruct.json"
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
@@ -143,7 +143,7 @@ def test_build_prompt(tokenizer, length: int, depth: float) -> None:
             assert insert == wanted  # the very start or end of the context
 
 
-# --- summarise ---------------------------------------------------------------------------------
+# --- profile_from_samples ---------------------------------------------------------------------------------
 
 def _identity(name: str = "org/tiny") -> ModelIdentity:
     return ModelIdentity(name=name, architecture="LlamaForCausalLM", num_layers=2, num_attention_heads=4,
@@ -157,10 +157,10 @@ def _sample(kept: bool, scores: dict[str, float]) -> SampleRecord:
 
 @pytest.mark.parametrize("how, kv", [("max", [[0.375, 0.0], [0.0, 0.5]]),
                                      ("mean", [[0.1875, 0.0], [0.0, 0.25]])])
-def test_summarise(how: str, kv: list[list[float]]) -> None:
+def test_profile_from_samples(how: str, kv: list[list[float]]) -> None:
     samples = [_sample(True, {"0-1": 0.5, "1-3": 1.0}), _sample(True, {"0-1": 0.25}),
                _sample(False, {"0-0": 1.0, "1-2": 1.0})]  # the dropped sample must not count
-    profile = summarise(_identity(), ProfileMethod(name="retrieval_head_niah", kv_aggregate=how), samples)
+    profile = profile_from_samples(_identity(), ProfileMethod(name="retrieval_head_niah", kv_aggregate=how), samples)
     assert (profile.samples_total, profile.samples_kept) == (3, 2)
     assert profile.query_head_scores == [[0.0, 0.375, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]]
     assert profile.kv_head_scores == kv
@@ -168,7 +168,7 @@ def test_summarise(how: str, kv: list[list[float]]) -> None:
 
 
 def test_summarise_nothing_kept() -> None:
-    profile = summarise(_identity(), ProfileMethod(name="retrieval_head_niah"), [_sample(False, {"0-0": 1.0})])
+    profile = profile_from_samples(_identity(), ProfileMethod(name="retrieval_head_niah"), [_sample(False, {"0-0": 1.0})])
     assert profile.samples_kept == 0 and profile.query_head_scores == [[0.0] * 4] * 2
 
 
@@ -240,7 +240,7 @@ def _smollm2_profiles(tmp_path: Path) -> list[Profile]:
     """A profile in the shipped format for the SmolLM2 preset, plus the shipped file when present."""
     config = AutoConfig.from_pretrained(resolve_model("smollm2-135m-instruct").path)
     identity = ModelIdentity.from_config(config, "HuggingFaceTB/SmolLM2-135M-Instruct")
-    summarise(identity, ProfileMethod(name="retrieval_head_niah"), []).save(tmp_path / "smol.json")
+    profile_from_samples(identity, ProfileMethod(name="retrieval_head_niah"), []).save(tmp_path / "smol.json")
     profiles = [Profile.load(tmp_path / "smol.json")]
     if SHIPPED_SMOLLM2.is_file():
         profiles.append(Profile.load(SHIPPED_SMOLLM2))
