@@ -239,7 +239,7 @@ def generate(engine, prompts: list[list[int]], max_tokens: list[int],
     from .engine.llm import generate_all
     from .engine.sequence import SamplingParams
 
-    requests = [(ids, SamplingParams(max_tokens=budget, temperature=0.0)) for ids, budget in zip(prompts, max_tokens)]
+    requests = [(ids, SamplingParams(max_tokens=n, temperature=0.0)) for ids, n in zip(prompts, max_tokens)]
     return [Answer(c.text, c.finish_reason, len(c.token_ids)) for c in generate_all(engine, requests, on_finish)]
 
 

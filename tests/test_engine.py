@@ -3,7 +3,7 @@
 1. budget 1.0 == transformers `generate`, token for token, under continuous batching and chunked prefill;
 2. compressed logits == the original model run in one pass with a per-head sink + window mask;
 3. the cache's byte accounting == the analytic formula, and zero once every request has ended;
-4. admission and preemption under a tight memory budget never change greedy results;
+4. admission and preemption in tight memory never change greedy results;
 5. sampling (seeds, top-k, stop strings, lengths, logprobs);
 6. head selection and the head permutation.
 

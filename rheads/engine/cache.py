@@ -3,7 +3,7 @@
 Full (retrieval) heads of every layer share one page numbering: page p holds `page_size` tokens of
 every full head of every layer, so a sequence needs one block table. Streaming heads get one slot per
 running sequence: `sink` first tokens plus a ring of the last `window` tokens, which never grows.
-All storage is allocated up front from a byte budget; the accounting below is exact.
+All storage is allocated up front from a number of bytes; the accounting below is exact.
 """
 
 from __future__ import annotations
@@ -91,17 +91,17 @@ class HeadSplitCache:
         self.window_slots = config.sink + config.window
         self.bytes_per_page, self.bytes_per_slot = footprint.bytes_per_page, footprint.bytes_per_slot
         self.bytes_per_token_full = footprint.bytes_per_token_full
-        budget = config.memory_bytes
+        memory = config.memory_bytes
         if self.bytes_per_slot:
-            slots = min(config.max_num_seqs, budget // self.bytes_per_slot if not full_heads
-                        else (budget // 2) // self.bytes_per_slot)
+            slots = min(config.max_num_seqs, memory // self.bytes_per_slot if not full_heads
+                        else (memory // 2) // self.bytes_per_slot)
         else:
             slots = config.max_num_seqs
-        pages = (budget - slots * self.bytes_per_slot) // self.bytes_per_page if full_heads else 0
+        pages = (memory - slots * self.bytes_per_slot) // self.bytes_per_page if full_heads else 0
         if slots < 1 or (full_heads and pages < 1):
-            raise ValueError(f"KV memory budget of {budget} bytes holds no sequence: raise it")
+            raise ValueError(f"KV memory of {memory} bytes holds no sequence: raise it")
         self.num_pages, self.num_slots = int(pages), int(slots)
-        # One more page and slot than the budget holds: never handed out, they take the writes of the
+        # One more page and slot than the memory holds: never handed out, they take the writes of the
         # padding rows of a CUDA-graph decode batch (a few KiB, outside the accounting).
         self.scratch_page, self.scratch_slot = self.num_pages, self.num_slots
         shape_full = lambda n: (self.num_pages + 1, config.page_size, n, head_dim)  # noqa: E731

@@ -105,7 +105,7 @@ class LLMEngine:
             dtype=config.dtype, device=config.device))
         # The engine owns the model from here: its heads are reordered and its attention is ours
         # (restore_attention_heads gives the weights back; the cache was allocated first, so a
-        # budget too small to hold a sequence fails before the model is touched).
+        # memory too small to hold a sequence fails before the model is touched).
         permute_attention_heads(model, split)
         model.config._attn_implementation = ATTENTION_NAME
         fuse_modules(model)  # one q/k/v and one gate/up product; on CUDA one kernel per norm, RoPE, SiLU

@@ -1,16 +1,16 @@
 """Continuous batching: which sequences run this step, and how many of their tokens.
 
 Every step, running sequences go first (oldest first): a decoding sequence feeds its one new token,
-a sequence still in prefill feeds its next chunk. Spare token budget admits waiting requests, FIFO,
+a sequence still in prefill feeds its next chunk. Spare step tokens admit waiting requests, FIFO,
 when a window slot and the pages for their whole prompt are free: admission is decided by the
 compressed footprint. When a running sequence needs a page and none is free, the newest sequence is
 preempted (its cache freed, its tokens kept) and re-prefilled later, so requests wait, never fail.
 
-The token budget (`max_num_batched_tokens`) bounds a step's prefill tokens; a decoding sequence's one
+`max_num_batched_tokens` (the chunk size) bounds a step's prefill tokens; a decoding sequence's one
 token rides outside it (there are at most `max_num_seqs` of them). And no prefill chunk crosses a
-multiple of the budget. So a prompt's chunks are whole budget-sized blocks, the shape the GPU kernels
+multiple of the chunk size. So a prompt's chunks are whole chunk-sized blocks, the shape the GPU kernels
 planned at start-up (`cudnn_prefill.plan_chunks`), except its tail and a block in which an older
-prompt's tail left less budget than the block needs (split in two; in a wave of long prompts, each
+prompt's tail left fewer step tokens than the block needs (split in two; in a wave of long prompts, each
 prompt's first block, where attention is cheapest). Before, other prompts' tails shifted a prompt's
 every chunk off those shapes unless every prompt was a whole number of blocks long, and decoding
 sequences shifted them a little more each step.
@@ -83,32 +83,32 @@ class Scheduler:
         self.cache.grow(seq.slot, seq.pages, num_tokens)
         return True
 
-    def _prefill_tokens(self, seq: Sequence, budget: int) -> int:
-        """How many of seq's uncached tokens to feed: at most `budget` (what is left of this step's), and
+    def _prefill_tokens(self, seq: Sequence, room: int) -> int:
+        """How many of seq's uncached tokens to feed: at most `room` (what is left of this step's), and
         not past the next multiple of the chunk size (max_num_batched_tokens)."""
         size = self.max_num_batched_tokens
-        return min(seq.num_tokens - seq.num_cached, budget, size - seq.num_cached % size)
+        return min(seq.num_tokens - seq.num_cached, room, size - seq.num_cached % size)
 
     def schedule(self) -> list[Chunk]:
-        budget = self.max_num_batched_tokens  # prefill tokens (see the module docstring)
+        room = self.max_num_batched_tokens  # prefill tokens left this step (see the module docstring)
         chunks: list[Chunk] = []
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             decoding = seq.num_tokens - seq.num_cached == 1
-            n = 1 if decoding else self._prefill_tokens(seq, budget)
+            n = 1 if decoding else self._prefill_tokens(seq, room)
             if n > 0 and self._reserve(seq, seq.num_cached + n):
                 chunks.append(Chunk.of(seq, n))
-                budget -= 0 if decoding else n
+                room -= 0 if decoding else n
         chunks = [c for c in chunks if c.seq.status is Status.RUNNING]  # drop any preempted later
-        while self.waiting and budget > 0 and self.cache.can_admit(self.waiting[0].num_tokens + 1):
+        while self.waiting and room > 0 and self.cache.can_admit(self.waiting[0].num_tokens + 1):
             seq = self.waiting.popleft()
             seq.slot, seq.status = self.cache.allocate_slot(), Status.RUNNING
             self.running.append(seq)
-            n = self._prefill_tokens(seq, budget)
+            n = self._prefill_tokens(seq, room)
             self.cache.grow(seq.slot, seq.pages, n)
             chunks.append(Chunk.of(seq, n))
-            budget -= n
+            room -= n
         return chunks
 
     def update(self, chunks: list[Chunk]) -> None:
