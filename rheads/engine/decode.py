@@ -63,7 +63,7 @@ def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            lengths: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, Hq, D]; k, v [pages, page_len, Hkv, D]; block_table [B, max_pages]; lengths [B] -> [B, Hq, D]."""
     batch, heads, dim = q.shape
-    page_len, kv_heads = k.shape[1], k.shape[2]
+    kv_heads = k.shape[2]
     keys = k[block_table].reshape(batch, -1, kv_heads, dim)  # [B, max_pages * page_len, Hkv, D]
     values = v[block_table].reshape(batch, -1, kv_heads, dim)
     visible = torch.arange(keys.shape[1], device=q.device)[None, :] < lengths[:, None]
