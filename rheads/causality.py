@@ -34,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from .evaluate import (
-    Cell, EvalConfig, EvalResult, Answer, cell_key, check_resumable, eval_needles, format_mean_std, grid,
+    Answer, Cell, EvalConfig, EvalResult, cell_key, check_resumable, eval_needles, format_mean_std, grid,
     grid_prompts, haystack_sha, load_cells, load_model_and_profile, mean, save_cells, score, short_sha, std,
     write_atomic,
 )
@@ -272,8 +272,8 @@ def evaluate_causality(model_spec: str, config: CausalityConfig, out: Path, prof
 
 # --- summary ------------------------------------------------------------------------------------------------
 
-def causality_summary(cells: list[dict], settings: list[MaskSetting], heads: dict[str, list[Head]], cells_grid: list[Cell],
-              profile: Profile, below: float = NON_RETRIEVAL_BELOW) -> dict:
+def causality_summary(cells: list[dict], settings: list[MaskSetting], heads: dict[str, list[Head]],
+                      cells_grid: list[Cell], profile: Profile, below: float = NON_RETRIEVAL_BELOW) -> dict:
     """Per masking: accuracy (overall and per length), recall and the masked heads' mean score; then one curve
     per selection over K, with the unmasked run as K = 0 of both and random seeds as mean and std (maskings
     with no cells yet, from an interrupted run, are left out of the curves)."""

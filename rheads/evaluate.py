@@ -408,8 +408,9 @@ def std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def eval_summary(cells: list[dict], settings: list[CacheSetting], splits: dict[str, HeadSplit], kv_bytes: dict[str, int],
-              cells_grid: list[Cell], total_heads: int, hidden: dict[tuple, bool] | None = None) -> dict:
+def eval_summary(cells: list[dict], settings: list[CacheSetting], splits: dict[str, HeadSplit],
+                 kv_bytes: dict[str, int], cells_grid: list[Cell], total_heads: int,
+                 hidden: dict[tuple, bool] | None = None) -> dict:
     """Per configuration: accuracy per length, per (length, depth), overall, mean recall; then per group
     (random seeds merged) mean and std of those accuracies. Only cells of this grid count.
 

@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from rheads.models import resolve_model
 from rheads.niah import NiahPrompt, _template_parts, build_prompt, load_needles, unigram_recall
 from rheads.profile import ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord
-from rheads.profiler import ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_model, run_sample, profile_from_samples
+from rheads.profiler import (ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_from_samples, profile_model,
+                             run_sample)
 
 SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-135M-Instruct.json"
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
@@ -168,7 +169,8 @@ def test_profile_from_samples(how: str, kv: list[list[float]]) -> None:
 
 
 def test_summarise_nothing_kept() -> None:
-    profile = profile_from_samples(_identity(), ProfileMethod(name="retrieval_head_niah"), [_sample(False, {"0-0": 1.0})])
+    method = ProfileMethod(name="retrieval_head_niah")
+    profile = profile_from_samples(_identity(), method, [_sample(False, {"0-0": 1.0})])
     assert profile.samples_kept == 0 and profile.query_head_scores == [[0.0] * 4] * 2
 
 

@@ -129,6 +129,11 @@ class HeadSplitCache:
     def pages_for(self, num_tokens: int) -> int:
         return self.footprint.pages_for(num_tokens) if self.has_full_heads else 0
 
+    @property
+    def token_capacity(self) -> int | None:
+        """The most tokens one sequence can hold: every page (None without full heads: a slot never fills)."""
+        return self.num_pages * self.config.page_size if self.has_full_heads else None
+
     def can_admit(self, num_tokens: int, reserve_pages: int = 0) -> bool:
         return bool(self.free_slots) and self.pages_for(num_tokens) + reserve_pages <= len(self.free_pages)
 

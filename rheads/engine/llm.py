@@ -177,19 +177,17 @@ class LLMEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
                 f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more ({total})."
             )
-        if self.cache.pages_for(total) > self.cache.num_pages and self.cache.has_full_heads:
+        capacity = self.cache.token_capacity
+        if capacity is not None and total > capacity:
             raise RequestError(
                 f"the request needs {total} tokens of KV cache but the whole cache holds "
-                f"{self.cache.num_pages * self.cache.config.page_size}; reduce max_tokens or the prompt."
+                f"{capacity}; reduce max_tokens or the prompt."
             )
 
     def output_room(self, num_prompt_tokens: int) -> int:
         """The most tokens a request with this many prompt tokens may generate here: what the model's context
         and the whole full-head pool leave (`validate` refuses more)."""
-        room = self.max_model_len
-        if self.cache.has_full_heads:
-            room = min(room, self.cache.num_pages * self.cache.config.page_size)
-        return room - num_prompt_tokens
+        return min(self.max_model_len, self.cache.token_capacity or self.max_model_len) - num_prompt_tokens
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its cache; True if it was still unfinished."""
