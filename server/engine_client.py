@@ -104,11 +104,7 @@ class EngineClient:
         try:
             return self.engine.step()
         except Exception as error:  # noqa: BLE001 - reported to each client as an engine error
-            failed = []
-            for request_id in list(self.engine.sequences):
-                self.engine.abort(request_id)
-                failed.append(RequestOutput.failure(request_id, f"{type(error).__name__}: {error}"))
-            return failed
+            return self.engine.fail_all(error)
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
         """Validate and post a request (RequestError or QueueFullError at once); return its output stream."""

@@ -197,6 +197,10 @@ class LLMEngine:
         self._finish(seq, "abort")
         return True
 
+    def fail_all(self, error: Exception) -> list[RequestOutput]:
+        """Finish every unfinished request with `error` (a forward pass that keeps failing); their outputs."""
+        return [self._fail(seq, error) for seq in list(self.sequences.values())]
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
