@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split
 from rheads.engine.cache import CacheConfig, HeadSplitCache
-from rheads.engine.heads import restore_attention_heads
 from rheads.profile import head_dim_of
 
 SHAPES = {
@@ -79,7 +78,7 @@ def decode_throughput(model, split, context: int, batch: int, steps: int, memory
         engine.add_request(str(i), ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     engine.prepare_thread()  # start-up work (cuDNN plans), not part of the prefill
     start = time.perf_counter()
-    while any(s.in_prefill or s.num_cached == 0 for s in engine.sequences.values()):
+    while not engine.all_decoding:
         engine.step()
     sync(device)
     prefill = time.perf_counter() - start
@@ -88,10 +87,8 @@ def decode_throughput(model, split, context: int, batch: int, steps: int, memory
         tokens += len(engine.step())
     sync(device)
     decode = time.perf_counter() - start
-    for request_id in list(engine.sequences):
-        engine.abort(request_id)
     usage = engine.usage()
-    restore_attention_heads(model, split)
+    engine.close()
     return {"context": context, "batch": batch, "prefill_s": prefill, "decode_s": decode,
             "decode_tokens": tokens, "tokens_per_s": tokens / decode, "kv_bytes_capacity": usage.bytes_capacity}
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rheads.engine import cudnn_prefill, random_split  # noqa: E402
+from rheads.engine.block_manager import BlockManager  # noqa: E402
 from rheads.engine.cache import CacheConfig, HeadSplitCache  # noqa: E402
 from rheads.engine.scheduler import Scheduler  # noqa: E402
 from rheads.engine.sequence import SamplingParams, Sequence, Status  # noqa: E402
@@ -52,7 +53,7 @@ def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
     max_len = max_len or max(lengths) + max_tokens
     cache = HeadSplitCache(split, HEAD_DIM, CacheConfig(memory_bytes=200 << 30, max_num_seqs=max_num_seqs,
                                                         dtype=torch.bfloat16, device="meta"))
-    scheduler = Scheduler(cache, chunk)
+    scheduler = Scheduler(BlockManager(cache), chunk)
     for i, n in enumerate(lengths):
         scheduler.add(Sequence(str(i), [0] * n, SamplingParams(max_tokens=max_tokens), arrival=i))
     meta = torch.device("meta")

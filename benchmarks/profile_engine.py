@@ -28,7 +28,6 @@ from bench_engine import SHAPES, _Tokenizer, sync  # noqa: E402
 
 from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split  # noqa: E402
 from rheads.engine.cache import CacheConfig, Footprint  # noqa: E402
-from rheads.engine.heads import restore_attention_heads  # noqa: E402
 from rheads.profile import head_dim_of  # noqa: E402
 
 
@@ -111,7 +110,7 @@ def main() -> None:
         sync(args.device)
         start = time.perf_counter()
         with nullcontext() if args.decode_only else profile(activities=activities) as prefill:
-            while any(s.in_prefill or s.num_cached == 0 for s in engine.sequences.values()):
+            while not engine.all_decoding:
                 engine.step()
             sync(args.device)
         prefill_s = time.perf_counter() - start
@@ -153,9 +152,7 @@ def main() -> None:
             print(prefill.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
         print("--- decode")
         print(decode.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
-        for request_id in list(engine.sequences):
-            engine.abort(request_id)
-        restore_attention_heads(model, split)
+        engine.close()
         del engine
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -5,7 +5,7 @@ from the profile at several budgets; the same budgets with random heads over sev
 head on the sink + recent window), builds an `LLMEngine` over that same model object, submits every
 prompt of the (length x depth x needle) grid at once (continuous batching, greedy) and scores each
 answer by unigram recall against the needle's answer. The engine permutes the model's attention
-weights in place for its head split; `restore_attention_heads` undoes that before the next one.
+weights in place for its head split; closing it undoes that before the next one.
 
 Output directory:
     meta.json       what the cells depend on (model, profile, needles, haystack, sink, window, dtype)
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .engine.heads import HeadSplit, random_split, restore_attention_heads, select_heads
+from .engine.heads import HeadSplit, random_split, select_heads
 from .niah import Needle, NiahPrompt, build_prompt, data_path, haystack_files, load_needles, unigram_recall
 from .profile import Profile, ProfileError
 
@@ -321,16 +321,10 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
             continue
         split = splits[setting.name]
         bar.set_postfix_str(setting.name)
-        engine = None
-        try:
-            engine = LLMEngine(model, tokenizer, split, _engine_config(config, setting.budget, memory), model_name)
+        with LLMEngine(model, tokenizer, split, _engine_config(config, setting.budget, memory), model_name) as engine:
             answers = [prompts[c].answer_span[1] - prompts[c].answer_span[0] for c in work]
             results = generate(engine, [prompts[c].input_ids for c in work],
                                [a + config.extra_tokens for a in answers], on_finish=lambda _: bar.update(1))
-        finally:
-            # the constructor permutes the weights first thing; undo it even if it failed later on
-            restore_attention_heads(model, split)
-            del engine
         for cell, result in zip(work, results):
             recall, correct = score(needles[cell.needle], result.text, config.recall_threshold)
             cells.append({

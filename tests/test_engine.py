@@ -276,8 +276,10 @@ def assert_empty(engine: LLMEngine) -> None:
     usage = engine.usage()
     assert (usage.pages_used, usage.slots_used, usage.bytes_used, usage.bytes_full_equivalent) == (0, 0, 0, 0)
     assert not engine.has_unfinished() and not engine.sequences
-    assert len(engine.cache.free_pages) == len(set(engine.cache.free_pages)) == engine.cache.num_pages
-    assert len(engine.cache.free_slots) == len(set(engine.cache.free_slots)) == engine.cache.num_slots
+    blocks = engine.blocks
+    assert len(blocks.free_pages) == len(set(blocks.free_pages)) == engine.cache.num_pages
+    assert len(blocks.free_slots) == len(set(blocks.free_slots)) == engine.cache.num_slots
+    assert not any(blocks.ref_counts)
 
 
 @pytest.mark.parametrize("dtype, element", [(torch.float32, 4), (torch.bfloat16, 2)], ids=["fp32", "bf16"])
@@ -611,10 +613,11 @@ def test_prefill_chunks_stay_on_whole_chunks_whatever_else_runs(llama, tokenizer
     assert_empty(engine)
 
 
-def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, tokenizer, monkeypatch) -> None:
+def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, tokenizer, monkeypatch,
+                                                                        caplog) -> None:
     """When the device-side draw of a pipelined step raises, that step's tokens are sampled on the host
     after the step before it is appended: nothing is lost or reordered, and a row that still fails there
-    finishes its request alone."""
+    finishes its request alone. Each fallback and the failed request are logged (with its id)."""
     prompts = [random_prompt(n, 300 + n) for n in (9, 14, 11)]
     arrivals = {0: [(f"r{i}", p, SamplingParams(max_tokens=12, **GREEDY)) for i, p in enumerate(prompts)]}
     want = run(make_engine(llama, tokenizer, MIXED), arrivals)
@@ -652,8 +655,14 @@ def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, 
 
     monkeypatch.setattr(llm_module, "draw_tokens", draw_fails_after_the_first)
     monkeypatch.setattr(llm_module, "sample_batch", sample_fails_for_poison)
-    got = run(engine, arrivals)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rheads.engine"):
+        got = run(engine, arrivals)
     assert got["bad"].finish_reason == "error"
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("ERROR", "request bad failed: RuntimeError: poisoned row") in logged
+    assert any(level == "WARNING" and "device draw failed" in message for level, message in logged)
+    assert not any("r0" in message or "r2" in message for _, message in logged)
     for rid in ("r0", "r2"):
         assert (got[rid].token_ids, got[rid].finish_reason) == (want[rid].token_ids, want[rid].finish_reason)
     assert_empty(engine)
@@ -883,6 +892,39 @@ def test_restore_undoes_the_permutation() -> None:
     permute_attention_heads(model, split)
     restore_attention_heads(model, split)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_close_gives_the_model_back(tokenizer, monkeypatch) -> None:
+    """An engine changes its model in place (heads reordered, its attention, fused forwards); `close` (or
+    leaving its `with`) undoes all of it, so transformers' own forward gives the logits it gave before, and
+    so does an engine whose construction failed after the model was changed."""
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.tensor([random_prompt(20, 76)])
+    with torch.inference_mode():
+        before = model(ids).logits
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    implementation = model.config._attn_implementation
+
+    def unchanged() -> None:
+        assert model.config._attn_implementation == implementation
+        assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
+        assert not any("forward" in vars(m) for m in model.modules())
+        with torch.inference_mode():
+            assert torch.equal(model(ids).logits, before)
+
+    config = EngineConfig(sink=SINK, window=WINDOW, page_size=PAGE, kv_cache_memory=8 << 20)
+    with LLMEngine(model, tokenizer, MIXED, config) as engine:
+        assert model.config._attn_implementation != implementation
+        engine.add_request("r", random_prompt(9, 77), SamplingParams(max_tokens=30, **GREEDY))
+        engine.step()
+    assert not engine.has_unfinished() and engine.usage().bytes_used == 0  # unfinished work is aborted
+    unchanged()
+    engine.close()  # a second close changes nothing
+    unchanged()
+    monkeypatch.setattr(llm_module.ModelRunner, "capture_graphs", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        LLMEngine(model, tokenizer, MIXED, config)
+    unchanged()
 
 
 def test_incremental_detokenization_equals_full_decode(tokenizer) -> None:

@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 import rheads.evaluate as ev
 from rheads.cli import main
 from rheads.engine import HeadSplit, SamplingParams, random_split, select_heads
-from rheads.engine.heads import restore_attention_heads
 from rheads.engine.llm import EngineConfig, LLMEngine
 from rheads.evaluate import (
     CacheSetting, EvalConfig, Answer, cache_settings, format_summary, kv_bytes_per_sequence, load_cells,
@@ -241,9 +240,9 @@ def test_kv_bytes_match_the_engines_cache(model, tokenizer) -> None:
                     if n in by_hand[full]:
                         assert got == by_hand[full][n] * element_size // 4, (setting.name, dtype, n)
                     engine.abort(f"n{n}")
-                assert cache.bytes_used() == 0
+                assert engine.blocks.bytes_used() == 0
             finally:
-                restore_attention_heads(model, split)
+                engine.close()
 
 
 def test_resume_adds_only_new_cells(model, tokenizer, tmp_path: Path, monkeypatch) -> None:

@@ -210,4 +210,7 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
     return out[None], None
 
 
-AttentionInterface.register(ATTENTION_NAME, head_split_attention)
+def register_attention() -> str:
+    """Make the head-split attention a transformers attention implementation; its name for the config."""
+    AttentionInterface.register(ATTENTION_NAME, head_split_attention)
+    return ATTENTION_NAME

@@ -3,7 +3,8 @@
 Full (retrieval) heads of every layer share one page numbering: page p holds `page_size` tokens of
 every full head of every layer, so a sequence needs one block table. Streaming heads get one slot per
 running sequence: `sink` first tokens plus a ring of the last `window` tokens, which never grows.
-All storage is allocated up front from a number of bytes; the accounting below is exact.
+All storage is allocated up front from a number of bytes; the accounting below is exact. Which sequence
+holds which page and slot is the block manager's (`block_manager.py`).
 """
 
 from __future__ import annotations
@@ -112,16 +113,7 @@ class HeadSplitCache:
         stream = [split.num_kv_heads - n for n in split.num_full]
         self.ring_k = [make(shape_ring(n)) if n else None for n in stream]
         self.ring_v = [make(shape_ring(n)) if n else None for n in stream]
-        # Each slot's block table, kept here as pages are appended (host memory): a decode step takes
-        # its rows instead of rebuilding [batch, max pages] from Python lists (3 ms at 14 x 32k).
-        # Entries past a sequence's pages are stale and never read; the scratch slot's row is all scratch.
-        self.block_tables = torch.full((self.num_slots + 1, max(self.num_pages, 1)), self.scratch_page,
-                                       dtype=torch.int32)
-        self.free_pages = list(range(self.num_pages - 1, -1, -1))
-        self.free_slots = list(range(self.num_slots - 1, -1, -1))
-        self.tokens: dict[int, int] = {}  # slot -> tokens cached, for the full-equivalent figure
 
-    # -- allocation -------------------------------------------------------------------------------
     @property
     def has_full_heads(self) -> bool:
         return self.num_pages > 0
@@ -133,52 +125,6 @@ class HeadSplitCache:
     def token_capacity(self) -> int | None:
         """The most tokens one sequence can hold: every page (None without full heads: a slot never fills)."""
         return self.num_pages * self.config.page_size if self.has_full_heads else None
-
-    def can_admit(self, num_tokens: int, reserve_pages: int = 0) -> bool:
-        return bool(self.free_slots) and self.pages_for(num_tokens) + reserve_pages <= len(self.free_pages)
-
-    def allocate_slot(self) -> int:
-        if not self.free_slots:
-            raise CacheFullError("no free window slot")
-        slot = self.free_slots.pop()
-        self.tokens[slot] = 0
-        return slot
-
-    def grow(self, slot: int, pages: list[int], num_tokens: int) -> None:
-        """Make `pages` cover `num_tokens` tokens (appending new pages); record the token count."""
-        need = self.pages_for(num_tokens) - len(pages)
-        if need > len(self.free_pages):
-            raise CacheFullError(f"need {need} pages, {len(self.free_pages)} free")
-        if need > 0:
-            start = len(pages)
-            pages.extend(self.free_pages.pop() for _ in range(need))
-            self.block_tables[slot, start:len(pages)] = torch.tensor(pages[start:], dtype=torch.int32)
-        self.tokens[slot] = num_tokens
-
-    def release(self, slot: int | None, pages: list[int]) -> None:
-        """Return a sequence's pages and slot to the pools (idempotent for an empty sequence)."""
-        self.free_pages.extend(reversed(pages))
-        pages.clear()
-        if slot is not None:
-            self.tokens.pop(slot, None)
-            self.free_slots.append(slot)
-
-    def bytes_used(self) -> int:
-        """Bytes the resident sequences hold (the pools' own count; no walk over the sequences)."""
-        return ((self.num_pages - len(self.free_pages)) * self.bytes_per_page
-                + (self.num_slots - len(self.free_slots)) * self.bytes_per_slot)
-
-    def usage(self) -> CacheUsage:
-        page = self.config.page_size
-        pages_used = self.num_pages - len(self.free_pages)
-        slots_used = self.num_slots - len(self.free_slots)
-        full_equivalent = sum(-(-n // page) * page for n in self.tokens.values()) * self.bytes_per_token_full
-        return CacheUsage(
-            pages_total=self.num_pages, pages_used=pages_used, slots_total=self.num_slots,
-            slots_used=slots_used, bytes_used=self.bytes_used(),
-            bytes_full_equivalent=full_equivalent,
-            bytes_capacity=self.num_pages * self.bytes_per_page + self.num_slots * self.bytes_per_slot,
-        )
 
     def ring_index(self, positions: torch.Tensor) -> torch.Tensor:
         """Where each token position lives in a streaming slot: sinks in place, the rest in a ring."""

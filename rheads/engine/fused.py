@@ -68,6 +68,17 @@ def fuse_modules(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+FUSED_ATTRIBUTES = ("forward", "qkv_weight", "qkv_bias", "qkv_heads", "gate_up_weight", "gate_up_bias")
+
+
+def unfuse_modules(model: nn.Module) -> None:
+    """Give every module its class's forward back (the undo of `fuse_modules`). The projections' weights
+    stay views of the concatenations: the same values, read by the class's forward as they were."""
+    for module in model.modules():
+        for name in FUSED_ATTRIBUTES:
+            module.__dict__.pop(name, None)
+
+
 @torch.no_grad()
 def _concatenate(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for several linears over the same input; each linear's own become views of it."""

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,11 +18,11 @@ import torch
 
 from ..models import check_attention_supported, load_model, resolve_model
 from ..profile import ModelIdentity, Profile, find_profile, head_dim_of
-from . import band, cudnn_prefill
-from .attention import ATTENTION_NAME
+from . import cudnn_prefill
+from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
-from .fused import fuse_modules
-from .heads import HeadSplit, permute_attention_heads, select_heads
+from .heads import HeadSplit, select_heads
+from .integration import Kernels, ModelIntegration
 from .output import append_token
 from .runner import ModelRunner
 from .sampler import draw_tokens, is_plain, sample_batch
@@ -29,6 +30,8 @@ from .scheduler import Chunk, Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
 from .transfer import to_device
 
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (the imported ones)
 
@@ -103,15 +106,22 @@ class LLMEngine:
             page_size=config.page_size, sink=config.sink, window=config.window,
             memory_bytes=memory, max_num_seqs=config.max_num_seqs,
             dtype=config.dtype, device=config.device))
-        # The engine owns the model from here: its heads are reordered and its attention is ours
-        # (restore_attention_heads gives the weights back; the cache was allocated first, so a
-        # memory too small to hold a sequence fails before the model is touched).
-        permute_attention_heads(model, split)
-        model.config._attn_implementation = ATTENTION_NAME
-        fuse_modules(model)  # one q/k/v and one gate/up product; on CUDA one kernel per norm, RoPE, SiLU
+        # The engine owns the model from here to `close` (the cache was allocated first, so a memory too
+        # small to hold a sequence fails before the model is touched).
+        self.integration = ModelIntegration(model, split, Kernels(config.device, config.dtype, head_dim,
+                                                                  config.sink, config.window))
+        try:
+            self._build(model, tokenizer, split, config, head_dim)
+        except BaseException:
+            self.integration.undo()
+            raise
+
+    def _build(self, model, tokenizer, split: HeadSplit, config: EngineConfig, head_dim: int) -> None:
+        text_config = model.config
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
-        self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens, self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.cuda_graphs)
+        self.blocks = BlockManager(self.cache)
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len)
+        self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
         groups = text_config.num_attention_heads // split.num_kv_heads
         self._cudnn_plans = None  # the full heads' prefill plans, which each stepping thread builds for itself
@@ -119,9 +129,6 @@ class LLMEngine:
             self._cudnn_plans = (config.device, config.dtype, head_dim, groups, set(split.num_full) - {0},
                                  min(config.max_num_batched_tokens, self.max_model_len), self.max_model_len)
         self._prepared = threading.local()
-        if config.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:  # streaming heads' kernel:
-            for scaling in {m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}:
-                band.warm_up(groups, head_dim, config.dtype, config.device, config.sink, config.window, scaling)
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
@@ -129,6 +136,19 @@ class LLMEngine:
         self._arrivals = itertools.count()
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def close(self) -> None:
+        """Abort what is unfinished and give the model back as it was loaded (heads, attention, forwards)."""
+        for request_id in list(self.sequences):
+            self.abort(request_id)
+        self._in_flight = None
+        self.integration.undo()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_model(cls, model_spec: str | None, profile: str | Path | None = "auto",
@@ -205,7 +225,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def usage(self) -> CacheUsage:
-        return self.cache.usage()
+        return self.blocks.usage()
 
     @property
     def num_running(self) -> int:
@@ -214,6 +234,11 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def all_decoding(self) -> bool:
+        """Every unfinished request has its prompt in the cache and generates one token a step."""
+        return not self.scheduler.waiting and all(not s.in_prefill and s.num_cached for s in self.scheduler.running)
 
     # -- the step -----------------------------------------------------------------------------------
     def prepare_thread(self) -> None:
@@ -251,7 +276,9 @@ class LLMEngine:
         num_tokens = sum(c.num_tokens for c in chunks)
         try:
             logits = self.runner.run(chunks)
-        except Exception:
+        except Exception as error:
+            log.error("a forward pass failed (%s: %s); requests %s", type(error).__name__, error,
+                      ", ".join(c.seq.request_id for c in chunks))
             for chunk in chunks:
                 if chunk.num_tokens > 1:
                     self.scheduler.preempt(chunk.seq)
@@ -262,8 +289,8 @@ class LLMEngine:
                 and all(is_plain(s.params, s.generator) for s in done)):
             try:
                 self._in_flight = _InFlight(done, draw_tokens(logits, [s.params for s in done]))
-            except Exception:  # noqa: BLE001 - sampled on the host below, row by row
-                pass
+            except Exception as error:  # noqa: BLE001 - sampled on the host below, row by row
+                log.warning("drawing tokens on the device failed (%s); sampling on the host", error)
             else:
                 self._record(start, chunks)
                 return outputs  # its tokens come back with the next step, which starts before they are read
@@ -276,7 +303,8 @@ class LLMEngine:
         that fails finishes its request alone."""
         try:
             picks = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        except Exception:  # noqa: BLE001 - one row failed: sample each alone to find it
+        except Exception as error:  # noqa: BLE001 - one row failed: sample each alone to find it
+            log.warning("batched sampling failed (%s); sampling %d rows one by one", error, len(seqs))
             picks = [None] * len(seqs)
         outputs = []
         for row, (seq, pick) in enumerate(zip(seqs, picks)):
@@ -290,7 +318,7 @@ class LLMEngine:
     def _record(self, start: float, chunks: list[Chunk]) -> None:
         num_tokens = sum(c.num_tokens for c in chunks)
         self.last_step = StepStats(num_tokens == len(chunks), len(chunks), num_tokens,
-                                   time.perf_counter() - start, self.cache.bytes_used())
+                                   time.perf_counter() - start, self.blocks.bytes_used())
 
     def _pipelined_step(self) -> tuple[list[Chunk] | None, list[RequestOutput]]:
         """Launch the next decode step of the in-flight sequences, fed with their sampled tokens straight
@@ -314,13 +342,16 @@ class LLMEngine:
                 tokens = tokens[rows]
             try:
                 logits = self.runner.run(chunks, tokens)
-            except Exception:
+            except Exception as error:
+                log.error("a pipelined forward pass failed (%s: %s); requests %s", type(error).__name__, error,
+                          ", ".join(s.request_id for s in launched))
                 self._in_flight = previous  # nothing was appended: a retry starts from here
                 raise
             self.scheduler.update(chunks)
             try:
                 self._in_flight = _InFlight(launched, draw_tokens(logits, [s.params for s in launched]))
-            except Exception:  # noqa: BLE001 - sampled on the host below, row by row, once the tokens before are in
+            except Exception as error:  # noqa: BLE001 - sampled on the host below, once the tokens before are in
+                log.warning("drawing tokens on the device failed (%s); sampling on the host", error)
                 undrawn = launched, logits
         outputs = []
         for seq, token in zip(previous.seqs, previous.read()):
@@ -344,6 +375,7 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """Finish one request with an error and give its cache back."""
+        log.error("request %s failed: %s: %s", seq.request_id, type(error).__name__, error)
         self._finish(seq, "error")
         return RequestOutput.failure(seq.request_id, f"{type(error).__name__}: {error}", len(seq.prompt_ids),
                                      len(seq.output_ids))

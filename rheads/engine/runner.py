@@ -20,10 +20,12 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class ModelRunner:
-    def __init__(self, model, cache: HeadSplitCache, max_model_len: int, cuda_graphs: bool = True):
+    def __init__(self, model, cache: HeadSplitCache, block_tables: torch.Tensor, max_model_len: int,
+                 cuda_graphs: bool = True):
         self.model, self.cache, self.max_model_len = model, cache, max_model_len
+        self.block_tables = block_tables  # the block manager's, read here, never written
         self.device = next(model.parameters()).device
-        self.max_pages = min(cache.pages_for(max_model_len), cache.block_tables.shape[1])  # a graph's table width
+        self.max_pages = min(cache.pages_for(max_model_len), block_tables.shape[1])  # a graph's table width
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _DecodeGraph] = {}
         self.graph_pool = None
@@ -73,7 +75,7 @@ class ModelRunner:
         positions = [chunk.seq.num_cached for _, chunk in decoding] + [0] * (size - len(decoding))
         width = width or max((len(chunk.seq.pages) for _, chunk in decoding), default=0) or 1
         slots = torch.tensor([chunk.seq.slot for _, chunk in decoding] + [cache.scratch_slot] * (size - len(decoding)))
-        table = cache.block_tables[slots, :width]  # rows past a sequence's pages are never read
+        table = self.block_tables[slots, :width]  # rows past a sequence's pages are never read
         pos = torch.tensor(positions)
         return DecodeBatch(
             rows=torch.tensor([begin for begin, _ in decoding] + list(range(len(decoding), size))),

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .cache import HeadSplitCache
+from .block_manager import BlockManager
 from .sequence import Sequence, Status
 
 
@@ -41,8 +41,8 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, cache: HeadSplitCache, max_num_batched_tokens: int, max_model_len: int | None = None):
-        self.cache = cache
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_model_len: int | None = None):
+        self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
@@ -61,26 +61,25 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.cache.release(seq.slot, seq.pages)
-        seq.slot, seq.num_cached = None, 0
+        self.blocks.free(seq)
+        seq.num_cached = 0
 
     def preempt(self, seq: Sequence) -> None:
         """Give a running sequence's cache back and queue it first, to be computed again from its first token."""
         self.running.remove(seq)
-        self.cache.release(seq.slot, seq.pages)
-        seq.slot, seq.num_cached, seq.status = None, 0, Status.WAITING
+        self.blocks.free(seq)
+        seq.num_cached, seq.status = 0, Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Pages for seq's first num_tokens tokens, preempting newer sequences if needed."""
-        need = self.cache.pages_for(num_tokens) - len(seq.pages)
-        while need > len(self.cache.free_pages):
+        while self.blocks.missing_pages(seq, num_tokens) > self.blocks.num_free_pages:
             victim = max(self.running, key=lambda s: s.arrival)
             self.preempt(victim)
             if victim is seq:
                 return False
-        self.cache.grow(seq.slot, seq.pages, num_tokens)
+        self.blocks.append(seq, num_tokens)
         return True
 
     def _prefill_tokens(self, seq: Sequence, room: int) -> int:
@@ -101,12 +100,12 @@ class Scheduler:
                 chunks.append(Chunk.of(seq, n))
                 room -= 0 if decoding else n
         chunks = [c for c in chunks if c.seq.status is Status.RUNNING]  # drop any preempted later
-        while self.waiting and room > 0 and self.cache.can_admit(self.waiting[0].num_tokens + 1):
+        while self.waiting and room > 0 and self.blocks.can_allocate(self.waiting[0].num_tokens + 1):
             seq = self.waiting.popleft()
-            seq.slot, seq.status = self.cache.allocate_slot(), Status.RUNNING
+            seq.status = Status.RUNNING
             self.running.append(seq)
             n = self._prefill_tokens(seq, room)
-            self.cache.grow(seq.slot, seq.pages, n)
+            self.blocks.allocate(seq, n)
             chunks.append(Chunk.of(seq, n))
             room -= n
         return chunks
@@ -124,13 +123,13 @@ class Scheduler:
         a page is missing (`schedule` then decides, preempting if it must)."""
         if len(self.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
             return None
-        if self.waiting and self.cache.can_admit(self.waiting[0].num_tokens + 1):
+        if self.waiting and self.blocks.can_allocate(self.waiting[0].num_tokens + 1):
             return None
         limit = self.max_model_len or float("inf")
         going_on = [s for s in seqs if len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < limit]
-        missing = sum(self.cache.pages_for(s.num_cached + 1) - len(s.pages) for s in going_on)
-        if not going_on or missing > len(self.cache.free_pages):
+        missing = sum(self.blocks.missing_pages(s, s.num_cached + 1) for s in going_on)
+        if not going_on or missing > self.blocks.num_free_pages:
             return None
         for seq in going_on:
-            self.cache.grow(seq.slot, seq.pages, seq.num_cached + 1)
+            self.blocks.append(seq, seq.num_cached + 1)
         return [Chunk(seq, 1, samples=True) for seq in going_on]  # each feeds its in-flight token

@@ -1,0 +1,57 @@
+"""What the engine changes in a model to serve it, installed in one step and undone in one step.
+
+Serving a model under a head split changes it in place: its attention heads are reordered so each
+layer's full heads come first (`heads.py`), its attention implementation becomes the head-split one,
+and its Llama-style modules get fused forwards (`fused.py`). The kernels the served path will need
+are warmed up at the same time, so no request waits for a compile. `undo` gives the model back as it
+was (heads in their original order, its own attention and forwards), so one loaded model can serve
+several splits in turn (the evaluations do) or go back to transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import band
+from .attention import register_attention
+from .fused import fuse_modules, unfuse_modules
+from .heads import HeadSplit, permute_attention_heads, restore_attention_heads
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The settings the served kernels are warmed up for."""
+
+    device: str
+    dtype: object
+    head_dim: int
+    sink: int
+    window: int
+
+
+class ModelIntegration:
+    """The model's changes for one head split; `undo` is safe to call more than once."""
+
+    def __init__(self, model, split: HeadSplit, kernels: Kernels):
+        self.model, self.split = model, split
+        self._attn_implementation = model.config._attn_implementation
+        permute_attention_heads(model, split)
+        self.installed = True
+        try:
+            model.config._attn_implementation = register_attention()
+            fuse_modules(model)  # one q/k/v and one gate/up product; on CUDA one kernel per norm, RoPE, SiLU
+            if kernels.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:  # streaming heads
+                groups = model.config.num_attention_heads // split.num_kv_heads
+                for scaling in {m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}:
+                    band.warm_up(groups, kernels.head_dim, kernels.dtype, kernels.device, kernels.sink, kernels.window,
+                                 scaling)
+        except BaseException:
+            self.undo()
+            raise
+
+    def undo(self) -> None:
+        if self.installed:
+            unfuse_modules(self.model)
+            self.model.config._attn_implementation = self._attn_implementation
+            restore_attention_heads(self.model, self.split)
+            self.installed = False

@@ -1,0 +1,133 @@
+"""The block manager: pages and slots handed out in pairs with their checks, pages shared by reference
+count and returned to the pool only when their last holder lets go, and the bytes it reports equal to
+the footprint formula at every point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rheads.engine.block_manager import BlockManager
+from rheads.engine.cache import CacheConfig, CacheFullError, HeadSplitCache
+from rheads.engine.heads import HeadSplit
+from rheads.engine.sequence import SamplingParams, Sequence
+
+SPLIT = HeadSplit(((0,), (1,), ()), num_kv_heads=2)  # full heads in two layers, streaming in every one
+PAGE, SINK, WINDOW, HEAD_DIM = 4, 2, 6, 8
+
+
+def manager(pages: int = 12, slots: int = 3) -> BlockManager:
+    probe = HeadSplitCache(SPLIT, HEAD_DIM, CacheConfig(page_size=PAGE, sink=SINK, window=WINDOW, memory_bytes=1 << 20))
+    memory = pages * probe.bytes_per_page + slots * probe.bytes_per_slot
+    cache = HeadSplitCache(SPLIT, HEAD_DIM, CacheConfig(page_size=PAGE, sink=SINK, window=WINDOW, memory_bytes=memory,
+                                                        max_num_seqs=slots))
+    assert (cache.num_pages, cache.num_slots) == (pages, slots)
+    return BlockManager(cache)
+
+
+def seq(name: str, n: int = 1) -> Sequence:
+    return Sequence(name, [0] * n, SamplingParams())
+
+
+def check_bytes(blocks: BlockManager, holders: list[Sequence]) -> None:
+    """Used bytes by the formula: every distinct page held once, every slot held once."""
+    cache = blocks.cache
+    pages = {p for s in holders for p in s.pages}
+    slots = [s.slot for s in holders if s.slot is not None]
+    assert blocks.bytes_used() == len(pages) * cache.bytes_per_page + len(slots) * cache.bytes_per_slot
+    assert blocks.usage().pages_used == len(pages) and blocks.usage().slots_used == len(slots)
+    for page in range(cache.num_pages):
+        assert blocks.ref_counts[page] == sum(page in s.pages for s in holders), page
+        assert (blocks.ref_counts[page] == 0) == (page in blocks.free_pages), page
+
+
+def test_allocate_append_free_pair_with_their_checks() -> None:
+    blocks = manager(pages=8, slots=2)
+    a = seq("a")
+    assert blocks.can_allocate(32) and not blocks.can_allocate(33)  # 8 pages of 4 tokens
+    blocks.allocate(a, 9)
+    assert len(a.pages) == 3 and a.slot is not None
+    assert blocks.block_tables[a.slot, :3].tolist() == a.pages
+    assert blocks.missing_pages(a, 12) == 0 and blocks.missing_pages(a, 13) == 1
+    blocks.append(a, 16)
+    assert len(a.pages) == 4 and blocks.block_tables[a.slot, :4].tolist() == a.pages
+    assert blocks.usage().bytes_full_equivalent == 16 * blocks.cache.bytes_per_token_full
+    check_bytes(blocks, [a])
+    with pytest.raises(CacheFullError):
+        blocks.append(a, 36)  # 9 pages: one more than the pool
+    assert len(a.pages) == 4  # a refused allocation takes nothing
+    blocks.free(a)
+    blocks.free(a)  # idempotent
+    assert a.slot is None and not a.pages
+    check_bytes(blocks, [])
+    assert sorted(blocks.free_pages) == list(range(8)) and sorted(blocks.free_slots) == [0, 1]
+
+
+def test_shared_pages_return_to_the_pool_with_their_last_holder() -> None:
+    blocks = manager()
+    a, b, c = seq("a"), seq("b"), seq("c")
+    blocks.allocate(a, 12)  # 3 pages
+    blocks.share(b, a.pages[:2])  # b begins with a's first two pages
+    blocks.allocate(b, 14)  # and gets two of its own
+    assert b.pages[:2] == a.pages[:2] and len(b.pages) == 4 and not set(b.pages[2:]) & set(a.pages)
+    assert blocks.block_tables[b.slot, :4].tolist() == b.pages
+    check_bytes(blocks, [a, b])
+    blocks.share(c, a.pages[:1])
+    blocks.allocate(c, 4)
+    assert c.pages == a.pages[:1]
+    check_bytes(blocks, [a, b, c])
+    first, second = a.pages[0], a.pages[1]
+    blocks.free(a)
+    assert first not in blocks.free_pages and second not in blocks.free_pages  # b and c still hold them
+    check_bytes(blocks, [b, c])
+    blocks.free(b)
+    assert first not in blocks.free_pages and second in blocks.free_pages
+    check_bytes(blocks, [c])
+    blocks.free(c)
+    check_bytes(blocks, [])
+    assert sorted(blocks.free_pages) == list(range(12))
+
+
+def test_sharing_refuses_free_pages_and_pages_after_own_ones() -> None:
+    blocks = manager()
+    a, b = seq("a"), seq("b")
+    blocks.allocate(a, 4)
+    with pytest.raises(ValueError, match="free"):
+        blocks.share(b, [blocks.free_pages[-1]])
+    blocks.allocate(b, 4)
+    with pytest.raises(ValueError, match="first"):
+        blocks.share(b, a.pages)
+    check_bytes(blocks, [a, b])
+
+
+def test_a_slot_is_the_other_limit() -> None:
+    blocks = manager(pages=10, slots=2)
+    held = [seq(str(i)) for i in range(2)]
+    for s in held:
+        blocks.allocate(s, 1)
+    assert not blocks.can_allocate(1)
+    with pytest.raises(CacheFullError):
+        blocks.allocate(seq("x"), 1)
+    blocks.free(held[0])
+    assert blocks.can_allocate(1)
+
+
+def test_the_engine_allocates_through_it(monkeypatch) -> None:
+    """Every page the scheduler hands a sequence comes from the block manager's pairs (no side door)."""
+    from rheads.engine.scheduler import Scheduler
+    blocks = manager(pages=8, slots=2)
+    calls = []
+    for name in ("allocate", "append", "free"):
+        original = getattr(blocks, name)
+        monkeypatch.setattr(blocks, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    scheduler = Scheduler(blocks, max_num_batched_tokens=8)
+    s = seq("s", n=10)
+    scheduler.add(s)
+    [chunk] = scheduler.schedule()
+    assert chunk.num_tokens == 8 and len(s.pages) == 2 and calls == ["allocate", "append"]
+    scheduler.update([chunk])
+    [chunk] = scheduler.schedule()
+    assert chunk.num_tokens == 2 and len(s.pages) == 3
+    scheduler.free(s)
+    assert calls[-1] == "free" and blocks.bytes_used() == 0 and torch.equal(
+        torch.tensor(sorted(blocks.free_pages)), torch.arange(8))
