@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rheads.engine import cudnn_prefill, random_split  # noqa: E402
 from rheads.engine.block_manager import BlockManager  # noqa: E402
 from rheads.engine.cache import CacheConfig, HeadSplitCache  # noqa: E402
+from rheads.engine.messages import RunnerOutput  # noqa: E402
 from rheads.engine.scheduler import Scheduler  # noqa: E402
-from rheads.engine.sequence import SamplingParams, Sequence, Status  # noqa: E402
+from rheads.engine.sequence import SamplingParams, Sequence  # noqa: E402
 
 HEAD_DIM, LAYERS, KV_HEADS, GROUPS = 128, 32, 8, 4
 
@@ -61,7 +62,7 @@ def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
     work = cudnn_work = chunks = on_cudnn = 0
     while scheduler.has_unfinished():
         step = scheduler.schedule()
-        for c in step:
+        for c in step.chunks:
             seq, start = c.seq, c.seq.num_cached
             if start < len(seq.prompt_ids):  # a prefill chunk
                 area = cudnn_prefill.attention_area(c.num_tokens, start)
@@ -69,13 +70,8 @@ def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
                 hit = cudnn_prefill.planned_queries(q, KV_HEADS, start) is not None
                 work, cudnn_work = work + area, cudnn_work + area * hit
                 chunks, on_cudnn = chunks + 1, on_cudnn + hit
-        scheduler.update(step)
-        for c in step:
-            if c.samples:
-                c.seq.output_ids.append(0)
-                if len(c.seq.output_ids) == max_tokens:
-                    c.seq.status = Status.FINISHED
-                    scheduler.free(c.seq)
+        sampled = step.sampling  # every one draws token 0; the scheduler finishes them at max_tokens
+        scheduler.update(step, RunnerOutput(sampled, [0] * len(sampled), [None] * len(sampled)))
     return cudnn_work / work, chunks, on_cudnn
 
 

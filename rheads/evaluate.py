@@ -236,7 +236,7 @@ class Answer:
 def generate(engine, prompts: list[list[int]], max_tokens: list[int],
              on_finish: Callable[[int], None] | None = None) -> list[Answer]:
     """Submit every prompt to the engine at once (greedy) and step until all have finished."""
-    from .engine.llm import generate_all
+    from .engine.offline import generate_all
     from .engine.sequence import SamplingParams
 
     requests = [(ids, SamplingParams(max_tokens=n, temperature=0.0)) for ids, n in zip(prompts, max_tokens)]

@@ -10,6 +10,7 @@ import torch
 from rheads.engine.block_manager import BlockManager
 from rheads.engine.cache import CacheConfig, CacheFullError, HeadSplitCache
 from rheads.engine.heads import HeadSplit
+from rheads.engine.messages import RunnerOutput
 from rheads.engine.sequence import SamplingParams, Sequence
 
 SPLIT = HeadSplit(((0,), (1,), ()), num_kv_heads=2)  # full heads in two layers, streaming in every one
@@ -123,10 +124,11 @@ def test_the_engine_allocates_through_it(monkeypatch) -> None:
     scheduler = Scheduler(blocks, max_num_batched_tokens=8)
     s = seq("s", n=10)
     scheduler.add(s)
-    [chunk] = scheduler.schedule()
+    output = scheduler.schedule()
+    [chunk] = output.chunks
     assert chunk.num_tokens == 8 and len(s.pages) == 2 and calls == ["allocate", "append"]
-    scheduler.update([chunk])
-    [chunk] = scheduler.schedule()
+    scheduler.update(output, RunnerOutput())
+    [chunk] = scheduler.schedule().chunks
     assert chunk.num_tokens == 2 and len(s.pages) == 3
     scheduler.free(s)
     assert calls[-1] == "free" and blocks.bytes_used() == 0 and torch.equal(

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
 from rheads.engine import attention
 from rheads.engine import llm as llm_module
+from rheads.engine import runner as runner_module
 from rheads.engine.heads import permute_attention_heads, restore_attention_heads
 from rheads.engine.llm import RequestError
 from rheads.models import load_model, resolve_model
@@ -558,6 +559,42 @@ def test_pipelined_decode_equals_synchronous(llama, tokenizer) -> None:
     assert sync["late"].finish_reason == "stop" and len(sync["late"].token_ids) < 12
 
 
+def test_a_step_is_schedule_execute_update(llama, tokenizer) -> None:
+    """The three calls of a step made by hand -- the scheduler's output checked against one written out,
+    the runner's `execute`, the scheduler's `update` -- leave every sequence as `LLMEngine.step` does and
+    give the same tokens; the runner changes no sequence."""
+    prompts = {"a": random_prompt(9, 90), "b": random_prompt(5, 91)}
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    stepped, manual = (make_engine(llama, tokenizer, MIXED, async_decode=False) for _ in range(2))
+    for engine in (stepped, manual):
+        for rid, prompt in prompts.items():
+            engine.add_request(rid, prompt, params)
+    a, b = manual.sequences["a"], manual.sequences["b"]
+    script = [[(a, 7, False)], [(a, 2, True), (b, 5, True)], [(a, 1, True), (b, 1, True)],
+              [(a, 1, True), (b, 1, True)]]  # chunks of 7 step tokens; decode rows ride outside them
+    tokens = {rid: [] for rid in prompts}
+    for step, want in enumerate(script):
+        scheduled = manual.scheduler.schedule()
+        assert [(c.seq, c.num_tokens, c.samples) for c in scheduled.chunks] == want, step
+        before = [(c.seq.num_cached, list(c.seq.output_ids), list(c.seq.pages)) for c in scheduled.chunks]
+        result = manual.runner.execute(scheduled)
+        assert [(c.seq.num_cached, list(c.seq.output_ids), list(c.seq.pages)) for c in scheduled.chunks] == before
+        assert result.seqs == scheduled.sampling and not result.errors
+        for appended in manual.scheduler.update(scheduled, result):
+            tokens[appended.seq.request_id].append(appended.token_id)
+        for out in stepped.step():
+            assert out.new_token_ids == [tokens[out.request_id][-1]], step
+        for rid in prompts:
+            mine, theirs = manual.sequences[rid], stepped.sequences.get(rid)
+            if theirs is None:  # finished: by length, freed by the update
+                assert mine.finish_reason == "length" and mine.slot is None and not mine.pages
+                continue
+            assert (mine.num_cached, mine.output_ids, mine.pages, mine.slot) == \
+                (theirs.num_cached, theirs.output_ids, theirs.pages, theirs.slot), (step, rid)
+    assert not stepped.has_unfinished() and not manual.has_unfinished()
+    assert manual.usage().bytes_used == 0 and all(len(t) == 3 for t in tokens.values())
+
+
 def test_finishing_by_length_keeps_the_pipeline_going(llama, tokenizer) -> None:
     """Requests that reach max_tokens one after another leave the pipelined batch without a synchronous
     step: once all are decoding, the scheduler is never asked for a decode step again (each finish used
@@ -569,9 +606,9 @@ def test_finishing_by_length_keeps_the_pipeline_going(llama, tokenizer) -> None:
     schedule, scheduled = engine.scheduler.schedule, []
 
     def counted():
-        chunks = schedule()
-        scheduled.append([c.num_tokens for c in chunks])
-        return chunks
+        output = schedule()
+        scheduled.append([c.num_tokens for c in output.chunks])
+        return output
 
     engine.scheduler.schedule = counted
     check = check_accounting(MIXED)
@@ -622,7 +659,7 @@ def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, 
     arrivals = {0: [(f"r{i}", p, SamplingParams(max_tokens=12, **GREEDY)) for i, p in enumerate(prompts)]}
     want = run(make_engine(llama, tokenizer, MIXED), arrivals)
     engine = make_engine(llama, tokenizer, MIXED, async_decode=True)
-    real_draw, real_sample, draws = llm_module.draw_tokens, llm_module.sample_batch, []
+    real_draw, real_sample, draws = runner_module.draw_tokens, runner_module.sample_batch, []
 
     def flaky_draw(logits, params, plain=None):
         draws.append(len(params))
@@ -630,7 +667,7 @@ def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, 
             raise RuntimeError("device draw failed")
         return real_draw(logits, params, plain)
 
-    monkeypatch.setattr(llm_module, "draw_tokens", flaky_draw)
+    monkeypatch.setattr(runner_module, "draw_tokens", flaky_draw)
     got = run(engine, arrivals)
     assert len(draws) >= 6  # pipelined steps ran, and every third one's draw failed
     assert {k: (r.token_ids, r.finish_reason) for k, r in got.items()} == \
@@ -653,8 +690,8 @@ def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, 
             raise RuntimeError("poisoned row")
         return real_sample(logits, params, generators)
 
-    monkeypatch.setattr(llm_module, "draw_tokens", draw_fails_after_the_first)
-    monkeypatch.setattr(llm_module, "sample_batch", sample_fails_for_poison)
+    monkeypatch.setattr(runner_module, "draw_tokens", draw_fails_after_the_first)
+    monkeypatch.setattr(runner_module, "sample_batch", sample_fails_for_poison)
     caplog.clear()
     with caplog.at_level("WARNING", logger="rheads.engine"):
         got = run(engine, arrivals)

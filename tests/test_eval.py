@@ -228,7 +228,7 @@ def test_kv_bytes_match_the_engines_cache(model, tokenizer) -> None:
             try:
                 for n in (1, 4, 5, 200):
                     engine.add_request(f"n{n}", list(range(n)), SamplingParams(max_tokens=1))
-                    [chunk] = engine.scheduler.schedule()  # admitted, its whole prompt in one chunk
+                    [chunk] = engine.scheduler.schedule().chunks  # admitted, its whole prompt in one chunk
                     seq = chunk.seq
                     assert chunk.num_tokens == n and len(set(seq.pages)) == len(seq.pages)
                     # the truth itself: the fewest pages that hold n tokens, none without full heads

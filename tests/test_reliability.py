@@ -35,7 +35,7 @@ from serving import (  # tests/serving.py
     wait_idle,
 )
 
-import rheads.engine.llm as engine_llm
+import rheads.engine.runner as engine_runner
 from rheads.cli import build_parser, run_serve
 from rheads.engine import LLMEngine
 from server.app import ServerSettings, create_app
@@ -395,14 +395,14 @@ def stream_tokens(base: str, path: str, body: dict, events: list, first: threadi
 
 
 def test_a_sampling_failure_fails_its_request_alone(http, served, monkeypatch):
-    real = engine_llm.sample_batch
+    real = engine_runner.sample_batch
 
     def poisoned(logits, params, generators):
         if any(p.seed == POISON for p in params):
             raise RuntimeError("poisoned sampler")
         return real(logits, params, generators)
 
-    monkeypatch.setattr(engine_llm, "sample_batch", poisoned)
+    monkeypatch.setattr(engine_runner, "sample_batch", poisoned)
     body = {"max_tokens": 48, "ignore_eos": True, "temperature": 0}
     streams = [[] for _ in range(3)]
     started = [threading.Event() for _ in streams]

@@ -1,7 +1,8 @@
 """The serving engine: head-split KV cache, continuous batching scheduler, model runner, sampler."""
 
 from .heads import HeadSplit, random_split, select_heads
-from .llm import LLM, EngineConfig, LLMEngine
+from .llm import EngineConfig, LLMEngine
+from .offline import LLM
 from .sequence import RequestOutput, SamplingParams
 
 __all__ = ["LLM", "EngineConfig", "HeadSplit", "LLMEngine", "RequestOutput", "SamplingParams",

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..profile import Profile, head_dim_of
+from ..profile import ModelIdentity, Profile, head_dim_of
+
+DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (the imported ones)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,23 @@ def select_heads(profile: Profile, budget: float | None = None, threshold: float
             raise ValueError(f"budget must be in [0, 1], got {budget}")
         count = round(budget * layers * kv)
     return _from_ranking(ranked, count, layers, kv)
+
+
+def choose_split(identity: ModelIdentity, profile_path, budget: float | None = None,
+                 threshold: float | None = None) -> HeadSplit:
+    """The heads a model serves with: from its profile file by budget (None: the profile's default_budget)
+    or threshold, after checking the profile was made for this model; without a profile, every head
+    full (budget 1.0, the default) or every head streaming (0.0)."""
+    if profile_path is None:
+        budget = 1.0 if budget is None else budget
+        if budget not in (0.0, 1.0) or threshold is not None:
+            raise ValueError("a budget between 0 and 1 or a threshold needs a profile")
+        return HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, budget == 1.0)
+    profile = Profile.load(profile_path)
+    profile.check_fits(identity)
+    if budget is None:
+        budget = profile.default_budget or DEFAULT_BUDGET
+    return select_heads(profile, budget=budget if threshold is None else None, threshold=threshold)
 
 
 def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int) -> HeadSplit:

@@ -1,8 +1,6 @@
-"""The engine: requests in, tokens out, one scheduler step at a time; and an offline `LLM` on top.
+"""The engine: requests in, tokens out, one step (schedule -> execute -> update) at a time.
 
-    llm = LLM("smollm2-135m-instruct", budget=0.5)
-    outputs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
-"""
+The offline `LLM` on top of it is in `offline.py`; the server drives it from its own thread."""
 
 from __future__ import annotations
 
@@ -10,30 +8,26 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..models import check_attention_supported, load_model, resolve_model
-from ..profile import ModelIdentity, Profile, find_profile, head_dim_of
+from ..profile import ModelIdentity, find_profile, head_dim_of
 from . import cudnn_prefill
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
-from .heads import HeadSplit, select_heads
+from .heads import HeadSplit, choose_split
 from .integration import Kernels, ModelIntegration
-from .output import append_token
+from .messages import PendingOutput, RunnerOutput, SchedulerOutput
+from .output import process
 from .runner import ModelRunner
-from .sampler import draw_tokens, is_plain, sample_batch
-from .scheduler import Chunk, Scheduler
+from .scheduler import Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
-from .transfer import to_device
 
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (the imported ones)
 
 
 @dataclass
@@ -69,25 +63,6 @@ class StepStats:
     kv_bytes: int  # KV bytes held after the step: what a decode-only step's attention reads
 
 
-class _InFlight:
-    """A decode step launched but not read back: its sequences and their next tokens on the device, with a
-    copy on its way to pinned host memory (a plain `.tolist()` would wait for every step launched after)."""
-
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
-        self.seqs, self.tokens = seqs, tokens
-        self._host, self._ready = tokens, None
-        if tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-
-    def read(self) -> list[int]:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
-
-
 class RequestError(ValueError):
     """A request the engine cannot take (too long, duplicate id); the message is for the client."""
 
@@ -120,7 +95,9 @@ class LLMEngine:
         text_config = model.config
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.blocks = BlockManager(self.cache)
-        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len)
+        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len, eos_ids)
         self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
         groups = text_config.num_attention_heads // split.num_kv_heads
@@ -132,10 +109,8 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
-        self._in_flight: _InFlight | None = None
+        self._in_flight: PendingOutput | None = None
         self._arrivals = itertools.count()
-        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
     def close(self) -> None:
         """Abort what is unfinished and give the model back as it was loaded (heads, attention, forwards)."""
@@ -159,17 +134,8 @@ class LLMEngine:
         model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
                                       trust_remote_code=trust_remote_code)
         identity = ModelIdentity.from_config(model.config, source.name)
-        if profile is None:
-            budget = 1.0 if config.budget is None else config.budget
-            if budget not in (0.0, 1.0) or config.threshold is not None:
-                raise ValueError("a budget between 0 and 1 or a threshold needs a profile")
-            split = HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, budget == 1.0)
-        else:
-            loaded = Profile.load(find_profile(source.name) if profile == "auto" else profile)
-            loaded.check_fits(identity)
-            budget = config.budget if config.budget is not None else (loaded.default_budget or DEFAULT_BUDGET)
-            split = select_heads(loaded, budget=budget if config.threshold is None else None,
-                                 threshold=config.threshold)
+        split = choose_split(identity, None if profile is None else find_profile(source.name) if profile == "auto"
+                             else profile, config.budget, config.threshold)
         return cls(model, tokenizer, split, config, model_name=source.name)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -236,6 +202,14 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     @property
+    def eos_ids(self) -> set[int]:
+        return self.scheduler.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: set[int]) -> None:
+        self.scheduler.eos_ids = set(ids)
+
+    @property
     def all_decoding(self) -> bool:
         """Every unfinished request has its prompt in the cache and generates one token a step."""
         return not self.scheduler.waiting and all(not s.in_prefill and s.num_cached for s in self.scheduler.running)
@@ -251,127 +225,98 @@ class LLMEngine:
             self._prepared.done = True
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, and report what each touched request produced.
+        """Schedule, execute one forward pass, update, and report what each touched request produced.
 
         With async decode (on for CUDA), a step of decoding sequences alone leaves its sampled tokens on
         the device and returns; the next call launches the step after it before reading them back
         (`_pipelined_step`), so a request's token arrives one call later and the host never idles the GPU.
-        A failure while sampling or appending one request's token finishes that request alone with
+        A failure while sampling or processing one request's token finishes that request alone with
         finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises,
-        and the step may be retried: a decode step writes each sequence's new entry alone and again the
-        same, but a prefill chunk that died after some layers wrote its window slot has lost entries its
-        later queries read, so those sequences go back to the waiting queue, to be computed again.
+        and the step may be retried (`Scheduler.failed` says what is kept).
         """
         self.prepare_thread()
         start = time.perf_counter()
         outputs = []
         if self._in_flight is not None:
             launched, outputs = self._pipelined_step()
-            if launched:
+            if launched is not None:
                 self._record(start, launched)
                 return outputs
-        chunks = self.scheduler.schedule()
-        if not chunks:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
             return outputs
-        num_tokens = sum(c.num_tokens for c in chunks)
         try:
-            logits = self.runner.run(chunks)
+            result = self.runner.execute(scheduled, defer=self.async_decode)
         except Exception as error:
-            log.error("a forward pass failed (%s: %s); requests %s", type(error).__name__, error,
-                      ", ".join(c.seq.request_id for c in chunks))
-            for chunk in chunks:
-                if chunk.num_tokens > 1:
-                    self.scheduler.preempt(chunk.seq)
+            self._log_failed_forward(scheduled, error)
+            self.scheduler.failed(scheduled)
             raise
-        self.scheduler.update(chunks)
-        done = [chunk.seq for chunk in chunks if chunk.samples]
-        if (self.async_decode and num_tokens == len(chunks) == len(done)
-                and all(is_plain(s.params, s.generator) for s in done)):
-            try:
-                self._in_flight = _InFlight(done, draw_tokens(logits, [s.params for s in done]))
-            except Exception as error:  # noqa: BLE001 - sampled on the host below, row by row
-                log.warning("drawing tokens on the device failed (%s); sampling on the host", error)
-            else:
-                self._record(start, chunks)
-                return outputs  # its tokens come back with the next step, which starts before they are read
-        outputs += self._sample_and_append(done, logits)
-        self._record(start, chunks)
+        if isinstance(result, PendingOutput):  # its tokens come back with the next step, which starts before
+            self._in_flight, result = result, RunnerOutput()
+        outputs += self._update(scheduled, result)
+        self._record(start, scheduled)
         return outputs
 
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        """Sample each sequence's next token from its row of `logits` on the host and append it; a row
-        that fails finishes its request alone."""
-        try:
-            picks = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        except Exception as error:  # noqa: BLE001 - one row failed: sample each alone to find it
-            log.warning("batched sampling failed (%s); sampling %d rows one by one", error, len(seqs))
-            picks = [None] * len(seqs)
-        outputs = []
-        for row, (seq, pick) in enumerate(zip(seqs, picks)):
-            try:
-                token, logprob = pick or sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0]
-                outputs.append(self._append(seq, token, logprob))
-            except Exception as error:  # noqa: BLE001 - reported to this request's client
-                outputs.append(self._fail(seq, error))
-        return outputs
-
-    def _record(self, start: float, chunks: list[Chunk]) -> None:
-        num_tokens = sum(c.num_tokens for c in chunks)
-        self.last_step = StepStats(num_tokens == len(chunks), len(chunks), num_tokens,
-                                   time.perf_counter() - start, self.blocks.bytes_used())
-
-    def _pipelined_step(self) -> tuple[list[Chunk] | None, list[RequestOutput]]:
+    def _pipelined_step(self) -> tuple[SchedulerOutput | None, list[RequestOutput]]:
         """Launch the next decode step of the in-flight sequences, fed with their sampled tokens straight
-        from the device, and only then read those tokens back and append them: the host's work for one
-        step (detokenizing, stop checks, the server's streaming) runs while the device computes the next.
+        from the device, and only then read those tokens back and update: the host's work for one step
+        (detokenizing, stop checks, the server's streaming) runs while the device computes the next.
         A sequence whose in-flight token is its last by length stays out of the launch; one that
         finishes on a token read back here (a stop) has one step too many in flight: its result is
         dropped (its pages are freed now; the device writes to them in stream order, before any later
         step can use them again). Returns what it launched (None: the batch changes, so the caller
         schedules) and the outputs read back."""
         previous, self._in_flight = self._in_flight, None
-        chunks = self.scheduler.schedule_pipelined(previous.seqs)
-        undrawn = None  # the launched step's logits, if drawing on the device failed
-        if chunks:
-            launched = [chunk.seq for chunk in chunks]
-            tokens = previous.tokens
-            if len(launched) < len(previous.seqs):  # the rows of the sequences that go on, gathered on the device
-                going_on = set(map(id, launched))
-                rows = [row for row, seq in enumerate(previous.seqs) if id(seq) in going_on]
-                rows = to_device(rows, tokens.device)
-                tokens = tokens[rows]
-            try:
-                logits = self.runner.run(chunks, tokens)
-            except Exception as error:
-                log.error("a pipelined forward pass failed (%s: %s); requests %s", type(error).__name__, error,
-                          ", ".join(s.request_id for s in launched))
-                self._in_flight = previous  # nothing was appended: a retry starts from here
-                raise
-            self.scheduler.update(chunks)
-            try:
-                self._in_flight = _InFlight(launched, draw_tokens(logits, [s.params for s in launched]))
-            except Exception as error:  # noqa: BLE001 - sampled on the host below, once the tokens before are in
-                log.warning("drawing tokens on the device failed (%s); sampling on the host", error)
-                undrawn = launched, logits
+        scheduled = self.scheduler.schedule_pipelined(previous.seqs)
+        if scheduled is None:
+            return None, self._update(SchedulerOutput(), previous.read())
+        try:
+            result = self.runner.execute(scheduled, previous, defer=True)
+        except Exception as error:
+            self._log_failed_forward(scheduled, error)
+            self._in_flight = previous  # nothing was appended: a retry starts from here
+            raise
+        outputs = self._update(scheduled, previous.read())
+        if isinstance(result, PendingOutput):
+            self._in_flight = result
+        else:  # drawing on the device failed: sampled on the host, appended after the tokens before them
+            outputs += self._update(SchedulerOutput(), result)
+        return scheduled, outputs
+
+    def _update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """The scheduler's update, then each appended token through the output processor; a stop string
+        finishes its request here, and a token that fails to process fails its request alone."""
         outputs = []
-        for seq, token in zip(previous.seqs, previous.read()):
-            if seq.status is not Status.RUNNING:
-                continue  # finished or aborted while this token was in flight
+        for appended in self.scheduler.update(scheduled, result):
+            seq = appended.seq
             try:
-                outputs.append(self._append(seq, token, None))
+                out = process(self.tokenizer, appended)
             except Exception as error:  # noqa: BLE001 - reported to this request's client
                 outputs.append(self._fail(seq, error))
-        if undrawn is not None:
-            launched, logits = undrawn
-            rows = [row for row, seq in enumerate(launched) if seq.status is Status.RUNNING]
-            outputs += self._sample_and_append([launched[row] for row in rows], logits[rows])
-        return chunks, outputs
+                continue
+            if appended.error is not None:
+                log.error("request %s failed: %s", seq.request_id, appended.error)
+            if out.finished:
+                self._finish(seq, out.finish_reason)
+            outputs.append(out)
+        return outputs
+
+    def _log_failed_forward(self, scheduled: SchedulerOutput, error: Exception) -> None:
+        log.error("a forward pass failed (%s: %s); requests %s", type(error).__name__, error,
+                  ", ".join(c.seq.request_id for c in scheduled.chunks))
+
+    def _record(self, start: float, scheduled: SchedulerOutput) -> None:
+        self.last_step = StepStats(scheduled.num_tokens == len(scheduled.chunks), len(scheduled.chunks),
+                                   scheduled.num_tokens, time.perf_counter() - start, self.blocks.bytes_used())
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        """End a request: its cache back to the pools, its id free again."""
-        self.scheduler.free(seq)
+        """End a request: its cache back to the pools, its id free again (a finished one keeps its place
+        out of the scheduler; a stop string may still say why it ended)."""
+        if seq.status is Status.FINISHED:
+            seq.finish_reason = reason
+        else:
+            self.scheduler.finish(seq, reason)
         self.sequences.pop(seq.request_id, None)
-        seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """Finish one request with an error and give its cache back."""
@@ -379,56 +324,3 @@ class LLMEngine:
         self._finish(seq, "error")
         return RequestOutput.failure(seq.request_id, f"{type(error).__name__}: {error}", len(seq.prompt_ids),
                                      len(seq.output_ids))
-
-    def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
-        out = append_token(self.tokenizer, seq, token, logprob, self.eos_ids, self.max_model_len)
-        if out.finished:
-            self._finish(seq, out.finish_reason)
-        return out
-
-
-@dataclass
-class Completion:
-    request_id: str
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    logprobs: list
-
-
-def generate_all(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]],
-                 on_finish: Callable[[int], None] | None = None) -> list[Completion]:
-    """Submit every request at once, step the engine until all have finished, return them in order.
-
-    on_finish(i) is called as request i finishes (progress bars).
-    """
-    parts: dict[str, list[RequestOutput]] = {}
-    for i, (prompt_ids, params) in enumerate(requests):
-        engine.add_request(f"batch-{i}", prompt_ids, params)
-        parts[f"batch-{i}"] = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            parts[out.request_id].append(out)
-            if out.finished and on_finish is not None:
-                on_finish(int(out.request_id.split("-")[1]))
-    completions = []
-    for i, (prompt_ids, _) in enumerate(requests):
-        outs = parts[f"batch-{i}"]
-        completions.append(Completion(f"batch-{i}", prompt_ids, [t for o in outs for t in o.new_token_ids],
-                                      "".join(o.new_text for o in outs), outs[-1].finish_reason,
-                                      [lp for o in outs for lp in o.new_logprobs]))
-    return completions
-
-
-class LLM:
-    """Offline batch generation in the spirit of vLLM's `LLM`: every prompt is submitted, then stepped."""
-
-    def __init__(self, model: str | None = None, profile: str | Path | None = "auto", **config):
-        self.engine = LLMEngine.from_model(model, profile, EngineConfig(**config))
-        self.tokenizer = self.engine.tokenizer
-
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        params = params or SamplingParams()
-        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
-        return generate_all(self.engine, [(prompt_ids, params) for prompt_ids in ids])

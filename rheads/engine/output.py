@@ -1,14 +1,15 @@
 """Output processing: what a sampled token means for its request's text and its end.
 
-Outside the model's step, as vLLM keeps detokenizing and stop strings in an output processor: the engine
-hands each sampled token here, which appends it, decodes only the newest tokens, applies stop token ids,
-EOS, stop strings (holding back text that may be a stop string's start) and the length limits, and says
-what the client gets now.
+Outside the model's step, as vLLM keeps detokenizing and stop strings in an output processor: the
+scheduler has appended each sampled token and finished its sequence on EOS, stop token ids and length
+limits (`Scheduler.update`); here only the newest tokens are decoded, stop strings are applied (holding
+back text that may be a stop string's start), and the client's output is made.
 """
 
 from __future__ import annotations
 
-from .sequence import RequestOutput, Sequence, TokenLogprob
+from .messages import Appended
+from .sequence import RequestOutput, Sequence
 
 
 def detokenize(tokenizer, seq: Sequence) -> str:
@@ -24,25 +25,20 @@ def detokenize(tokenizer, seq: Sequence) -> str:
     return text
 
 
-def append_token(tokenizer, seq: Sequence, token: int, logprob: TokenLogprob | None, eos_ids: set[int],
-                 max_model_len: int) -> RequestOutput:
-    """Append one sampled token to `seq` and return what its client gets: the text that is now final,
-    and the finish reason if this token ends the request (the caller frees it then)."""
-    params = seq.params
-    finish = None
-    if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos):
-        finish = "stop"
-    seq.output_ids.append(token)
-    if logprob is not None:
-        seq.logprobs.append(logprob)
+def process(tokenizer, appended: Appended) -> RequestOutput:
+    """What the client of a request gets for a token the scheduler appended: the text that is now final,
+    and the finish reason if the request ends here. A stop string ends it too ("stop", also over a length
+    limit reached by the same token: the caller finishes the sequence then)."""
+    seq, token, logprob = appended.seq, appended.token_id, appended.logprob
+    if appended.error is not None:
+        return RequestOutput.failure(seq.request_id, appended.error, len(seq.prompt_ids), len(seq.output_ids))
+    params, finish = seq.params, seq.finish_reason
     text = detokenize(tokenizer, seq)
     for stop in params.stop:
         at = text.find(stop, max(0, len(seq.text) - len(stop)))
         if at >= 0:
             text, finish = text[:at], "stop"
             break
-    if finish is None and (len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= max_model_len):
-        finish = "length"
     if finish is None and text.endswith("\ufffd"):
         text = seq.text  # an incomplete UTF-8 sequence: wait for the next token
     if finish is None and params.stop:  # hold back what may be the start of a stop string

@@ -8,13 +8,19 @@ bucket it can use at start-up. Steps with prefill chunks run eagerly.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .attention import BatchMeta, SeqSlice
-from .decode import DecodeBatch
 from .cache import HeadSplitCache
-from .scheduler import Chunk
+from .decode import DecodeBatch
+from .messages import Chunk, PendingOutput, RunnerOutput, SchedulerOutput
+from .sampler import draw_tokens, is_plain, sample_batch
+from .sequence import Sequence
 from .transfer import to_device
+
+log = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -29,6 +35,26 @@ class ModelRunner:
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _DecodeGraph] = {}
         self.graph_pool = None
+
+    def execute(self, output: SchedulerOutput, previous: PendingOutput | None = None,
+                defer: bool = False) -> RunnerOutput | PendingOutput:
+        """Run `output`'s forward and sample the rows that sample. A pipelined step (`output.fed_rows`) feeds
+        the tokens of `previous`, still on the device. With `defer`, a decode step whose rows the device
+        samples alone (`is_plain`) leaves its tokens there (PendingOutput); otherwise, or if that draw
+        fails, they are sampled on the host."""
+        tokens = None
+        if output.fed_rows is not None:
+            tokens = previous.tokens
+            if len(output.fed_rows) < len(previous.seqs):  # the rows of the sequences that go on
+                tokens = tokens[to_device(output.fed_rows, tokens.device)]
+        logits = self.run(output.chunks, tokens)
+        seqs = output.sampling
+        if defer and output.decode_only and all(is_plain(s.params, s.generator) for s in seqs):
+            try:
+                return PendingOutput(seqs, draw_tokens(logits, [s.params for s in seqs]))
+            except Exception as error:  # noqa: BLE001 - sampled on the host below
+                log.warning("drawing tokens on the device failed (%s); sampling on the host", error)
+        return sample_on_host(logits, seqs)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], input_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,6 +142,25 @@ class ModelRunner:
             input_tokens = torch.tensor([c.seq.token_ids(c.seq.num_cached, c.seq.num_cached + 1)[0] for c in chunks])
         graph.replay(self.decode_batch(decoding, size, self.max_pages), input_tokens)
         return graph.logits[:len(chunks)]
+
+
+def sample_on_host(logits: torch.Tensor, seqs: list[Sequence]) -> RunnerOutput:
+    """Each sequence's next token from its row of [rows, vocab] logits; a failing row (a bad request's
+    settings) fails alone, with its error."""
+    try:
+        picks = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    except Exception as error:  # noqa: BLE001 - one row failed: sample each alone to find it
+        log.warning("batched sampling failed (%s); sampling %d rows one by one", error, len(seqs))
+        picks = [None] * len(seqs)
+    tokens, logprobs, errors = [], [], {}
+    for row, (seq, pick) in enumerate(zip(seqs, picks)):
+        try:
+            token, logprob = pick or sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0]
+        except Exception as error:  # noqa: BLE001 - reported to this request's client
+            token, logprob, errors[row] = None, None, f"{type(error).__name__}: {error}"
+        tokens.append(token)
+        logprobs.append(logprob)
+    return RunnerOutput(list(seqs), tokens, logprobs, errors)
 
 
 class _DecodeGraph:

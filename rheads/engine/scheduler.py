@@ -15,36 +15,28 @@ prompt's first block, where attention is cheapest). Before, other prompts' tails
 every chunk off those shapes unless every prompt was a whole number of blocks long, and decoding
 sequences shifted them a little more each step.
 
-A step is `schedule` (or, for a pipelined decode step, `schedule_pipelined`), the runner's forward, then
-`update`: the scheduler is what admits, grows, preempts and advances a sequence's cached tokens; the
-runner only reads them.
+A step is `schedule` (or, for a pipelined decode step, `schedule_pipelined`), the runner's `execute`,
+then `update` (`messages.py`): the scheduler is what admits, grows, preempts, advances a sequence's
+cached tokens, appends its sampled tokens and finishes it on EOS, a stop token id or a length limit;
+the runner only reads sequences.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from .block_manager import BlockManager
+from .messages import Appended, Chunk, RunnerOutput, SchedulerOutput
 from .sequence import Sequence, Status
 
 
-@dataclass(frozen=True)
-class Chunk:
-    seq: Sequence
-    num_tokens: int  # tokens fed this step, starting at seq.num_cached
-    samples: bool  # its logits give the sequence's next token: it reaches the last token (or feeds a sampled one)
-
-    @classmethod
-    def of(cls, seq: Sequence, num_tokens: int) -> "Chunk":
-        return cls(seq, num_tokens, seq.num_cached + num_tokens == seq.num_tokens)
-
-
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_model_len: int | None = None):
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_model_len: int | None = None,
+                 eos_ids: set[int] | None = None):
         self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.eos_ids = eos_ids or set()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -54,6 +46,11 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence ("stop", "length", "abort" or "error") and give its cache back."""
+        self.free(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def free(self, seq: Sequence) -> None:
         """Take a sequence out of the scheduler and give its cache back (finished, aborted or failed)."""
@@ -88,7 +85,7 @@ class Scheduler:
         size = self.max_num_batched_tokens
         return min(seq.num_tokens - seq.num_cached, room, size - seq.num_cached % size)
 
-    def schedule(self) -> list[Chunk]:
+    def schedule(self) -> SchedulerOutput:
         room = self.max_num_batched_tokens  # prefill tokens left this step (see the module docstring)
         chunks: list[Chunk] = []
         for seq in sorted(self.running, key=lambda s: s.arrival):
@@ -108,14 +105,50 @@ class Scheduler:
             self.blocks.allocate(seq, n)
             chunks.append(Chunk.of(seq, n))
             room -= n
-        return chunks
+        return SchedulerOutput(chunks)
 
-    def update(self, chunks: list[Chunk]) -> None:
-        """After a forward over `chunks` returned: their tokens are in the cache."""
-        for chunk in chunks:
+    def failed(self, output: SchedulerOutput) -> None:
+        """A forward over `output` raised. A decode chunk writes its sequence's new entry alone, and again
+        the same when retried; a prefill chunk that died after some layers wrote its window slot has lost
+        entries its later queries read, so those sequences go back to the waiting queue, to be computed again."""
+        for chunk in output.chunks:
+            if chunk.num_tokens > 1:
+                self.preempt(chunk.seq)
+
+    def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[Appended]:
+        """After a forward over `output` returned: its chunks' tokens are in the cache. Then `result`'s tokens
+        are appended, in order, to their sequences still running, each finishing its sequence (and freeing
+        it) on EOS or a stop token id ("stop") or a length limit ("length"); a row whose sampling failed
+        finishes its sequence with "error". Returns what was done, for the output processor."""
+        for chunk in output.chunks:
             chunk.seq.num_cached += chunk.num_tokens
+        appended = []
+        for row, seq in enumerate(result.seqs):
+            if seq.status is not Status.RUNNING:
+                continue  # finished or aborted while this token was computed
+            if row in result.errors:
+                self.finish(seq, "error")
+                appended.append(Appended(seq, None, error=result.errors[row]))
+                continue
+            token, logprob = result.token_ids[row], result.logprobs[row]
+            seq.output_ids.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+            appended.append(Appended(seq, token, logprob))
+        return appended
 
-    def schedule_pipelined(self, seqs: list[Sequence]) -> list[Chunk] | None:
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            return "stop"
+        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= (self.max_model_len or float("inf")):
+            return "length"
+        return None
+
+    def schedule_pipelined(self, seqs: list[Sequence]) -> SchedulerOutput | None:
         """One more decode step of these sequences, each with its last sampled token still on the device
         (not appended: output_ids and num_tokens count the tokens before it), less those for which that
         token is the last by length (they finish when it is read back); or None whenever the batch may
@@ -132,4 +165,6 @@ class Scheduler:
             return None
         for seq in going_on:
             self.blocks.append(seq, seq.num_cached + 1)
-        return [Chunk(seq, 1, samples=True) for seq in going_on]  # each feeds its in-flight token
+        going = set(map(id, going_on))
+        return SchedulerOutput([Chunk(seq, 1, samples=True) for seq in going_on],  # each feeds its in-flight token
+                               fed_rows=[row for row, seq in enumerate(seqs) if id(seq) in going])
