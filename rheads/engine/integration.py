@@ -3,16 +3,18 @@
 Serving a model under a head split changes it in place: its attention heads are reordered so each
 layer's full heads come first (`heads.py`), its attention implementation becomes the head-split one,
 and its Llama-style modules get fused forwards (`fused.py`). The kernels the served path will need
-are warmed up at the same time, so no request waits for a compile. `undo` gives the model back as it
+are warmed up at the same time (and cuDNN's per thread, by `prepare_thread`), so no request waits for a
+compile. `undo` gives the model back as it
 was (heads in their original order, its own attention and forwards), so one loaded model can serve
 several splits in turn (the evaluations do) or go back to transformers' `generate`.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
-from . import band
+from . import band, cudnn_prefill
 from .attention import register_attention
 from .fused import fuse_modules, unfuse_modules
 from .heads import HeadSplit, permute_attention_heads, restore_attention_heads
@@ -27,6 +29,8 @@ class Kernels:
     head_dim: int
     sink: int
     window: int
+    chunk: int  # prefill chunk size (max_num_batched_tokens): the cuDNN plans are for whole chunks
+    max_len: int  # max_model_len
 
 
 class ModelIntegration:
@@ -35,6 +39,7 @@ class ModelIntegration:
     def __init__(self, model, split: HeadSplit, kernels: Kernels):
         self.model, self.split = model, split
         self._attn_implementation = model.config._attn_implementation
+        self.kernels, self._prepared = kernels, threading.local()
         permute_attention_heads(model, split)
         self.installed = True
         try:
@@ -48,6 +53,18 @@ class ModelIntegration:
         except BaseException:
             self.undo()
             raise
+
+    def prepare_thread(self) -> None:
+        """Warm-ups that belong to the thread that steps the engine: PyTorch keeps cuDNN's plans per thread,
+        so each stepping thread builds the full heads' prefill plans for itself (seconds at most, once)."""
+        if getattr(self._prepared, "done", False):
+            return
+        kernels, split = self.kernels, self.split
+        if kernels.device.startswith("cuda") and max(split.num_full) > 0:
+            groups = self.model.config.num_attention_heads // split.num_kv_heads
+            cudnn_prefill.warm_up(kernels.device, kernels.dtype, kernels.head_dim, groups, set(split.num_full) - {0},
+                                  min(kernels.chunk, kernels.max_len), kernels.max_len)
+        self._prepared.done = True
 
     def undo(self) -> None:
         if self.installed:

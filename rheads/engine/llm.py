@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 
 from ..models import check_attention_supported, load_model, resolve_model
 from ..profile import ModelIdentity, find_profile, head_dim_of
-from . import cudnn_prefill
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, choose_split
@@ -83,29 +81,23 @@ class LLMEngine:
             dtype=config.dtype, device=config.device))
         # The engine owns the model from here to `close` (the cache was allocated first, so a memory too
         # small to hold a sequence fails before the model is touched).
-        self.integration = ModelIntegration(model, split, Kernels(config.device, config.dtype, head_dim,
-                                                                  config.sink, config.window))
+        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.integration = ModelIntegration(model, split, Kernels(
+            config.device, config.dtype, head_dim, config.sink, config.window, config.max_num_batched_tokens,
+            self.max_model_len))
         try:
-            self._build(model, tokenizer, split, config, head_dim)
+            self._build(model, tokenizer, config)
         except BaseException:
             self.integration.undo()
             raise
 
-    def _build(self, model, tokenizer, split: HeadSplit, config: EngineConfig, head_dim: int) -> None:
-        text_config = model.config
-        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+    def _build(self, model, tokenizer, config: EngineConfig) -> None:
         self.blocks = BlockManager(self.cache)
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len, eos_ids)
         self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len, config.cuda_graphs)
         self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
-        groups = text_config.num_attention_heads // split.num_kv_heads
-        self._cudnn_plans = None  # the full heads' prefill plans, which each stepping thread builds for itself
-        if config.device.startswith("cuda") and max(split.num_full) > 0:
-            self._cudnn_plans = (config.device, config.dtype, head_dim, groups, set(split.num_full) - {0},
-                                 min(config.max_num_batched_tokens, self.max_model_len), self.max_model_len)
-        self._prepared = threading.local()
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
@@ -216,13 +208,9 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------------
     def prepare_thread(self) -> None:
-        """Start-up work that belongs to the thread that steps the engine: PyTorch keeps cuDNN's plans per
-        thread, so this thread builds the full heads' prefill plans (seconds at most, once per thread;
-        `step` calls it, a server calls it before it takes requests)."""
-        if not getattr(self._prepared, "done", False):
-            if self._cudnn_plans is not None:
-                cudnn_prefill.warm_up(*self._cudnn_plans)
-            self._prepared.done = True
+        """Start-up work of the thread that steps the engine (`ModelIntegration.prepare_thread`); `step`
+        calls it, a server calls it before it takes requests."""
+        self.integration.prepare_thread()
 
     def step(self) -> list[RequestOutput]:
         """Schedule, execute one forward pass, update, and report what each touched request produced.
