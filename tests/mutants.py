@@ -61,8 +61,11 @@ MUTANTS = [
            ("tests/test_decode_kernel.py", SERVED, "-x", "-k", "bfloat16 or (cuda-bf16 and not streaming)"),
            where="cuda"),
     Mutant("a preemption that keeps num_cached", "rheads/engine/scheduler.py",
-           "seq.slot, seq.num_cached, seq.status = None, 0, Status.WAITING",
-           "seq.slot, seq.status = None, Status.WAITING", ("tests/test_engine.py", "-k", "tight_memory")),
+           "seq.num_cached, seq.status = 0, Status.WAITING",
+           "seq.status = Status.WAITING", ("tests/test_engine.py", "-k", "tight_memory")),
+    Mutant("a shared page freed while another sequence holds it", "rheads/engine/block_manager.py",
+           "if self.ref_counts[page] == 0:", "if self.ref_counts[page] <= 1:",
+           ("tests/test_block_manager.py",)),
 ]
 
 
