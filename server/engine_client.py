@@ -81,7 +81,7 @@ class EngineClient:
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._work.set()
-        if self._thread.is_alive():
+        if self._ready.is_set():  # else it is still starting up, and leaves once that returns
             self._thread.join(timeout)
 
     @property
