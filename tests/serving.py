@@ -35,14 +35,16 @@ class Served:
     SO_SNDBUF, inherited by each connection) bound what the kernel takes of a response before the client reads."""
 
     def __init__(self, app, health_headers: dict[str, str] | None = None, send_buffer: int | None = None):
-        listener = socket.socket()
-        if send_buffer is not None:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        listener.bind(("127.0.0.1", 0))
-        self.app, self.port = app, listener.getsockname()[1]
+        self.app, self.port = app, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self._run, args=(listener,), name=f"uvicorn-{self.port}", daemon=True)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        sockets = None
+        if send_buffer is not None:  # a listening socket of our own, to set the option before it listens
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            listener.bind(("127.0.0.1", self.port))
+            sockets = [listener]
+        self.thread = threading.Thread(target=self._run, args=(sockets,), name=f"uvicorn-{self.port}", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
         while True:
@@ -56,9 +58,9 @@ class Served:
                 raise RuntimeError("the test server did not come up")
             time.sleep(0.1)
 
-    def _run(self, listener: socket.socket) -> None:
+    def _run(self, sockets: list[socket.socket] | None) -> None:
         try:
-            self.server.run([listener])
+            self.server.run(sockets)
         except SystemExit:  # uvicorn's answer to a failed start-up: the thread ends, and __init__ says so
             pass
 

@@ -17,11 +17,13 @@ import time
 import httpx
 import openai
 import pytest
-from serving import KEY, MAX_MODEL_LEN, NAMES, PRESET, Served, assert_error, build_engine, scrape, wait_idle
+from serving import (  # tests/serving.py
+    KEY, MAX_MODEL_LEN, NAMES, PRESET, Served, assert_error, build_engine, scrape, wait_idle,
+)
 
+from rheads.engine import SamplingParams
 from server.app import ServerSettings, create_app
 from server.engine_client import EngineClient, EngineStartError, QueueFullError
-from rheads.engine import SamplingParams
 
 ENGINE_THREAD = "rheads-engine"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -84,7 +86,7 @@ def test_the_tokenizer_under_concurrent_use(served, engine, tokenizer):
     """200 chat requests with long prompts at once (encoded on the tokenizing worker) while streams decode
     their logprobs (on the event loop) and the engine detokenizes them (on its thread): every prompt is
     counted exactly, no stream sees an error, and only the engine thread used the engine's tokenizer."""
-    words = "river stone lantern orchard meadow harbour violin ember quartz saddle".split()
+    words = ["river", "stone", "lantern", "orchard", "meadow", "harbour", "violin", "ember", "quartz", "saddle"]
     contents = [" ".join(words[(i + j) % len(words)] + str(j % 97) for j in range(500)) for i in range(200)]
     expected = [chat_prompt_tokens(tokenizer, c) for c in contents]
     assert min(expected) + 1000 > MAX_MODEL_LEN  # each is refused after tokenizing, so none needs a prefill
