@@ -1,13 +1,16 @@
-"""What stands between the network and the handlers: a request-body size limit and strict JSON.
+"""What stands between the network and the handlers: the API key, a body size limit and strict JSON.
 
-`BodySizeLimit` answers 413 when the declared Content-Length is over the limit, before reading
-anything, and stops a body without one (chunked) as soon as the bytes read so far pass it.
-`StrictJSONRoute` parses bodies as RFC 8259 JSON: UTF-8 only, no NaN or Infinity, no lone UTF-16
+`api_key_check` compares the key as SHA-256 digests with compare_digest: the time taken says nothing
+about it, not even its length. `BodySizeLimit` answers 413 when the declared Content-Length is over the
+limit, before reading anything, and stops a body without one (chunked) as soon as the bytes read so far
+pass it. `StrictJSONRoute` parses bodies as RFC 8259 JSON: UTF-8 only, no NaN or Infinity, no lone UTF-16
 surrogates (they could not be encoded back), and nesting too deep for the parser is a 400, not a 500.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 from collections.abc import Callable
@@ -53,6 +56,20 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, receive_within_limit, send)
+
+
+def api_key_check(api_key: str | None, unauthorized: Callable[[], Exception]) -> Callable:
+    """A FastAPI dependency that raises `unauthorized()` unless the request carries `Bearer api_key`."""
+    expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest()
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = hashlib.sha256(request.headers.get("authorization", "").encode()).digest()
+        if not hmac.compare_digest(given, expected):
+            raise unauthorized()
+
+    return check_key
 
 
 def _not_json(name: str) -> Any:

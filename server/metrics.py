@@ -37,6 +37,12 @@ class Metrics:
                                          registry=r).labels(model_name)
         self.requests = Counter("rheads:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=r)
+        self.buffered = gauge("stream_outputs_buffered",
+                              "Outputs that arrived for a request and wait for its client to take them (at most "
+                              "one per request: later ones merge into it).")
+        self.coalesced = Counter("rheads:stream_outputs_coalesced", "Outputs merged into one still waiting for "
+                                 "a client that reads more slowly than the engine generates.", labels,
+                                 registry=r).labels(model_name)
         self.model_name = model_name
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.")

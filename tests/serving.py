@@ -31,13 +31,20 @@ def free_port() -> int:
 
 
 class Served:
-    """An app under uvicorn in a background thread, on a free 127.0.0.1 port."""
+    """An app under uvicorn in a background thread, on a free 127.0.0.1 port; `send_buffer` bytes (the kernel's
+    SO_SNDBUF, inherited by each connection) bound what the kernel takes of a response before the client reads."""
 
-    def __init__(self, app, health_headers: dict[str, str] | None = None):
+    def __init__(self, app, health_headers: dict[str, str] | None = None, send_buffer: int | None = None):
         self.app, self.port = app, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+        sockets = None
+        if send_buffer is not None:  # a listening socket of our own, to set the option before it listens
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            listener.bind(("127.0.0.1", self.port))
+            sockets = [listener]
+        self.thread = threading.Thread(target=self._run, args=(sockets,), name=f"uvicorn-{self.port}", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
         while True:
@@ -50,6 +57,12 @@ class Served:
                 self.stop()
                 raise RuntimeError("the test server did not come up")
             time.sleep(0.1)
+
+    def _run(self, sockets: list[socket.socket] | None) -> None:
+        try:
+            self.server.run(sockets)
+        except SystemExit:  # uvicorn's answer to a failed start-up: the thread ends, and __init__ says so
+            pass
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -8,6 +8,7 @@ goes to 127.0.0.1 only; every loop is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -297,7 +298,7 @@ def test_a_chat_template_that_refuses_is_400(http, engine, monkeypatch):
     def refuse(*args, **kwargs):
         raise jinja2.TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
 
-    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", refuse)
+    monkeypatch.setattr(type(engine.tokenizer), "apply_chat_template", refuse)  # the server's copies too
     error = assert_error(http.post("/v1/chat/completions", json={"messages": CHAT * 2}), 400, "BadRequestError",
                          "messages")
     assert "alternate" in error["message"]
@@ -611,12 +612,13 @@ class _NoMetrics:
         pass
 
 
-def test_the_engine_thread_prepares_itself_before_the_client_exists():
+def test_the_engine_thread_prepares_itself_before_the_client_starts():
     """PyTorch keeps cuDNN's plans per thread: the thread that steps the engine builds them, and the client
-    (so the app, so the server) exists only once it has; a failure there fails the start-up."""
+    (so the app's lifespan, so the server) has started only once it has; a failure there fails the start-up."""
     engine = _StubEngine()
     client = EngineClient(engine, _NoMetrics())
+    asyncio.run(client.start(timeout=30))
     assert engine.prepared_in == "rheads-engine"
     client.shutdown()
     with pytest.raises(RuntimeError, match="no plans"):
-        EngineClient(_StubEngine(RuntimeError("no plans")), _NoMetrics())
+        asyncio.run(EngineClient(_StubEngine(RuntimeError("no plans")), _NoMetrics()).start(timeout=30))

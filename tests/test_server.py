@@ -30,6 +30,8 @@ from serving import (  # tests/serving.py
 
 from rheads.niah import haystack_files
 from server.app import ServerSettings, create_app
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving import OpenAIServingChat, OpenAIServingCompletion
 
 OTHER_PROFILE = REPO / "profiles" / "meta-llama" / "Llama-3.1-8B-Instruct.json"
 REF_PROMPT = "The three most important things to pack for a long hike are"
@@ -197,6 +199,35 @@ def test_chat_without_max_tokens_is_served(client):
     out = client.chat.completions.create(model=PRESET, messages=[{"role": "user", "content": "Say hi."}],
                                          temperature=0, stop=["\n", "."])
     assert out.choices[0].finish_reason == "stop"
+
+
+class _Room:
+    """What the serving classes ask the engine client about room: a fixed room per prompt length."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def output_room(self, num_prompt_tokens: int) -> int:
+        return self.total - num_prompt_tokens
+
+
+def _chat(**body) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **body)
+
+
+@pytest.mark.parametrize("serving,body,prompt_tokens,limit,expected", [
+    (OpenAIServingCompletion, CompletionRequest(prompt="x", max_tokens=7), 10, 50, 7),  # as asked (validation
+    (OpenAIServingChat, _chat(max_tokens=7, max_completion_tokens=9), 10, 50, 9),     # refuses what cannot fit)
+    (OpenAIServingCompletion, CompletionRequest(prompt="x"), 10, 50, 16),  # OpenAI's default for completions
+    (OpenAIServingCompletion, CompletionRequest(prompt="x"), 95, 50, 5),  # ... within the room left
+    (OpenAIServingCompletion, CompletionRequest(prompt="x"), 150, 50, 1),  # no room: refused by validation
+    (OpenAIServingChat, _chat(), 10, 50, 50),  # chat: the room, within the server's limit
+    (OpenAIServingChat, _chat(), 10, 500, 90),
+])
+def test_one_decision_of_the_output_room(serving, body, prompt_tokens, limit, expected):
+    served = serving(client=_Room(100), tokenizer=None, served_model_names=NAMES, max_tokens_limit=limit,
+                     max_choices=4, retry_after_seconds=1)
+    assert served.max_tokens(body, prompt_tokens) == expected
 
 
 def test_seeded_sampling_is_reproducible(client):
