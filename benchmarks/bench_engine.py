@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split
 from rheads.engine.cache import CacheConfig, HeadSplitCache
-from rheads.profile import head_dim_of
+from rheads.profiling.profile import head_dim_of
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -42,7 +42,7 @@ def straightforward_sample(model, prompt, steps: int, span: tuple[int, int]):
     import torch
     from transformers import DynamicCache
 
-    from rheads.profiler import SampleResult, copy_hits
+    from rheads.profiling.profiler import SampleResult, copy_hits
 
     ids = torch.tensor(prompt.input_ids)
     cache = DynamicCache(config=model.config)
@@ -66,7 +66,7 @@ def _child(conn, method: str, model_spec: str, length: int, depth: float, needle
 
     from rheads.models import load_model, resolve_model
     from rheads.niah import build_prompt, load_needles
-    from rheads.profiler import ATTENTION_NAME, run_sample
+    from rheads.profiling.profiler import ATTENTION_NAME, run_sample
 
     if threads:
         torch.set_num_threads(threads)

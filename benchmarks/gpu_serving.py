@@ -59,7 +59,7 @@ from servers import REPO, ServerProcess, rheads_command  # noqa: E402
 from rheads.engine.cache import CacheConfig, HeadSplitCache  # noqa: E402
 from rheads.engine.heads import random_split  # noqa: E402
 from rheads.niah import haystack_files  # noqa: E402
-from rheads.profile import ModelIdentity, head_dim_of, synthetic_profile  # noqa: E402
+from rheads.profiling.profile import ModelIdentity, head_dim_of, synthetic_profile  # noqa: E402
 
 PEER = "transformers serve"
 GIB = 1 << 30

@@ -28,7 +28,7 @@ from bench_engine import SHAPES, _Tokenizer, sync  # noqa: E402
 
 from rheads.engine import EngineConfig, LLMEngine, SamplingParams, random_split  # noqa: E402
 from rheads.engine.cache import CacheConfig, Footprint  # noqa: E402
-from rheads.profile import head_dim_of  # noqa: E402
+from rheads.profiling.profile import head_dim_of  # noqa: E402
 
 
 def batch_memory(split, head_dim: int, config: EngineConfig, batch: int) -> int:

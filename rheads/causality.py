@@ -39,7 +39,7 @@ from .evaluate import (
     write_atomic,
 )
 from .niah import haystack_files
-from .profile import ModelIdentity, Profile
+from .profiling.profile import ModelIdentity, Profile
 
 ATTENTION_NAME = "rheads_causality"
 MASKED_ATTR = "rheads_masked_query_heads"  # on each attention module: LongTensor of its masked query heads

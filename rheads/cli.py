@@ -59,7 +59,7 @@ def _add_eval_grid_arguments(p: argparse.ArgumentParser, defaults) -> None:
 
 
 def build_profile_parser(sub: argparse._SubParsersAction) -> None:
-    from .profiler import ProfileConfig
+    from .profiling.profiler import ProfileConfig
 
     defaults = ProfileConfig()
     p = sub.add_parser(
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_import_parser() -> argparse.ArgumentParser:
-    from .importers import IMPORTERS
+    from .profiling.importers import IMPORTERS
 
     p = argparse.ArgumentParser(
         prog="rheads profile import",
@@ -326,7 +326,7 @@ def build_show_parser() -> argparse.ArgumentParser:
 def run_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from .profiler import ProfileConfig, profile_model
+    from .profiling.profiler import ProfileConfig, profile_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -341,7 +341,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_import(argv: list[str]) -> int:
-    from .importers import IMPORTERS, default_profile_path
+    from .profiling.importers import IMPORTERS, default_profile_path
 
     args = build_import_parser().parse_args(argv)
     profile = IMPORTERS[args.format](args.source, model_name=args.model)
@@ -352,8 +352,8 @@ def run_import(argv: list[str]) -> int:
 
 
 def run_show(argv: list[str]) -> int:
-    from .profile import Profile
-    from .report import format_report, write_heatmap
+    from .profiling.profile import Profile
+    from .profiling.report import format_report, write_heatmap
 
     args = build_show_parser().parse_args(argv)
     profile = Profile.load(args.profile)
@@ -422,7 +422,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.eval_command == "properties":
         from .evaluate import format_properties, profile_properties
-        from .profile import Profile
+        from .profiling.profile import Profile
 
         results = []
         for path in args.profiles:
@@ -478,7 +478,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .models import ModelNotFoundError, UnsupportedModelError
-    from .profile import ProfileError
+    from .profiling.profile import ProfileError
 
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .engine.heads import HeadSplit, random_split, select_heads
 from .niah import Needle, NiahPrompt, build_prompt, data_path, haystack_files, load_needles, unigram_recall
-from .profile import Profile, ProfileError
+from .profiling.profile import Profile, ProfileError
 
 SELECTIONS = ("full", "retrieval", "random", "window")
 MIB = 1 << 20
@@ -265,7 +265,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
                   profile_path: str | None = None, progress: bool = True) -> EvalResult:
     """Evaluate every configuration over the grid on an already loaded model (weights restored after each)."""
     from .engine.llm import LLMEngine
-    from .profile import ModelIdentity
+    from .profiling.profile import ModelIdentity
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -598,7 +598,7 @@ def load_model_and_profile(model_spec: str, profile: str | Path | None, config: 
     """The model in config's dtype and device, and its profile ("auto": the shipped one; None: none).
     The profile is read first, so a missing one fails before the model is loaded."""
     from .models import load_model, resolve_model
-    from .profile import find_profile
+    from .profiling.profile import find_profile
 
     source = resolve_model(model_spec)
     profile_path = None
@@ -634,7 +634,7 @@ def profile_properties(profile: Profile) -> dict:
     A query head is active in a sample when it copied at least once there (score > 0). Over the kept
     samples: heads active in every one, in some, in none, and how often each head is active.
     """
-    from .report import sparsity
+    from .profiling.report import sparsity
 
     m = profile.model
     kept = [s for s in profile.samples if s.kept]

@@ -20,7 +20,7 @@ from rheads.causality import (
 )
 from rheads.evaluate import Cell, Answer, load_cells
 from rheads.models import resolve_model
-from rheads.profile import ModelIdentity, Profile, ProfileMethod
+from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -32,7 +32,7 @@ from rheads.engine import runner as runner_module
 from rheads.engine.heads import permute_attention_heads, restore_attention_heads
 from rheads.engine.llm import RequestError
 from rheads.models import load_model, resolve_model
-from rheads.profile import ModelIdentity, Profile, ProfileMethod
+from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,8 +24,8 @@ from rheads.evaluate import (
 )
 from rheads.models import resolve_model
 from rheads.niah import Needle, build_prompt, load_needles, unigram_recall
-from rheads.profile import ModelIdentity, Profile, ProfileMethod, SampleRecord
-from rheads.report import sparsity
+from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod, SampleRecord
+from rheads.profiling.report import sparsity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from rheads.importers import (
+from rheads.profiling.importers import (
     KNOWN_MODELS, default_profile_path, find_known, import_duo_attention, import_retrieval_head,
 )
-from rheads.profile import ModelIdentity, Profile, ProfileError
+from rheads.profiling.profile import ModelIdentity, Profile, ProfileError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 HEAD_SCORE = REFERENCE / "retrieval_head" / "head_score"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rheads.cli import main
-from rheads.profile import Profile
-from rheads.report import sparsity
+from rheads.profiling.profile import Profile
+from rheads.profiling.report import sparsity
 
 
 @pytest.mark.slow

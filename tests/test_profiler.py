@@ -11,9 +11,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from rheads.models import resolve_model
 from rheads.niah import NiahPrompt, _template_parts, build_prompt, load_needles, unigram_recall
-from rheads.profile import ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord
-from rheads.profiler import (ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_from_samples, profile_model,
-                             run_sample)
+from rheads.profiling.profile import ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord
+from rheads.profiling.profiler import (ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_from_samples,
+                                       profile_model, run_sample)
 
 SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-135M-Instruct.json"
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,

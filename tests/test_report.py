@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from rheads.cli import main
-from rheads.profile import ModelIdentity, Profile, ProfileMethod, aggregate_kv_scores
-from rheads.report import format_report, sparsity, top_heads, write_heatmap
+from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod, aggregate_kv_scores
+from rheads.profiling.report import format_report, sparsity, top_heads, write_heatmap
 
 QUERY = [
     [0.0, 0.0, 0.6, 0.1],  # 0.1 is not > 0.1

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
 from rheads.models import load_model, resolve_model
 from rheads.niah import build_prompt, load_needles
-from rheads.profile import Profile, find_profile
+from rheads.profiling.profile import Profile, find_profile
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")

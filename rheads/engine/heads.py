@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..profile import ModelIdentity, Profile, head_dim_of
+from ..profiling.profile import ModelIdentity, Profile, head_dim_of
 
 DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (the imported ones)
 

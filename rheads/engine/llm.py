@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..models import check_attention_supported, load_model, resolve_model
-from ..profile import ModelIdentity, find_profile, head_dim_of
+from ..profiling.profile import ModelIdentity, find_profile, head_dim_of
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, choose_split

@@ -200,7 +200,7 @@ def profile_dirs() -> list[Path]:
     import os
 
     dirs = [Path(p) for p in os.environ.get("RHEADS_PROFILES", "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parents[1] / "profiles", Path.cwd() / "profiles"]
+    return dirs + [Path(__file__).resolve().parents[2] / "profiles", Path.cwd() / "profiles"]
 
 
 def find_profile(model_name: str) -> Path:

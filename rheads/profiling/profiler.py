@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from .models import check_attention_supported, load_model, resolve_model
-from .niah import Needle, NiahPrompt, build_prompt, haystack_files, load_needles, unigram_recall
+from ..models import check_attention_supported, load_model, resolve_model
+from ..niah import Needle, NiahPrompt, build_prompt, haystack_files, load_needles, unigram_recall
 from .profile import (
     KvAggregate, ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord, aggregate_kv_scores,
 )
