@@ -203,7 +203,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_eval_parser(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import EvalConfig
+    from .evaluation.niah_eval import EvalConfig
 
     defaults = EvalConfig()
     e = sub.add_parser(
@@ -246,7 +246,7 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="prefill tokens per engine step (default: %(default)s)")
     _add_eval_runtime_arguments(n, "weights and KV dtype")
 
-    from .causality import NON_RETRIEVAL_BELOW, CausalityConfig
+    from .evaluation.causality import NON_RETRIEVAL_BELOW, CausalityConfig
 
     causal_defaults = CausalityConfig()
     c = esub.add_parser(
@@ -421,7 +421,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     if args.eval_command == "properties":
-        from .evaluate import format_properties, profile_properties
+        from .evaluation.niah_eval import format_properties, profile_properties
         from .profiling.profile import Profile
 
         results = []
@@ -444,7 +444,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         torch.set_num_threads(args.threads)
     dtype = torch_dtype(args.dtype, args.device)
     if args.eval_command == "causality":
-        from .causality import PLOT_NAME, CausalityConfig, evaluate_causality
+        from .evaluation.causality import PLOT_NAME, CausalityConfig, evaluate_causality
 
         config = CausalityConfig(
             lengths=args.lengths, depths=args.depths, needles_file=args.needles, num_needles=args.num_needles,
@@ -457,7 +457,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"\n{result.evaluated} cells evaluated now; results in {args.out}/ (cells.jsonl, summary.json, "
               f"{PLOT_NAME})")
         return 0
-    from .evaluate import EvalConfig, evaluate_niah
+    from .evaluation.niah_eval import EvalConfig, evaluate_niah
 
     memory = args.kv_cache_memory
     if isinstance(memory, float):

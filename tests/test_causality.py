@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import rheads.causality as causality
-from rheads.causality import (
+import rheads.evaluation.causality as causality
+from rheads.evaluation.causality import (
     ATTENTION_NAME, MASKED_ATTR, CausalityConfig, heads_masked, mask_settings, masked_sdpa_attention,
     random_non_retrieval_heads, run_causality, top_retrieval_heads,
 )
-from rheads.evaluate import Cell, Answer, load_cells
+from rheads.evaluation.niah_eval import Cell, Answer, load_cells
 from rheads.models import resolve_model
 from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-import rheads.evaluate as ev
+import rheads.evaluation.niah_eval as ev
 from rheads.cli import main
 from rheads.engine import HeadSplit, SamplingParams, random_split, select_heads
 from rheads.engine.llm import EngineConfig, LLMEngine
-from rheads.evaluate import (
+from rheads.evaluation.niah_eval import (
     CacheSetting, EvalConfig, Answer, cache_settings, format_summary, kv_bytes_per_sequence, load_cells,
     profile_properties, run_niah_eval, score, split_for, eval_summary,
 )
@@ -475,7 +475,7 @@ def test_std_over_seeds_with_a_missing_seed_is_nan():
     """A partial run (one seed's configuration not evaluated yet) summarises instead of crashing."""
     import math
 
-    from rheads.evaluate import mean, std
+    from rheads.evaluation.niah_eval import mean, std
 
     assert std([0.5, 0.7]) == pytest.approx(math.sqrt(0.02)) and std([0.5]) == 0.0  # sample std: 0.1^2 * 2 / (2 - 1)
     assert math.isnan(std([0.5, mean([])]))

@@ -32,9 +32,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .engine.heads import HeadSplit, random_split, select_heads
-from .niah import Needle, NiahPrompt, build_prompt, data_path, haystack_files, load_needles, unigram_recall
-from .profiling.profile import Profile, ProfileError
+from ..engine.heads import HeadSplit, random_split, select_heads
+from ..niah import Needle, NiahPrompt, build_prompt, data_path, haystack_files, load_needles, unigram_recall
+from ..profiling.profile import Profile, ProfileError
 
 SELECTIONS = ("full", "retrieval", "random", "window")
 MIB = 1 << 20
@@ -89,7 +89,7 @@ def split_for(setting: CacheSetting, profile: Profile | None, num_layers: int, n
 def kv_bytes_per_sequence(split: HeadSplit, head_dim: int, element_size: int, page_size: int,
                           sink: int, window: int, num_tokens: int) -> int:
     """What the engine's cache holds for one sequence of num_tokens tokens (its own formula)."""
-    from .engine.cache import CacheConfig, Footprint
+    from ..engine.cache import CacheConfig, Footprint
 
     dtype = {2: torch.bfloat16, 4: torch.float32}[element_size]
     config = CacheConfig(page_size=page_size, sink=sink, window=window, dtype=dtype)
@@ -236,15 +236,15 @@ class Answer:
 def generate(engine, prompts: list[list[int]], max_tokens: list[int],
              on_finish: Callable[[int], None] | None = None) -> list[Answer]:
     """Submit every prompt to the engine at once (greedy) and step until all have finished."""
-    from .engine.offline import generate_all
-    from .engine.sequence import SamplingParams
+    from ..engine.offline import generate_all
+    from ..engine.sequence import SamplingParams
 
     requests = [(ids, SamplingParams(max_tokens=n, temperature=0.0)) for ids, n in zip(prompts, max_tokens)]
     return [Answer(c.text, c.finish_reason, len(c.token_ids)) for c in generate_all(engine, requests, on_finish)]
 
 
 def _engine_config(config: EvalConfig, budget: float, memory: int):
-    from .engine.llm import EngineConfig
+    from ..engine.llm import EngineConfig
 
     return EngineConfig(budget=budget, sink=config.sink, window=config.window, page_size=config.page_size,
                         kv_cache_memory=memory, max_num_seqs=config.max_num_seqs,
@@ -264,8 +264,8 @@ class EvalResult:
 def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, config: EvalConfig, out: Path,
                   profile_path: str | None = None, progress: bool = True) -> EvalResult:
     """Evaluate every configuration over the grid on an already loaded model (weights restored after each)."""
-    from .engine.llm import LLMEngine
-    from .profiling.profile import ModelIdentity
+    from ..engine.llm import LLMEngine
+    from ..profiling.profile import ModelIdentity
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -597,8 +597,8 @@ def load_model_and_profile(model_spec: str, profile: str | Path | None, config: 
                            trust_remote_code: bool = False) -> LoadedModel:
     """The model in config's dtype and device, and its profile ("auto": the shipped one; None: none).
     The profile is read first, so a missing one fails before the model is loaded."""
-    from .models import load_model, resolve_model
-    from .profiling.profile import find_profile
+    from ..models import load_model, resolve_model
+    from ..profiling.profile import find_profile
 
     source = resolve_model(model_spec)
     profile_path = None
@@ -634,7 +634,7 @@ def profile_properties(profile: Profile) -> dict:
     A query head is active in a sample when it copied at least once there (score > 0). Over the kept
     samples: heads active in every one, in some, in none, and how often each head is active.
     """
-    from .profiling.report import sparsity
+    from ..profiling.report import sparsity
 
     m = profile.model
     kept = [s for s in profile.samples if s.kept]
