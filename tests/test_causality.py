@@ -18,7 +18,7 @@ from rheads.evaluation.causality import (
     ATTENTION_NAME, MASKED_ATTR, CausalityConfig, heads_masked, mask_settings, masked_sdpa_attention,
     random_non_retrieval_heads, run_causality, top_retrieval_heads,
 )
-from rheads.evaluation.niah_eval import Cell, Answer, load_cells
+from rheads.evaluation.grid import Cell, Answer, load_cells
 from rheads.models import resolve_model
 from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod
 

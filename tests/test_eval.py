@@ -18,9 +18,10 @@ import rheads.evaluation.niah_eval as ev
 from rheads.cli import main
 from rheads.engine import HeadSplit, SamplingParams, random_split, select_heads
 from rheads.engine.llm import EngineConfig, LLMEngine
+from rheads.evaluation.grid import Answer, load_cells, score
 from rheads.evaluation.niah_eval import (
-    CacheSetting, EvalConfig, Answer, cache_settings, format_summary, kv_bytes_per_sequence, load_cells,
-    profile_properties, run_niah_eval, score, split_for, eval_summary,
+    CacheSetting, EvalConfig, cache_settings, format_summary, kv_bytes_per_sequence, profile_properties,
+    run_niah_eval, split_for, eval_summary,
 )
 from rheads.models import resolve_model
 from rheads.niah import Needle, build_prompt, load_needles, unigram_recall
@@ -475,7 +476,7 @@ def test_std_over_seeds_with_a_missing_seed_is_nan():
     """A partial run (one seed's configuration not evaluated yet) summarises instead of crashing."""
     import math
 
-    from rheads.evaluation.niah_eval import mean, std
+    from rheads.evaluation.grid import mean, std
 
     assert std([0.5, 0.7]) == pytest.approx(math.sqrt(0.02)) and std([0.5]) == 0.0  # sample std: 0.1^2 * 2 / (2 - 1)
     assert math.isnan(std([0.5, mean([])]))

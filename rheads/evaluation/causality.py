@@ -8,7 +8,7 @@ non-retrieval heads (score below 0.1) should barely move it.
 
 The model runs through plain `model.generate` (greedy, with its KV cache), with transformers' own SDPA
 attention and the masked heads' queries zeroed -- not through the serving engine: the point is the model.
-Prompts, needles, haystack, grid and scoring are `rheads eval niah`'s (rheads.evaluation.niah_eval).
+Prompts, needles, haystack, grid and scoring are `rheads eval niah`'s (rheads.evaluation.grid).
 
 Output directory:
     meta.json       what the cells depend on (model, profile scores, needles, haystack, dtype, ...)
@@ -35,11 +35,11 @@ from transformers.masking_utils import sdpa_mask
 
 from ..niah import haystack_files
 from ..profiling.profile import ModelIdentity, Profile
-from .niah_eval import (
-    Answer, Cell, EvalConfig, EvalResult, cell_key, check_resumable, eval_needles, format_mean_std, grid,
-    grid_prompts, haystack_sha, load_cells, load_model_and_profile, mean, save_cells, score, short_sha, std,
-    write_atomic,
+from .grid import (
+    Answer, Cell, cell_key, check_resumable, eval_needles, format_mean_std, grid, grid_prompts, haystack_sha,
+    load_cells, mean, save_cells, score, short_sha, std, write_atomic,
 )
+from .niah_eval import EvalConfig, EvalResult, load_model_and_profile
 
 ATTENTION_NAME = "rheads_causality"
 MASKED_ATTR = "rheads_masked_query_heads"  # on each attention module: LongTensor of its masked query heads

@@ -19,11 +19,8 @@ Output directory:
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import math
-import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.heads import HeadSplit, random_split, select_heads
-from ..niah import Needle, NiahPrompt, build_prompt, data_path, haystack_files, load_needles, unigram_recall
+from ..niah import data_path, haystack_files
 from ..profiling.profile import Profile, ProfileError
+from .grid import (
+    Answer, Cell, cell_key, check_resumable, eval_needles, format_mean_std, grid, grid_prompts, haystack_sha,
+    load_cells, mean, save_cells, score, short_sha, std, write_atomic,
+)
 
 SELECTIONS = ("full", "retrieval", "random", "window")
 MIB = 1 << 20
@@ -122,24 +123,6 @@ class EvalConfig:
         return Path(self.needles_file) if self.needles_file else data_path("eval_needles.jsonl")
 
 
-@dataclass(frozen=True)
-class Cell:
-    length: int
-    depth: float
-    needle: int
-
-
-def grid(config: EvalConfig, num_needles: int) -> list[Cell]:
-    """Short contexts first, then needles, then depths."""
-    return [Cell(length, float(depth), needle) for length, needle, depth in
-            itertools.product(sorted(dict.fromkeys(config.lengths)), range(num_needles),
-                              list(dict.fromkeys(config.depths)))]
-
-
-def cell_key(config_name: str, length: int, depth: float, needle: int) -> tuple:
-    return config_name, int(length), round(float(depth), 6), int(needle)
-
-
 def answer_hidden(answer_span: tuple[int, int], prompt_tokens: int, sink: int, window: int) -> bool:
     """Whether no answer token is in a streaming head's cache when the answer starts, i.e. none lies in the
     first `sink` positions or among the last `window` (the query at prompt_tokens - 1 sees k > that - window).
@@ -147,91 +130,14 @@ def answer_hidden(answer_span: tuple[int, int], prompt_tokens: int, sink: int, w
     return not any(p < sink or p >= prompt_tokens - window for p in range(*answer_span))
 
 
-def score(needle: Needle, response: str, threshold: float = 0.5) -> tuple[float, bool]:
-    """(unigram recall of the needle's answer, correct = recall > threshold)."""
-    recall = unigram_recall(needle.real_needle, response)
-    return recall, recall > threshold
-
-
-def eval_needles(config: EvalConfig) -> tuple[list[Needle], list[Needle]]:
-    """(every needle of the needles file, the first config.num_needles of them: the ones evaluated)."""
-    all_needles = load_needles(config.needles_path())
-    needles = all_needles[:config.num_needles] if config.num_needles else all_needles
-    if not needles:
-        raise ValueError("no needles to evaluate")
-    return all_needles, needles
-
-
-def grid_prompts(model_config, tokenizer, needles: list[Needle], cells_grid: list[Cell],
-                 config: EvalConfig) -> tuple[dict[Cell, NiahPrompt], int]:
-    """Every cell's prompt, built once per run, and the most tokens an answer may add (answer + extra_tokens);
-    refuses a grid whose longest prompt plus that exceeds the model's context."""
-    prompts = {cell: build_prompt(tokenizer, needles[cell.needle], cell.length, cell.depth, config.haystack_paths)
-               for cell in cells_grid}
-    extra = max(p.answer_span[1] - p.answer_span[0] for p in prompts.values()) + config.extra_tokens
-    longest = max(len(p.input_ids) for p in prompts.values())
-    max_position = getattr(model_config, "max_position_embeddings", None)
-    if max_position and longest + extra > max_position:
-        raise ValueError(f"length {longest} + {extra} answer tokens exceeds the model's "
-                         f"{max_position}-token context")
-    return prompts, extra
-
-
 # --- output directory --------------------------------------------------------------------------------
 
-def short_sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def load_cells(out: Path) -> list[dict]:
-    """Every cell in out/cells.jsonl (an unreadable trailing line, from a crash mid-write, is dropped)."""
-    path = Path(out) / "cells.jsonl"
-    if not path.exists():
-        return []
-    cells = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                cells.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return cells
-
-
-def save_cells(out: Path, cells: list[dict]) -> None:
-    write_atomic(Path(out) / "cells.jsonl", "".join(json.dumps(c) + "\n" for c in cells))
-
-
+# what a resumed run must share with the run that made the cells already there
 RESUME_KEYS = ("model", "config_fingerprint", "profile_scores", "needles", "haystack_sha", "sink", "window",
                "dtype", "recall_threshold", "extra_tokens")
 
 
-def check_resumable(old: dict, new: dict, keys: tuple[str, ...] = RESUME_KEYS) -> None:
-    """Refuse to add cells to an --out directory whose meta.json differs from this run's in any of keys."""
-    for key in keys:
-        if old.get(key) != new.get(key):
-            raise ValueError(
-                f"cannot resume in this --out directory: its cells were made with a different {key} "
-                f"({json.dumps(old.get(key))[:200]}, now {json.dumps(new.get(key))[:200]}). "
-                "Use the same settings or a new --out directory."
-            )
-
-
 # --- running one configuration through the engine ----------------------------------------------------
-
-@dataclass
-class Answer:
-    """A model's answer to one prompt, as the evaluations grade it."""
-    text: str
-    finish_reason: str
-    num_output_tokens: int
-
 
 def generate(engine, prompts: list[list[int]], max_tokens: list[int],
              on_finish: Callable[[int], None] | None = None) -> list[Answer]:
@@ -294,7 +200,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
               file=sys.stderr)
     meta_path = out / "meta.json"
     if meta_path.exists():
-        check_resumable(json.loads(meta_path.read_text()), meta)
+        check_resumable(json.loads(meta_path.read_text()), meta, RESUME_KEYS)
     write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
 
     # prompts once for the whole run
@@ -353,14 +259,6 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
     return EvalResult(summary, evaluated, table)
 
 
-def haystack_sha(files: list[Path]) -> str:
-    """A short hash of the haystack files' names and contents (a resumed run must use the same text)."""
-    hay = hashlib.sha256()
-    for f in files:
-        hay.update(f.name.encode() + b"\0" + f.read_bytes())
-    return hay.hexdigest()[:16]
-
-
 def _meta(model_name, identity, profile, profile_path, config, all_needles, files) -> dict:
     profile_params = profile.method.params if profile is not None else {}
     return {
@@ -389,18 +287,6 @@ def _meta(model_name, identity, profile, profile_path, config, all_needles, file
 
 
 # --- summary ---------------------------------------------------------------------------------------------
-
-def mean(xs: list[float]) -> float:
-    """The mean, nan for no values (a configuration with no cells yet)."""
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def std(xs: list[float]) -> float:
-    """Sample standard deviation over seeds (0 for a single seed, nan where a seed has no cells yet)."""
-    if any(math.isnan(x) for x in xs):
-        return float("nan")
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
 
 def eval_summary(cells: list[dict], settings: list[CacheSetting], splits: dict[str, HeadSplit],
                  kv_bytes: dict[str, int], cells_grid: list[Cell], total_heads: int,
@@ -457,13 +343,6 @@ def eval_summary(cells: list[dict], settings: list[CacheSetting], splits: dict[s
                if "accuracy_hidden" in first else {}),
         })
     return {"lengths": lengths, "depths": depths, "configs": configs, "groups": groups}
-
-
-def format_mean_std(value: float, spread: float | None = None, seeds: int = 1) -> str:
-    """'0.50±0.10' over several seeds, '0.50' for one, '-' for no cells (nan)."""
-    if value != value:  # nan: no cells
-        return "-"
-    return f"{value:.2f}±{spread:.2f}" if seeds > 1 and spread is not None else f"{value:.2f}"
 
 
 def format_summary(summary: dict) -> str:
