@@ -2,7 +2,7 @@
 
 No GPU and no model: the engine's own Scheduler steps a saturated wave on a cache of the
 Llama-3.1-8B shape (on the meta device), every decode token taken as sampled at once, and each prefill
-chunk goes through the engine's own choice (`cudnn_prefill.planned_queries`, over the calls
+chunk goes through the engine's own choice (`CudnnPlans.planned_queries`, over the calls
 `plan_chunks` records at start-up; a chunk it leaves out runs on flash, ~1.8x slower:
 benchmarks/RESULTS.md). The figure is the share of attention work (queries x visible keys) on the
 cuDNN path; every number of full heads is planned alike, so one head count stands for all.
@@ -16,7 +16,6 @@ import argparse
 import json
 import random
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,14 +41,8 @@ def wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
          max_len: int | None = None) -> tuple[float, int, int]:
     """Step one wave of prompts of these lengths to the end: (share of the attention work on the cuDNN
     path, prefill chunks, of which on the cuDNN path). `max_len` is the engine's max_model_len, up to
-    which it plans (default: the wave's longest request). In a thread of its own, as an engine's stepping
-    thread: cuDNN's plans are kept per thread, and an earlier wave's would count for this one's chunks."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(_wave, lengths, chunk, max_tokens, max_num_seqs, max_len).result()
-
-
-def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
-          max_len: int | None) -> tuple[float, int, int]:
+    which it plans (default: the wave's longest request); each wave has a plan record of its own, as a
+    new engine has."""
     split = random_split(LAYERS, KV_HEADS, 0.5, seed=0)
     max_len = max_len or max(lengths) + max_tokens
     cache = HeadSplitCache(split, HEAD_DIM, CacheConfig(memory_bytes=200 << 30, max_num_seqs=max_num_seqs,
@@ -58,7 +51,8 @@ def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
     for i, n in enumerate(lengths):
         scheduler.add(Sequence(str(i), [0] * n, SamplingParams(max_tokens=max_tokens), arrival=i))
     meta = torch.device("meta")
-    cudnn_prefill.plan_chunks(meta, torch.bfloat16, HEAD_DIM, GROUPS, {KV_HEADS}, chunk, max_len, _shapes_only)
+    plans = cudnn_prefill.CudnnPlans()
+    plans.plan_chunks(meta, torch.bfloat16, HEAD_DIM, GROUPS, {KV_HEADS}, chunk, max_len, _shapes_only)
     work = cudnn_work = chunks = on_cudnn = 0
     while scheduler.has_unfinished():
         step = scheduler.schedule()
@@ -67,7 +61,7 @@ def _wave(lengths: list[int], chunk: int, max_tokens: int, max_num_seqs: int,
             if start < len(seq.prompt_ids):  # a prefill chunk
                 area = cudnn_prefill.attention_area(c.num_tokens, start)
                 q = torch.empty(c.num_tokens, KV_HEADS * GROUPS, HEAD_DIM, dtype=torch.bfloat16, device=meta)
-                hit = cudnn_prefill.planned_queries(q, KV_HEADS, start) is not None
+                hit = plans.planned_queries(q, KV_HEADS, start) is not None
                 work, cudnn_work = work + area, cudnn_work + area * hit
                 chunks, on_cudnn = chunks + 1, on_cudnn + hit
         sampled = step.sampling  # every one draws token 0; the scheduler finishes them at max_tokens

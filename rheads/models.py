@@ -216,6 +216,14 @@ def resolve_model(spec: str | None) -> ModelSource:
     return ModelSource(name=spec, path=spec)
 
 
+def eos_token_ids(model, tokenizer=None) -> set[int]:
+    """The ids that end a generation: the model's generation config's, else the tokenizer's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                trust_remote_code: bool = False):
     """Load (model, tokenizer) for a ModelSource in eval mode on the given device."""

@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from rheads.engine import LLMEngine, RequestOutput, SamplingParams
-from rheads.engine.llm import RequestError
+from rheads.engine import RequestError
 
 from .metrics import Metrics
 
@@ -97,10 +97,10 @@ class EngineClient:
 
     # -- the event loop's side ------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_ids, params)
+        self.engine.limits.validate(prompt_ids, params)
 
     def output_room(self, num_prompt_tokens: int) -> int:
-        return self.engine.output_room(num_prompt_tokens)
+        return self.engine.limits.output_room(num_prompt_tokens)
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                ready: asyncio.Event) -> RequestStream:
@@ -185,7 +185,7 @@ class EngineClient:
                 self.engine.abort(request_id)
                 continue
             try:
-                self.engine.add_request(request_id, *rest)
+                self.engine.add_request(request_id, *rest, validated=True)
             except RequestError as error:  # validated already; only a race (a duplicate id) lands here
                 logger.warning("request %s refused by the engine: %s", request_id, error)
                 failed.append(RequestOutput.failure(request_id, str(error)))

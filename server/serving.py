@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from rheads.engine import RequestOutput, SamplingParams
-from rheads.engine.llm import RequestError
+from rheads.engine import RequestError
 
 from .engine_client import EngineClient, EngineDeadError, QueueFullError, RequestStream
 from .errors import APIError, bad_request, unavailable

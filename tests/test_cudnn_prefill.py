@@ -88,18 +88,18 @@ def test_only_shapes_planned_at_start_up_take_the_path(monkeypatch):
     them; a prompt's tail, a chunk shifted by more than a block, a layer with another number of full heads,
     or another thread are not (SDPA serves them)."""
     monkeypatch.setattr(cudnn_prefill, "ALIGN", 8)
-    monkeypatch.setattr(cudnn_prefill, "_this_thread", threading.local())
+    plans = cudnn_prefill.CudnnPlans()
     device, chunk = torch.device("cpu"), 32
-    elsewhere = threading.Thread(target=cudnn_prefill.plan_chunks,
+    elsewhere = threading.Thread(target=plans.plan_chunks,
                                  args=(device, torch.float64, 8, 2, {1, 3}, chunk, 4 * chunk, plain_attend))
     elsewhere.start()
     elsewhere.join()
     shape = torch.zeros(chunk, 6, 8, dtype=torch.float64)
-    assert not cudnn_prefill.planned(shape, 3, 0), "plans (thread-local in PyTorch) counted in another thread"
-    cudnn_prefill.plan_chunks(device, torch.float64, 8, 2, {1, 3}, chunk, 4 * chunk, attend=plain_attend)
+    assert not plans.planned(shape, 3, 0), "plans (thread-local in PyTorch) counted in another thread"
+    plans.plan_chunks(device, torch.float64, 8, 2, {1, 3}, chunk, 4 * chunk, attend=plain_attend)
 
     def planned(n, start, kv_heads=3):
-        return cudnn_prefill.planned(torch.zeros(n, 2 * kv_heads, 8, dtype=torch.float64), kv_heads, start)
+        return plans.planned(torch.zeros(n, 2 * kv_heads, 8, dtype=torch.float64), kv_heads, start)
 
     for whole in (0, chunk, 2 * chunk, 3 * chunk):
         assert planned(chunk, whole) and planned(chunk - 3, whole) and planned(chunk, max(whole - 3, 0))
@@ -110,7 +110,7 @@ def test_only_shapes_planned_at_start_up_take_the_path(monkeypatch):
     assert not cudnn_prefill.usable(torch.zeros(chunk, 6, 8, dtype=torch.float64))  # not on a GPU
 
     def queries(n, start):
-        return cudnn_prefill.planned_queries(torch.zeros(n, 6, 8, dtype=torch.float64), 3, start)
+        return plans.planned_queries(torch.zeros(n, 6, 8, dtype=torch.float64), 3, start)
 
     assert queries(chunk, 2 * chunk) == chunk and queries(chunk - 3, 2 * chunk) == chunk - 3  # planned as they are
     assert queries(24, 2 * chunk) == chunk  # a long tail: padded, cheaper than flash
@@ -123,7 +123,7 @@ def test_planned_calls_have_the_strides_of_the_served_ones(monkeypatch):
     tensors laid out as a served chunk's are (its history gathered from the pages, its queries a slice of
     the layer's heads), or each served call of a layer with fewer full heads than the widest plans anew."""
     monkeypatch.setattr(cudnn_prefill, "ALIGN", 8)
-    monkeypatch.setattr(cudnn_prefill, "_this_thread", threading.local())
+    plans = cudnn_prefill.CudnnPlans()
     layouts = []
 
     def recording_attend(q, k, v, causal, scaling):
@@ -131,7 +131,7 @@ def test_planned_calls_have_the_strides_of_the_served_ones(monkeypatch):
         return plain_attend(q, k, v, causal, scaling)
 
     chunk, groups, dim = 16, 2, 8
-    cudnn_prefill.plan_chunks(torch.device("cpu"), torch.float64, dim, groups, {1, 3}, chunk, 4 * chunk, recording_attend)
+    plans.plan_chunks(torch.device("cpu"), torch.float64, dim, groups, {1, 3}, chunk, 4 * chunk, recording_attend)
     planned, layouts[:] = set(layouts), []
     pages = torch.randn(8, 8, 3, dim, dtype=torch.float64)  # a layer's pool: pages of 8 tokens, 3 full KV heads
     for kv_heads in (1, 3):
@@ -153,17 +153,19 @@ def test_cudnn_equals_flash_on_cuda(start, n):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_warm_up_then_a_chunk_after_whole_chunks():
-    cudnn_prefill.warm_up("cuda", torch.bfloat16, 128, 4, {1, 3}, 1024, 4096)
+    plans = cudnn_prefill.CudnnPlans()
+    plans.warm_up("cuda", torch.bfloat16, 128, 4, {1, 3}, 1024, 4096)
     q, keys, values = _chunk(2047, 1024, heads=12, kv_heads=3, dim=128, dtype=torch.bfloat16, device="cuda")
-    assert cudnn_prefill.usable(q) and cudnn_prefill.planned_queries(q, 3, 2047) == 1024
-    assert cudnn_prefill.planned_queries(q[:100], 3, 2047) is None and not cudnn_prefill.usable(q.float())
+    assert cudnn_prefill.usable(q) and plans.planned_queries(q, 3, 2047) == 1024
+    assert plans.planned_queries(q[:100], 3, 2047) is None and not cudnn_prefill.usable(q.float())
     out = cudnn_prefill.chunk_attention(q, keys[2047:], values[2047:], keys[:2047], values[:2047], 128 ** -0.5)
     _assert_cudnn_close(out, q, keys, values, 128 ** -0.5, "a chunk after 2047: ")
 
-    cudnn_prefill.warm_up("cuda", torch.bfloat16, 128, 4, {3}, 2048, 8192)  # chunks of 2048: a tail of 1400
+    plans = cudnn_prefill.CudnnPlans()
+    plans.warm_up("cuda", torch.bfloat16, 128, 4, {3}, 2048, 8192)  # chunks of 2048: a tail of 1400
     q, keys, values = _chunk(4096, 1400, heads=12, kv_heads=3, dim=128, dtype=torch.bfloat16, device="cuda")
-    tail = cudnn_prefill.planned_queries(q, 3, 4096)  # (its own 1536 rows are not planned) runs padded
-    assert tail == 2048 and cudnn_prefill.planned_queries(q[:1100], 3, 4096) is None  # (a short one: flash)
+    tail = plans.planned_queries(q, 3, 4096)  # (its own 1536 rows are not planned) runs padded
+    assert tail == 2048 and plans.planned_queries(q[:1100], 3, 4096) is None  # (a short one: flash)
     out = cudnn_prefill.chunk_attention(q, keys[4096:], values[4096:], keys[:4096], values[:4096], 128 ** -0.5,
                                         queries=tail)
     _assert_cudnn_close(out, q, keys, values, 128 ** -0.5, "a padded tail after 4096: ")

@@ -30,7 +30,7 @@ from rheads.engine import attention
 from rheads.engine import llm as llm_module
 from rheads.engine import runner as runner_module
 from rheads.engine.heads import permute_attention_heads, restore_attention_heads
-from rheads.engine.llm import RequestError
+from rheads.engine import RequestError
 from rheads.models import load_model, resolve_model
 from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod
 
@@ -263,7 +263,7 @@ def check_accounting(split: HeadSplit, page: int = PAGE, sink: int = SINK, windo
         assert usage.bytes_full_equivalent == full_equivalent, f"step {step}"
         assert usage.bytes_capacity <= engine.config.kv_cache_memory
         ledger = LEDGERS[engine]
-        in_flight = engine._in_flight.seqs if engine._in_flight else []  # pipelined: their newest token is
+        in_flight = engine.pipeline.in_flight.seqs if engine.pipeline.in_flight else []  # pipelined: their newest token is
         for seq in engine.scheduler.running:  # on the device; others cache everything but the newest token
             assert seq.num_cached == ledger.cached.get(seq.request_id, 0), f"step {step}: {seq.request_id}"
             if seq.request_id in ledger.sampled:
@@ -329,7 +329,7 @@ def test_usage_is_zero_after_every_way_of_ending(llama, tokenizer) -> None:
 
     # eos ends a request unless ignore_eos
     eos = SamplingParams(max_tokens=8, temperature=0.0)
-    engine.eos_ids = {greedy.token_ids[1]}
+    engine.scheduler.eos_ids = {greedy.token_ids[1]}
     res = run(engine, {0: [("e", prompt, eos)]}, check)["e"]
     first_eos = greedy.token_ids.index(greedy.token_ids[1])
     assert res.finish_reason == "stop" and res.token_ids == greedy.token_ids[:first_eos + 1]
@@ -535,13 +535,13 @@ def test_pipelined_decode_equals_synchronous(llama, tokenizer) -> None:
     results, pipelined = {}, {}
     for async_decode in (False, True):
         engine = make_engine(llama, tokenizer, MIXED, async_decode=async_decode)
-        engine.eos_ids = {reference[3]}
+        engine.scheduler.eos_ids = {reference[3]}
         check = check_accounting(MIXED)
         in_flight = []
 
         def after_step(engine, step):
             check(engine, step)
-            in_flight.append(engine._in_flight is not None)
+            in_flight.append(engine.pipeline.in_flight is not None)
             if step == 10:
                 assert engine.abort("abort")
 
@@ -720,7 +720,7 @@ def test_requests_too_large_are_refused(llama, tokenizer) -> None:
     engine = make_engine(llama, tokenizer, HeadSplit.uniform(4, 2, True), kv_cache_memory=10 * _sizes(
         HeadSplit.uniform(4, 2, True))[0], max_model_len=64)
     assert engine.cache.num_pages == 10
-    assert engine.output_room(37) == 3 and engine.output_room(38) == 2  # 10 pages of 4 hold 40 tokens
+    assert engine.limits.output_room(37) == 3 and engine.limits.output_room(38) == 2  # 10 pages of 4 hold 40 tokens
     with pytest.raises(RequestError, match="KV cache"):
         engine.add_request("big", random_prompt(38, 1), SamplingParams(max_tokens=3))  # 41 tokens > 40
     with pytest.raises(RequestError, match="maximum context length"):

@@ -93,7 +93,7 @@ class PathCounter:
         self.counts = dict.fromkeys(["graph replays", "pipelined launches", "cuDNN chunks", "FlexAttention bands",
                                      "Triton decode"], 0)
         self._wrap(monkeypatch, engine.runner, "_replay", "graph replays")
-        self._wrap(monkeypatch, engine, "_pipelined_step", "pipelined launches", lambda out: bool(out[0]))
+        self._wrap(monkeypatch, engine.pipeline, "step", "pipelined launches", lambda out: bool(out[0]))
         self._wrap(monkeypatch, cudnn_prefill, "chunk_attention", "cuDNN chunks",
                    when=lambda args, kwargs: "attend" not in kwargs)  # the kernel, not a test's plain one
         self._wrap(monkeypatch, attention, "band_attention", "FlexAttention bands")

@@ -189,7 +189,7 @@ class _QueueEngine:
     def prepare_thread(self) -> None:
         pass
 
-    def add_request(self, request_id, prompt_ids, params) -> None:
+    def add_request(self, request_id, prompt_ids, params, validated=False) -> None:
         self.waiting.append(request_id)
 
     def abort(self, request_id) -> None:

@@ -3,7 +3,8 @@
 from .heads import HeadSplit, random_split, select_heads
 from .llm import EngineConfig, LLMEngine
 from .offline import LLM
+from .requests import RequestError, RequestLimits
 from .sequence import RequestOutput, SamplingParams
 
-__all__ = ["LLM", "EngineConfig", "HeadSplit", "LLMEngine", "RequestOutput", "SamplingParams",
-           "random_split", "select_heads"]
+__all__ = ["LLM", "EngineConfig", "HeadSplit", "LLMEngine", "RequestError", "RequestLimits", "RequestOutput",
+           "SamplingParams", "random_split", "select_heads"]

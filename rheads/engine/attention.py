@@ -56,12 +56,23 @@ class SeqSlice:
 
 
 @dataclass
+class Residual:
+    """The residual stream a fused decoder layer leaves for the next one's first norm to add (`fused.py`);
+    the last layer takes it back, so it is empty between forwards."""
+
+    value: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class BatchMeta:
+    """What the model runner hands every layer of one forward (as the `rheads_batch` keyword argument)."""
+
     cache: HeadSplitCache
     seqs: list[SeqSlice]  # sequences fed through the per-sequence path (prefill chunks)
     positions: torch.Tensor  # [tokens]
     decode: DecodeBatch | None = None
-    residual: torch.Tensor | None = None  # the residual stream a decoder layer leaves for the next (fused.py)
+    plans: cudnn_prefill.CudnnPlans | None = None  # the full heads' prefill shapes planned in this thread
+    residual: Residual = field(default_factory=Residual)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: float) -> torch.Tensor:
@@ -142,12 +153,13 @@ def _page_rows(page_table: torch.Tensor, length: int, page: int) -> torch.Tensor
     return page_table[positions // page] * page + positions % page
 
 
-def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling) -> torch.Tensor:
+def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling,
+                plans: cudnn_prefill.CudnnPlans | None) -> torch.Tensor:
     rows = seq.once("page_rows", lambda: _page_rows(seq.page_table, seq.start + len(pos), cache.config.page_size))
     keys, values = (pool.flatten(0, 1) for pool in (cache.full_k[layer], cache.full_v[layer]))
     keys.index_copy_(0, rows[seq.start:], k)
     values.index_copy_(0, rows[seq.start:], v)
-    queries = cudnn_prefill.planned_queries(q, k.shape[1], seq.start) if cudnn_prefill.usable(q) else None
+    queries = plans.planned_queries(q, k.shape[1], seq.start) if plans and cudnn_prefill.usable(q) else None
     if queries:  # through cuDNN the chunk's own keys come from k, v: only the history comes from the pages
         history = rows[:seq.start]
         return cudnn_prefill.chunk_attention(q, k, v, keys.index_select(0, history), values.index_select(0, history),
@@ -203,7 +215,7 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
         pos = meta.positions[rows]
         if num_full:
             out[rows, :split_q] = _full_heads(cache, layer, seq, q[rows, :split_q], k[rows, :num_full],
-                                              v[rows, :num_full], pos, scaling)
+                                              v[rows, :num_full], pos, scaling, meta.plans)
         if num_full < key.shape[1]:
             out[rows, split_q:] = _streaming_heads(cache, layer, seq, q[rows, split_q:], k[rows, num_full:],
                                                    v[rows, num_full:], pos, scaling)

@@ -9,13 +9,14 @@ rows are placeholder queries; the two outputs are merged by their log-sum-exp.
 
 cuDNN builds a plan for every new shape, 50-70 ms on the H200, and a layer's number of full heads is
 part of the shape, so a compressed model has several sets of plans; built while serving, each would
-stall its step. So the plans are built before serving (`warm_up`: whole chunks after whole chunks,
+stall its step. So the plans are built before serving (`CudnnPlans.warm_up`: whole chunks after whole chunks,
 the shapes that carry most of a long prompt's attention, and the scheduler keeps a prompt's chunks on
 them), lengths are padded to whole ALIGN-blocks so that shapes repeat, and a chunk of any other shape
 goes through SDPA's flash kernel instead, except a prompt's tail long enough to pay for running
-padded to a planned chunk (`planned_queries`). PyTorch keeps cuDNN's plans per thread, so the thread
-that steps the engine builds its own (`LLMEngine.prepare_thread`), and the record of what is planned
-is per thread too.
+padded to a planned chunk (`CudnnPlans.planned_queries`). PyTorch keeps cuDNN's plans per thread, so the
+thread that steps the engine builds its own (`LLMEngine.prepare_thread`), and the record of what is
+planned (`CudnnPlans`, which the model runner owns and hands to attention with each batch) is per
+thread too.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 
 # (q [L, Hq, D], k, v [M, Hkv, D], causal, scaling) -> (out [L, Hq, D], log-sum-exp [Hq, L] in fp32)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
-
-_this_thread = threading.local()  # .planned: the calls made here, (device, dtype, Hq, Hkv, D, queries, keys, causal)
-
 
 def cudnn_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,32 +97,9 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_k
     return torch.lerp(before[:n].to(own_share.dtype), out.to(own_share.dtype), own_share).to(q.dtype)  # in fp32
 
 
-def _planned() -> set[tuple]:
-    """This thread's planned kernel calls (cuDNN's plan cache in PyTorch is thread-local)."""
-    return _this_thread.__dict__.setdefault("planned", set())
-
-
-def planned(q: torch.Tensor, kv_heads: int, start: int, queries: int | None = None) -> bool:
-    """Whether `warm_up` built the plans for a chunk with queries q [n, Hq, D] after `start` keys (run
-    as `queries` queries, if given)."""
-    shape = (q.device, q.dtype, q.shape[1], kv_heads, q.shape[2])
-    return all((*shape, *call) in _planned() for call in _calls(queries or q.shape[0], start))
-
-
 def attention_area(n: int, start: int) -> float:
     """Query-key pairs a chunk of n queries after `start` keys attends: its attention work."""
     return n * (start + (n + 1) / 2)
-
-
-def planned_queries(q: torch.Tensor, kv_heads: int, start: int) -> int | None:
-    """How many queries to run this chunk as on the cuDNN path, or None for flash: its own number when
-    planned; else, for a chunk shorter than the planned ones (a prompt's tail), theirs when the
-    padded chunk through cuDNN costs less than the chunk through flash."""
-    n, size = q.shape[0], getattr(_this_thread, "chunk", None)
-    if planned(q, kv_heads, start):
-        return n
-    worth_padding = size and n < size and attention_area(size, start) < CUDNN_OVER_FLASH * attention_area(n, start)
-    return size if worth_padding and planned(q, kv_heads, start, size) else None
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -132,32 +107,60 @@ def usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in HALF
 
 
-def plan_chunks(device: torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
-                chunk: int, max_len: int, attend: Attend = cudnn_attend) -> None:
-    """Run (so plan) and record the calls of whole chunks: for each number of full KV heads a layer holds,
-    a chunk of `chunk` queries after every whole number of chunks, starting on a block boundary or just
-    past one. The scheduler keeps a prompt's chunks on whole multiples of `chunk` (its module docstring);
-    a chunk up to a block shorter or later makes the same calls."""
-    _this_thread.chunk = chunk
-    starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk) for start in (whole - 1, whole)})
-    for kv_heads in sorted(kv_head_counts):
-        # contiguous, as the engine's gathered history is: cuDNN's plans are per stride too, and a plan
-        # for the heads of a wider tensor would leave the served call to plan again, mid-step
-        history = torch.zeros(max_len, kv_heads, head_dim, dtype=dtype, device=device)
-        q = torch.zeros(chunk, kv_heads * groups, head_dim, dtype=dtype, device=device)
-        own = history[:chunk]
-        for start in starts:
-            chunk_attention(q, own, own, history[:start], history[:start], 1.0, attend)
-            _planned().update((device, dtype, q.shape[1], kv_heads, head_dim, *call) for call in _calls(chunk, start))
+class CudnnPlans:
+    """Which cuDNN kernel calls have been planned in the calling thread: an engine's prefill chunks take
+    the cuDNN path only for those (a call planned in another thread would plan again, mid-step)."""
 
+    def __init__(self):
+        self._here = threading.local()  # .calls: (device, dtype, Hq, Hkv, D, queries, keys, causal)
+        self.chunk: int | None = None  # the whole chunk's size the plans are for
 
-def warm_up(device: str | torch.device, dtype: torch.dtype, head_dim: int, groups: int, kv_head_counts: set[int],
-            chunk: int, max_len: int) -> None:
-    """Start cuDNN (~0.7 s the first time in a process) and build this thread's plans of whole chunks
-    now, so no request waits for them. Where cuDNN does not run, every chunk stays on SDPA's flash path."""
-    device = torch.empty(0, device=device).device
-    if dtype in HALF and kv_head_counts and _works(device, dtype, head_dim):
-        plan_chunks(device, dtype, head_dim, groups, kv_head_counts, chunk, max_len)
+    def _calls(self) -> set[tuple]:
+        return self._here.__dict__.setdefault("calls", set())
+
+    def planned(self, q: torch.Tensor, kv_heads: int, start: int, queries: int | None = None) -> bool:
+        """Whether this thread built the plans for a chunk with queries q [n, Hq, D] after `start` keys (run
+        as `queries` queries, if given)."""
+        shape = (q.device, q.dtype, q.shape[1], kv_heads, q.shape[2])
+        return all((*shape, *call) in self._calls() for call in _calls(queries or q.shape[0], start))
+
+    def planned_queries(self, q: torch.Tensor, kv_heads: int, start: int) -> int | None:
+        """How many queries to run this chunk as on the cuDNN path, or None for flash: its own number when
+        planned; else, for a chunk shorter than the planned ones (a prompt's tail), theirs when the
+        padded chunk through cuDNN costs less than the chunk through flash."""
+        n, size = q.shape[0], self.chunk
+        if self.planned(q, kv_heads, start):
+            return n
+        worth_padding = size and n < size and attention_area(size, start) < CUDNN_OVER_FLASH * attention_area(n, start)
+        return size if worth_padding and self.planned(q, kv_heads, start, size) else None
+
+    def plan_chunks(self, device: torch.device, dtype: torch.dtype, head_dim: int, groups: int,
+                    kv_head_counts: set[int], chunk: int, max_len: int, attend: Attend = cudnn_attend) -> None:
+        """Run (so plan) and record the calls of whole chunks: for each number of full KV heads a layer holds,
+        a chunk of `chunk` queries after every whole number of chunks, starting on a block boundary or just
+        past one. The scheduler keeps a prompt's chunks on whole multiples of `chunk` (its module
+        docstring); a chunk up to a block shorter or later makes the same calls."""
+        self.chunk = chunk
+        starts = sorted({0} | {start for whole in range(chunk, max_len - chunk + 1, chunk)
+                               for start in (whole - 1, whole)})
+        for kv_heads in sorted(kv_head_counts):
+            # contiguous, as the engine's gathered history is: cuDNN's plans are per stride too, and a plan
+            # for the heads of a wider tensor would leave the served call to plan again, mid-step
+            history = torch.zeros(max_len, kv_heads, head_dim, dtype=dtype, device=device)
+            q = torch.zeros(chunk, kv_heads * groups, head_dim, dtype=dtype, device=device)
+            own = history[:chunk]
+            for start in starts:
+                chunk_attention(q, own, own, history[:start], history[:start], 1.0, attend)
+                self._calls().update((device, dtype, q.shape[1], kv_heads, head_dim, *call)
+                                     for call in _calls(chunk, start))
+
+    def warm_up(self, device: str | torch.device, dtype: torch.dtype, head_dim: int, groups: int,
+                kv_head_counts: set[int], chunk: int, max_len: int) -> None:
+        """Start cuDNN (slow the first time in a process) and build this thread's plans of whole chunks
+        now, so no request waits for them. Where cuDNN does not run, every chunk stays on SDPA's flash path."""
+        device = torch.empty(0, device=device).device
+        if dtype in HALF and kv_head_counts and _works(device, dtype, head_dim):
+            self.plan_chunks(device, dtype, head_dim, groups, kv_head_counts, chunk, max_len)
 
 
 @functools.cache

@@ -117,9 +117,9 @@ def decoder_layer_forward(module: nn.Module, hidden_states: torch.Tensor, *args,
     """transformers' decoder layer (norm, attention, add; norm, MLP, add) with each add done by the norm
     after it, inside the engine; outside it the class's own forward.
 
-    Every layer but the last returns its MLP output without the residual, which it leaves in the batch's
-    metadata (`BatchMeta.residual`) for the next layer's first norm to add; the last adds it itself, so
-    the model's final norm and every caller see what the eager layers return.
+    Every layer but the last returns its MLP output without the residual, which it hands on in the
+    forward's `Residual` (in the batch's metadata) for the next layer's first norm to add; the last adds
+    it itself, so the model's final norm and every caller see what the eager layers return.
     """
     meta = kwargs.get("rheads_batch")
     if meta is None:
@@ -128,14 +128,14 @@ def decoder_layer_forward(module: nn.Module, hidden_states: torch.Tensor, *args,
     if layer == 0:  # the embeddings: nothing to add yet
         residual, normed = hidden_states, module.input_layernorm(hidden_states)
     else:
-        residual, normed = add_rms_norm(module.input_layernorm, meta.residual, hidden_states)
+        residual, normed = add_rms_norm(module.input_layernorm, meta.residual.value, hidden_states)
     attended, _ = module.self_attn(hidden_states=normed, **kwargs)
     residual, normed = add_rms_norm(module.post_attention_layernorm, residual, attended)
     update = module.mlp(normed)
     if layer == module.self_attn.config.num_hidden_layers - 1:
-        meta.residual = None
+        meta.residual.value = None
         return residual + update
-    meta.residual = residual
+    meta.residual.value = residual
     return update
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from . import band, cudnn_prefill
+from . import band
+from .cudnn_prefill import CudnnPlans
 from .attention import register_attention
 from .fused import fuse_modules, unfuse_modules
 from .heads import HeadSplit, permute_attention_heads, restore_attention_heads
@@ -54,16 +55,17 @@ class ModelIntegration:
             self.undo()
             raise
 
-    def prepare_thread(self) -> None:
+    def prepare_thread(self, plans: CudnnPlans) -> None:
         """Warm-ups that belong to the thread that steps the engine: PyTorch keeps cuDNN's plans per thread,
-        so each stepping thread builds the full heads' prefill plans for itself (seconds at most, once)."""
+        so each stepping thread builds the full heads' prefill plans for itself (seconds at most, once),
+        recorded in `plans` (the runner's)."""
         if getattr(self._prepared, "done", False):
             return
         kernels, split = self.kernels, self.split
         if kernels.device.startswith("cuda") and max(split.num_full) > 0:
             groups = self.model.config.num_attention_heads // split.num_kv_heads
-            cudnn_prefill.warm_up(kernels.device, kernels.dtype, kernels.head_dim, groups, set(split.num_full) - {0},
-                                  min(kernels.chunk, kernels.max_len), kernels.max_len)
+            plans.warm_up(kernels.device, kernels.dtype, kernels.head_dim, groups, set(split.num_full) - {0},
+                          min(kernels.chunk, kernels.max_len), kernels.max_len)
         self._prepared.done = True
 
     def undo(self) -> None:

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import torch
 
-from ..models import check_attention_supported, load_model, resolve_model
+from ..models import check_attention_supported, eos_token_ids, load_model, resolve_model
 from ..profiling.profile import ModelIdentity, find_profile, head_dim_of
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, choose_split
 from .integration import Kernels, ModelIntegration
-from .messages import PendingOutput, RunnerOutput, SchedulerOutput
-from .output import process
+from .messages import RunnerOutput, SchedulerOutput
+from .output import process_all
+from .pipeline import PipelinedDecode
+from .requests import RequestError, RequestLimits
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, Status
@@ -60,9 +62,19 @@ class StepStats:
     seconds: float
     kv_bytes: int  # KV bytes held after the step: what a decode-only step's attention reads
 
+    @classmethod
+    def of(cls, scheduled: SchedulerOutput, seconds: float, kv_bytes: int) -> "StepStats":
+        n = len(scheduled.chunks)
+        return cls(scheduled.num_tokens == n, n, scheduled.num_tokens, seconds, kv_bytes)
 
-class RequestError(ValueError):
-    """A request the engine cannot take (too long, duplicate id); the message is for the client."""
+
+def _allocate_cache(split: HeadSplit, head_dim: int, config: EngineConfig) -> HeadSplitCache:
+    memory = config.kv_cache_memory
+    if isinstance(memory, float):  # a fraction of what is free now that the weights are on the device
+        memory = int(torch.cuda.mem_get_info(torch.device(config.device))[0] * memory)
+    return HeadSplitCache(split, head_dim, CacheConfig(
+        page_size=config.page_size, sink=config.sink, window=config.window, memory_bytes=memory,
+        max_num_seqs=config.max_num_seqs, dtype=config.dtype, device=config.device))
 
 
 class LLMEngine:
@@ -70,45 +82,36 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
         check_attention_supported(model.config)
-        text_config = model.config
-        head_dim = head_dim_of(text_config)
-        memory = config.kv_cache_memory
-        if isinstance(memory, float):  # a fraction of what is free now that the weights are on the device
-            memory = int(torch.cuda.mem_get_info(torch.device(config.device))[0] * memory)
-        self.cache = HeadSplitCache(split, head_dim, CacheConfig(
-            page_size=config.page_size, sink=config.sink, window=config.window,
-            memory_bytes=memory, max_num_seqs=config.max_num_seqs,
-            dtype=config.dtype, device=config.device))
+        head_dim = head_dim_of(model.config)
+        self.cache = _allocate_cache(split, head_dim, config)
         # The engine owns the model from here to `close` (the cache was allocated first, so a memory too
         # small to hold a sequence fails before the model is touched).
-        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.integration = ModelIntegration(model, split, Kernels(
             config.device, config.dtype, head_dim, config.sink, config.window, config.max_num_batched_tokens,
             self.max_model_len))
         try:
-            self._build(model, tokenizer, config)
+            self.blocks = BlockManager(self.cache)
+            self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len,
+                                       eos_token_ids(model, tokenizer))
+            self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len,
+                                      config.cuda_graphs)
+            self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
         except BaseException:
             self.integration.undo()
             raise
-
-    def _build(self, model, tokenizer, config: EngineConfig) -> None:
-        self.blocks = BlockManager(self.cache)
-        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len, eos_ids)
-        self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len, config.cuda_graphs)
-        self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
+        self.pipeline = PipelinedDecode(self.scheduler, self.runner)
+        self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
+        self.limits = RequestLimits(model.config.vocab_size, self.max_model_len, self.cache.token_capacity)
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
-        self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
-        self._in_flight: PendingOutput | None = None
         self._arrivals = itertools.count()
 
     def close(self) -> None:
         """Abort what is unfinished and give the model back as it was loaded (heads, attention, forwards)."""
         for request_id in list(self.sequences):
             self.abort(request_id)
-        self._in_flight = None
+        self.pipeline.in_flight = None
         self.integration.undo()
 
     def __enter__(self) -> "LLMEngine":
@@ -131,41 +134,18 @@ class LLMEngine:
         return cls(model, tokenizer, split, config, model_name=source.name)
 
     # -- requests ---------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    validated: bool = False) -> None:
+        """Queue a request; RequestError if it can never run here (`limits`; a caller that has checked it
+        there already, as the server's handlers do, says `validated`) or its id is running."""
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already running")
-        self.validate(prompt_ids, params)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
+        if not validated:
+            self.limits.validate(prompt_ids, params)
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), generator=generator)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
-
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise RequestError if the request can never run here; reads only fixed settings (thread-safe)."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
-                f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more ({total})."
-            )
-        capacity = self.cache.token_capacity
-        if capacity is not None and total > capacity:
-            raise RequestError(
-                f"the request needs {total} tokens of KV cache but the whole cache holds "
-                f"{capacity}; reduce max_tokens or the prompt."
-            )
-
-    def output_room(self, num_prompt_tokens: int) -> int:
-        """The most tokens a request with this many prompt tokens may generate here: what the model's context
-        and the whole full-head pool leave (`validate` refuses more)."""
-        return min(self.max_model_len, self.cache.token_capacity or self.max_model_len) - num_prompt_tokens
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its cache; True if it was still unfinished."""
@@ -194,14 +174,6 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     @property
-    def eos_ids(self) -> set[int]:
-        return self.scheduler.eos_ids
-
-    @eos_ids.setter
-    def eos_ids(self, ids: set[int]) -> None:
-        self.scheduler.eos_ids = set(ids)
-
-    @property
     def all_decoding(self) -> bool:
         """Every unfinished request has its prompt in the cache and generates one token a step."""
         return not self.scheduler.waiting and all(not s.in_prefill and s.num_cached for s in self.scheduler.running)
@@ -210,23 +182,20 @@ class LLMEngine:
     def prepare_thread(self) -> None:
         """Start-up work of the thread that steps the engine (`ModelIntegration.prepare_thread`); `step`
         calls it, a server calls it before it takes requests."""
-        self.integration.prepare_thread()
+        self.integration.prepare_thread(self.runner.plans)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, execute one forward pass, update, and report what each touched request produced.
 
-        With async decode (on for CUDA), a step of decoding sequences alone leaves its sampled tokens on
-        the device and returns; the next call launches the step after it before reading them back
-        (`_pipelined_step`), so a request's token arrives one call later and the host never idles the GPU.
-        A failure while sampling or processing one request's token finishes that request alone with
-        finish_reason "error" (and frees it); the others go on. A failure in the forward pass raises,
-        and the step may be retried (`Scheduler.failed` says what is kept).
-        """
+        With async decode (on for CUDA), decode steps are pipelined (`PipelinedDecode`): a request's token
+        arrives one call later. A failure while sampling or processing one request's token finishes that
+        request alone with finish_reason "error"; a failure in the forward pass raises, and the step may
+        be retried (`Scheduler.failed` says what is kept)."""
         self.prepare_thread()
         start = time.perf_counter()
         outputs = []
-        if self._in_flight is not None:
-            launched, outputs = self._pipelined_step()
+        if self.pipeline.in_flight is not None:
+            launched, outputs = self.pipeline.step(self._update)
             if launched is not None:
                 self._record(start, launched)
                 return outputs
@@ -235,67 +204,28 @@ class LLMEngine:
             return outputs
         try:
             result = self.runner.execute(scheduled, defer=self.async_decode)
-        except Exception as error:
-            self._log_failed_forward(scheduled, error)
+        except Exception:
             self.scheduler.failed(scheduled)
             raise
-        if isinstance(result, PendingOutput):  # its tokens come back with the next step, which starts before
-            self._in_flight, result = result, RunnerOutput()
-        outputs += self._update(scheduled, result)
+        outputs += self._update(scheduled, self.pipeline.hold(result))
         self._record(start, scheduled)
         return outputs
 
-    def _pipelined_step(self) -> tuple[SchedulerOutput | None, list[RequestOutput]]:
-        """Launch the next decode step of the in-flight sequences, fed with their sampled tokens straight
-        from the device, and only then read those tokens back and update: the host's work for one step
-        (detokenizing, stop checks, the server's streaming) runs while the device computes the next.
-        A sequence whose in-flight token is its last by length stays out of the launch; one that
-        finishes on a token read back here (a stop) has one step too many in flight: its result is
-        dropped (its pages are freed now; the device writes to them in stream order, before any later
-        step can use them again). Returns what it launched (None: the batch changes, so the caller
-        schedules) and the outputs read back."""
-        previous, self._in_flight = self._in_flight, None
-        scheduled = self.scheduler.schedule_pipelined(previous.seqs)
-        if scheduled is None:
-            return None, self._update(SchedulerOutput(), previous.read())
-        try:
-            result = self.runner.execute(scheduled, previous, defer=True)
-        except Exception as error:
-            self._log_failed_forward(scheduled, error)
-            self._in_flight = previous  # nothing was appended: a retry starts from here
-            raise
-        outputs = self._update(scheduled, previous.read())
-        if isinstance(result, PendingOutput):
-            self._in_flight = result
-        else:  # drawing on the device failed: sampled on the host, appended after the tokens before them
-            outputs += self._update(SchedulerOutput(), result)
-        return scheduled, outputs
-
     def _update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
-        """The scheduler's update, then each appended token through the output processor; a stop string
-        finishes its request here, and a token that fails to process fails its request alone."""
+        """The scheduler's update, then the output processor; a stop string finishes its request here, and
+        a token that fails to process fails its request alone."""
         outputs = []
-        for appended in self.scheduler.update(scheduled, result):
-            seq = appended.seq
-            try:
-                out = process(self.tokenizer, appended)
-            except Exception as error:  # noqa: BLE001 - reported to this request's client
-                outputs.append(self._fail(seq, error))
+        for seq, out in process_all(self.tokenizer, self.scheduler.update(scheduled, result)):
+            if isinstance(out, Exception):
+                outputs.append(self._fail(seq, out))
                 continue
-            if appended.error is not None:
-                log.error("request %s failed: %s", seq.request_id, appended.error)
             if out.finished:
                 self._finish(seq, out.finish_reason)
             outputs.append(out)
         return outputs
 
-    def _log_failed_forward(self, scheduled: SchedulerOutput, error: Exception) -> None:
-        log.error("a forward pass failed (%s: %s); requests %s", type(error).__name__, error,
-                  ", ".join(c.seq.request_id for c in scheduled.chunks))
-
     def _record(self, start: float, scheduled: SchedulerOutput) -> None:
-        self.last_step = StepStats(scheduled.num_tokens == len(scheduled.chunks), len(scheduled.chunks),
-                                   scheduled.num_tokens, time.perf_counter() - start, self.blocks.bytes_used())
+        self.last_step = StepStats.of(scheduled, time.perf_counter() - start, self.blocks.bytes_used())
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """End a request: its cache back to the pools, its id free again (a finished one keeps its place

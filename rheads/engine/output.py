@@ -8,8 +8,12 @@ back text that may be a stop string's start), and the client's output is made.
 
 from __future__ import annotations
 
+import logging
+
 from .messages import Appended
 from .sequence import RequestOutput, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def detokenize(tokenizer, seq: Sequence) -> str:
@@ -25,12 +29,24 @@ def detokenize(tokenizer, seq: Sequence) -> str:
     return text
 
 
+def process_all(tokenizer, appended: list[Appended]) -> list[tuple[Sequence, RequestOutput | Exception]]:
+    """`process` for each token in turn: its request's output, or the error that processing it raised."""
+    results = []
+    for item in appended:
+        try:
+            results.append((item.seq, process(tokenizer, item)))
+        except Exception as error:  # noqa: BLE001 - reported to this request's client
+            results.append((item.seq, error))
+    return results
+
+
 def process(tokenizer, appended: Appended) -> RequestOutput:
     """What the client of a request gets for a token the scheduler appended: the text that is now final,
     and the finish reason if the request ends here. A stop string ends it too ("stop", also over a length
     limit reached by the same token: the caller finishes the sequence then)."""
     seq, token, logprob = appended.seq, appended.token_id, appended.logprob
     if appended.error is not None:
+        log.error("request %s failed: %s", seq.request_id, appended.error)
         return RequestOutput.failure(seq.request_id, appended.error, len(seq.prompt_ids), len(seq.output_ids))
     params, finish = seq.params, seq.finish_reason
     text = detokenize(tokenizer, seq)

@@ -14,6 +14,7 @@ import torch
 
 from .attention import BatchMeta, SeqSlice
 from .cache import HeadSplitCache
+from .cudnn_prefill import CudnnPlans
 from .decode import DecodeBatch
 from .messages import Chunk, PendingOutput, RunnerOutput, SchedulerOutput
 from .sampler import draw_tokens, is_plain, sample_batch
@@ -26,6 +27,10 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class ModelRunner:
+    """Builds a step's tensors from the sequences, runs the forward and samples. It owns what one forward
+    hands its layers beside the model's own arguments (`BatchMeta`): the cache, the batch's layout, the
+    residual stream between fused layers and the record of the cuDNN plans built for the prefill."""
+
     def __init__(self, model, cache: HeadSplitCache, block_tables: torch.Tensor, max_model_len: int,
                  cuda_graphs: bool = True):
         self.model, self.cache, self.max_model_len = model, cache, max_model_len
@@ -35,6 +40,7 @@ class ModelRunner:
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _DecodeGraph] = {}
         self.graph_pool = None
+        self.plans = CudnnPlans()  # filled per stepping thread by the model integration's `prepare_thread`
 
     def execute(self, output: SchedulerOutput, previous: PendingOutput | None = None,
                 defer: bool = False) -> RunnerOutput | PendingOutput:
@@ -47,7 +53,12 @@ class ModelRunner:
             tokens = previous.tokens
             if len(output.fed_rows) < len(previous.seqs):  # the rows of the sequences that go on
                 tokens = tokens[to_device(output.fed_rows, tokens.device)]
-        logits = self.run(output.chunks, tokens)
+        try:
+            logits = self.run(output.chunks, tokens)
+        except Exception as error:
+            log.error("a forward pass failed (%s: %s); requests %s", type(error).__name__, error,
+                      ", ".join(c.seq.request_id for c in output.chunks))
+            raise
         seqs = output.sampling
         if defer and output.decode_only and all(is_plain(s.params, s.generator) for s in seqs):
             try:
@@ -85,7 +96,7 @@ class ModelRunner:
         device = self.device
         position_ids = to_device(positions, device)
         decode = self.decode_batch(decoding).to(device) if decoding else None
-        meta = BatchMeta(self.cache, slices, position_ids, decode)
+        meta = BatchMeta(self.cache, slices, position_ids, decode, self.plans)
         hidden = self.model.model(
             input_ids=(to_device(ids, device) if input_tokens is None else input_tokens)[None],
             position_ids=position_ids[None],

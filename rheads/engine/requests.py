@@ -1,0 +1,46 @@
+"""What a request may ask of an engine: refusals decided from fixed settings alone, before it queues.
+
+The server validates in its handlers (so a bad request is a 400 at once) and hands the engine thread
+requests it has validated; the offline engine validates as it adds. Both read these limits, which never
+change after start-up, so any thread may.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .sequence import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, duplicate id); the message is for the client."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    vocab_size: int
+    max_model_len: int
+    token_capacity: int | None  # tokens the whole full-head pool holds for one sequence (None: no full heads)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the request can never run here."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more ({total})."
+            )
+        if self.token_capacity is not None and total > self.token_capacity:
+            raise RequestError(
+                f"the request needs {total} tokens of KV cache but the whole cache holds "
+                f"{self.token_capacity}; reduce max_tokens or the prompt."
+            )
+
+    def output_room(self, num_prompt_tokens: int) -> int:
+        """The most tokens a request with this many prompt tokens may generate here: what the model's context
+        and the whole full-head pool leave (`validate` refuses more)."""
+        return min(self.max_model_len, self.token_capacity or self.max_model_len) - num_prompt_tokens
