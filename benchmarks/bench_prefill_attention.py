@@ -3,7 +3,7 @@ on numbers.
 
 Full heads: one chunk of queries over its whole history (SDPA, lower-right causal mask) per SDPA backend.
 Streaming heads (`--band-starts`): one chunk over the sinks + window before it and itself, the SDPA
-band (`attention._attend_band`: blocks of queries, boolean masks, the memory-efficient kernel; the CPU
+band (`attention.attend_band`: blocks of queries, boolean masks, the memory-efficient kernel; the CPU
 path) against the FlexAttention band the engine runs on CUDA (`band.py`; the block mask's build timed
 apart).
 
@@ -109,9 +109,9 @@ def main() -> int:
 
 def streaming_cases(args, start: int) -> list[dict]:
     """A streaming-head chunk of `args.chunk` queries at positions start.. over the keys held before it
-    and its own: the SDPA band (`attention._attend_band`, the CPU path) against the FlexAttention band
+    and its own: the SDPA band (`attention.attend_band`, the CPU path) against the FlexAttention band
     the engine runs on CUDA (`band.py`; block mask built once per chunk, timed apart)."""
-    from rheads.engine.attention import _attend_band
+    from rheads.engine.attention import attend_band
     from rheads.engine.band import band_attention, band_block_mask
     from rheads.engine.cache import held_positions
 
@@ -129,7 +129,7 @@ def streaming_cases(args, start: int) -> list[dict]:
     mask = build()
     run_flex = lambda: band_attention(q, held_k, held_v, k, v, mask, scale)  # noqa: E731
     keys, values, k_pos = torch.cat([held_k, k]), torch.cat([held_v, v]), torch.cat([held, q_pos])
-    run_sdpa = lambda: _attend_band(q, keys, values, q_pos, k_pos, start, scale, sink, window)  # noqa: E731
+    run_sdpa = lambda: attend_band(q, keys, values, q_pos, k_pos, start, scale, sink, window)  # noqa: E731
     error = float((run_flex() - run_sdpa()).abs().max())
     torch.cuda.synchronize()
     first_s = time.perf_counter() - start_s

@@ -118,7 +118,7 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None, window:
     return visible
 
 
-def _attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                  start: int, scaling: float, sink: int, window: int) -> torch.Tensor:
     """Streaming-head attention for a long chunk, by blocks of queries: a block sees the sinks and the
     keys from `window` - 1 before its first query to its last, so the work is O(n (sink + window + block))
@@ -180,7 +180,7 @@ def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, 
     else:
         keys, values, key_pos = torch.cat([held_k, k]), torch.cat([held_v, v]), torch.cat([held, pos])
         if n > BAND_BLOCK:
-            out = _attend_band(q, keys, values, pos, key_pos, seq.start, scaling, sink, window)
+            out = attend_band(q, keys, values, pos, key_pos, seq.start, scaling, sink, window)
         else:
             out = _attend(q, keys, values, pos, key_pos, scaling, sink, window)
     keep, keep_slots = seq.once("kept", lambda: _kept(cache, pos, seq.start))

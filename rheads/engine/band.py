@@ -3,7 +3,7 @@
 A chunk of n queries at positions start..start+n-1 sees the keys its streaming heads hold (sinks and
 window) and the chunk's own. For SDPA that band is a boolean mask, which sends it to the
 memory-efficient kernel over blocks of queries with the keys gathered and repeated per block
-(`attention._attend_band`, the path everywhere else). FlexAttention visits only the key blocks that
+(`attention.attend_band`, the path everywhere else). FlexAttention visits only the key blocks that
 touch the band and takes the KV heads as they are: 0.4 against 0.8 ms a layer for 8k queries of 4 KV
 heads on the H100 (`benchmarks/bench_prefill_attention.py --band-starts`), without the per-block key
 gathers and repeats; serving gains 1-5% of a 32k TTFT (benchmarks/RESULTS.md).

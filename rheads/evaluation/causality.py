@@ -33,6 +33,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from ..models import eos_token_ids
 from ..niah import haystack_files
 from ..profiling.profile import ModelIdentity, Profile
 from .grid import (
@@ -183,8 +184,7 @@ def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int)
     """Greedy `model.generate` with its KV cache (heads masked by the caller's `heads_masked`, if any)."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    eos_ids = eos_token_ids(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, temperature=None, top_p=None,
                          top_k=None, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from ..models import check_attention_supported, load_model, resolve_model
+from ..models import check_attention_supported, eos_token_ids, load_model, resolve_model
 from ..niah import Needle, NiahPrompt, build_prompt, haystack_files, load_needles, unigram_recall
 from .profile import (
     KvAggregate, ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord, aggregate_kv_scores,
@@ -195,7 +195,7 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
     method = ProfileMethod(name="retrieval_head_niah", kv_aggregate=config.kv_aggregate, params=params)
     done = {(s.context_length, s.needle_index, s.depth) for s in samples}
     todo = [cell for cell in _grid(config, len(needles)) if cell not in done]
-    stop_ids = {i for i in [tokenizer.eos_token_id, *(_generation_eos(model))] if i is not None}
+    stop_ids = eos_token_ids(model) | ({tokenizer.eos_token_id} - {None})
     kept = sum(s.kept for s in samples)
     profile = profile_from_samples(identity, method, samples)
     bar = tqdm(todo, desc=f"profiling {source.name}", unit="sample")  # closed when the loop ends
@@ -203,8 +203,8 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
         needle = needles[needle_index]
         prompt = build_prompt(tokenizer, needle, length, depth, config.haystack_paths)
         span = prompt.answer_span if config.span == "answer" else prompt.needle_span
-        budget = config.max_new_tokens or (prompt.answer_span[1] - prompt.answer_span[0]) + 32
-        result = run_sample(model, prompt, budget, stop_ids, span)
+        max_new_tokens = config.max_new_tokens or (prompt.answer_span[1] - prompt.answer_span[0]) + 32
+        result = run_sample(model, prompt, max_new_tokens, stop_ids, span)
         response = tokenizer.decode(result.response_ids, skip_special_tokens=True)
         recall = unigram_recall(needle.real_needle, response)
         per_head = result.copies.double() / (span[1] - span[0])
@@ -221,7 +221,3 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
         profile.save(out)
     return profile
 
-
-def _generation_eos(model) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    return eos if isinstance(eos, list) else [eos]
