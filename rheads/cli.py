@@ -77,8 +77,12 @@ def build_profile_parser(sub: argparse._SubParsersAction) -> None:
                    help="greedy decode steps per sample (default: answer length + 32)")
     p.add_argument("--recall-threshold", type=float, default=defaults.recall_threshold,
                    help="keep a sample when the answer's unigram recall exceeds this (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples of one length run together (default: 8 on a GPU, 1 on a CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and activations (auto: bfloat16 on GPU, float32 on CPU)")
 
 
 # serve's defaults by device: on a GPU the KV pools take most of the memory the weights leave (as
@@ -334,6 +338,8 @@ def run_profile(args: argparse.Namespace) -> int:
         lengths=args.lengths, depths=args.depths, needles_file=args.needles,
         haystack_paths=args.haystack, kv_aggregate=args.kv_aggregate,
         max_new_tokens=args.max_new_tokens, recall_threshold=args.recall_threshold,
+        batch_size=args.batch_size or (8 if args.device.startswith("cuda") else 1),
+        dtype=torch_dtype(args.dtype, args.device),
     )
     profile = profile_model(args.model, config, args.out, device=args.device)
     print(f"wrote {args.out}: {profile.samples_kept} of {profile.samples_total} samples kept")

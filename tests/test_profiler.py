@@ -13,7 +13,7 @@ from rheads.models import resolve_model
 from rheads.niah import NiahPrompt, _template_parts, build_prompt, load_needles, unigram_recall
 from rheads.profiling.profile import ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord
 from rheads.profiling.profiler import (ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_from_samples,
-                                       profile_model, run_sample)
+                                       profile_model, run_sample, run_samples)
 
 SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-135M-Instruct.json"
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
@@ -66,7 +66,7 @@ def _decode_argmaxes(model, ids: torch.Tensor, tokens: list[int]) -> list[torch.
     for step, token in enumerate(inputs):
         model.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[n - 1 + step]]),
                     use_cache=False, rheads_store=store)
-        out.append(torch.stack(store.argmax).clone())
+        out.append(torch.stack(store.argmax)[:, 0].clone())  # [layers, batch of one, heads]
     return out
 
 
@@ -100,6 +100,27 @@ def test_profiling_attention_matches_transformers(kind: str) -> None:
         assert torch.equal(ours[step], eager), f"step {step}"
         copies += copy_hits(eager, result.response_ids[step], ids, span)
     assert torch.equal(result.copies, copies) and copies.sum() > 0
+
+
+def test_a_batch_of_samples_equals_each_alone() -> None:
+    """Samples of one length run together give each one's own tokens and copy counts: rows that stop early
+    (a stop id, a shorter decode) count no copies after their end."""
+    model = _tiny_model("llama", vocab_size=16)
+    model.config._attn_implementation = ATTENTION_NAME
+    torch.manual_seed(2)
+    prompts = [NiahPrompt(torch.randint(0, 16, (40,)).tolist(), (5 * i, 5 * i + 20), (0, 40)) for i in range(3)]
+    steps = [12, 7, 12]
+    free = run_sample(model, prompts[2], 12, set(), prompts[2].answer_span)
+    stop = {free.response_ids[4]}  # the third row stops there, the others wherever that token comes up
+    alone = [run_sample(model, p, n, stop, p.answer_span) for p, n in zip(prompts, steps)]
+    together = run_samples(model, prompts, steps, stop, [p.answer_span for p in prompts])
+    assert len(alone[2].response_ids) < 12 and len(alone[1].response_ids) <= 7
+    for one, batched in zip(alone, together):
+        assert batched.response_ids == one.response_ids
+        assert torch.equal(batched.copies, one.copies)
+    with pytest.raises(ValueError, match="one length"):
+        run_samples(model, [prompts[0], NiahPrompt(prompts[1].input_ids[:-1], (0, 1), (0, 1))], [2, 2], set(),
+                    [(0, 1), (0, 1)])
 
 
 # --- prompts and scoring -----------------------------------------------------------------------
@@ -224,11 +245,15 @@ def test_profile_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_profile_deterministic(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The same config gives the same profile, in batches of samples or one at a time."""
     needles = _needles_file(tmp_path / "needles.jsonl", 1)
-    config = _config(needles, [0.0, 1.0])
+    config = _config(needles, [0.0, 0.5, 1.0])
     profile_model(str(tiny_model_dir), config, tmp_path / "a.json")
     profile_model(str(tiny_model_dir), config, tmp_path / "b.json")
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    config.batch_size = 2
+    batched = profile_model(str(tiny_model_dir), config, tmp_path / "c.json")
+    assert batched == Profile.load(tmp_path / "a.json") and batched.method.params["dtype"] == "float32"
 
 
 # --- a profile on the wrong model --------------------------------------------------------------
@@ -255,3 +280,14 @@ def test_profile_on_wrong_model_names_num_layers(tmp_path: Path) -> None:
         assert profile.model.num_layers == 30
         with pytest.raises(ProfileError, match="num_layers: profile has 30, model has 24"):
             profile.check_fits(qwen)
+
+
+def test_a_profile_says_which_lengths_it_covers() -> None:
+    """A server whose requests run past the profile's longest sample is told so, with what to do."""
+    shipped = Profile.load(SHIPPED_SMOLLM2)
+    assert shipped.longest_context == max(s.context_length for s in shipped.samples) == 2500
+    assert shipped.coverage_warning(2500) is None
+    warning = shipped.coverage_warning(8192)
+    assert "up to 2500 tokens" in warning and "rheads profile" in warning and "--max-model-len 2500" in warning
+    imported = shipped.model_copy(update={"samples": [], "method": ProfileMethod(name="import_duo_attention")})
+    assert imported.longest_context is None and imported.coverage_warning(10**6) is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..models import check_attention_supported, eos_token_ids, load_model, resolve_model
-from ..profiling.profile import ModelIdentity, find_profile, head_dim_of
+from ..profiling.profile import ModelIdentity, Profile, find_profile, head_dim_of
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, choose_split
@@ -129,8 +129,12 @@ class LLMEngine:
         model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
                                       trust_remote_code=trust_remote_code)
         identity = ModelIdentity.from_config(model.config, source.name)
-        split = choose_split(identity, None if profile is None else find_profile(source.name) if profile == "auto"
-                             else profile, config.budget, config.threshold)
+        path = None if profile is None else find_profile(source.name) if profile == "auto" else profile
+        split = choose_split(identity, path, config.budget, config.threshold)
+        warning = path and Profile.load(path).coverage_warning(config.max_model_len or
+                                                               model.config.max_position_embeddings)
+        if warning and min(split.num_full) < split.num_kv_heads:
+            log.warning("%s", warning)
         return cls(model, tokenizer, split, config, model_name=source.name)
 
     # -- requests ---------------------------------------------------------------------------------

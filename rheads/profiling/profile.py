@@ -161,6 +161,22 @@ class Profile(BaseModel):
                 "Re-create it with `rheads profile MODEL --out FILE`."
             ) from error
 
+    @property
+    def longest_context(self) -> int | None:
+        """The longest context (tokens) the profile's samples measured; None when it does not say (imported)."""
+        lengths = [s.context_length for s in self.samples] or self.method.params.get("lengths") or [None]
+        return max(lengths, key=lambda n: n or 0)
+
+    def coverage_warning(self, max_model_len: int) -> str | None:
+        """What to tell a server whose requests may run past the lengths this profile was measured at."""
+        longest = self.longest_context
+        if longest is None or max_model_len <= longest:
+            return None
+        return (f"the profile for {self.model.name!r} was measured on contexts up to {longest} tokens, but "
+                f"requests may be up to {max_model_len}: retrieval heads chosen at short lengths may miss at "
+                f"long ones. Profile at the served length (`rheads profile {self.model.name} --lengths "
+                f"...,{max_model_len} --device cuda`) or serve with --max-model-len {longest}.")
+
     def check_fits(self, identity: ModelIdentity) -> None:
         """Raise ProfileError naming every field where this profile and the model disagree."""
         mine = self.model

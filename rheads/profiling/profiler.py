@@ -1,9 +1,12 @@
-"""The retrieval-head profiler (Wu et al. 2024), built to run at full context length on a CPU.
+"""The retrieval-head profiler (Wu et al. 2024), built to run at full context length on a CPU or a GPU.
 
 The model runs through its own transformers modules with one attention function swapped in. Prefill
 uses fused SDPA (memory linear in length); each decode step has a single query, so the attention row
 of every query head is cheap to form explicitly, and its argmax is all the copy test needs. No
-[heads x length x length] matrix and no full-vocabulary logits for the prompt are ever built.
+[heads x length x length] matrix and no full-vocabulary logits for the prompt are ever built, and only
+the current query's rows live on the device. Samples of one length (prompts are built to exactly that
+many tokens) run as one batch: on a GPU a decode step of one long sample is a few hundred small
+launches, the same for eight.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ class ProfileConfig:
     max_new_tokens: int | None = None  # None: answer length + 32
     recall_threshold: float = 0.5
     span: str = "answer"  # count copies from the answer tokens ("needle": the whole needle sentence)
+    batch_size: int = 1  # samples of one length run together
+    dtype: torch.dtype = torch.float32  # the model's weights and activations
 
 
 class _KVStore:
-    """Per-layer K/V of the one sequence being profiled, in buffers sized once for the whole sample
-    (appending never copies the history), plus each layer's last argmax row."""
+    """Per-layer K/V of the samples being profiled (a batch of one length), in buffers sized once for the
+    whole run (appending never copies the history), plus each layer's last argmax rows."""
 
     def __init__(self, num_layers: int, capacity: int):
         self.capacity = capacity
@@ -73,7 +78,7 @@ def _profiling_attention(module, query, key, value, attention_mask, scaling=None
     if q_len == 1:
         q = query.view(batch, key.shape[1], groups, dim)
         scores = torch.einsum("bkgd,bktd->bkgt", q, key).float() * scaling
-        store.argmax[module.layer_idx] = scores.argmax(-1).reshape(heads)
+        store.argmax[module.layer_idx] = scores.argmax(-1).reshape(batch, heads)
         out = torch.einsum("bkgt,bktd->bkgd", scores.softmax(-1).to(value.dtype), value)
         return out.reshape(batch, 1, heads, dim), None
     if key.shape[2] != q_len:
@@ -85,16 +90,20 @@ def _profiling_attention(module, query, key, value, attention_mask, scaling=None
 AttentionInterface.register(ATTENTION_NAME, _profiling_attention)
 
 
-def copy_hits(argmax: torch.Tensor, token: int, prompt_ids: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+def copy_hits(argmax: torch.Tensor, token: int | torch.Tensor, prompt_ids: torch.Tensor,
+              span: tuple[int, int] | torch.Tensor) -> torch.Tensor:
     """The paper's copy test for one decode step.
 
     argmax: [layers, query heads] key position each head attends to most. A head copies when that
-    position lies in the answer span and the prompt token there is the token just generated.
+    position lies in the answer span and the prompt token there is the token just generated. Batched:
+    argmax [B, layers, heads], token [B], prompt_ids [B, L], span [B, 2].
     """
-    start, end = span
+    if argmax.dim() == 2:
+        return copy_hits(argmax[None], torch.tensor([token]), prompt_ids[None], torch.tensor([span]))[0]
+    start, end = (span[:, i, None, None].to(argmax.device) for i in (0, 1))
     in_span = (argmax >= start) & (argmax < end)
-    at = prompt_ids[argmax.clamp(max=prompt_ids.numel() - 1)]
-    return in_span & (at == token)
+    at = prompt_ids.gather(1, argmax.flatten(1).clamp(max=prompt_ids.shape[1] - 1)).view_as(argmax)
+    return in_span & (at == token.to(argmax.device)[:, None, None])
 
 
 @dataclass
@@ -103,29 +112,50 @@ class SampleResult:
     copies: torch.Tensor  # [layers, query heads] copy count over the decode
 
 
-@torch.inference_mode()
 def run_sample(model, prompt: NiahPrompt, max_new_tokens: int, stop_ids: set[int],
                span: tuple[int, int]) -> SampleResult:
-    """Prefill all but the last prompt token, then decode greedily, testing every head at every step."""
+    """One sample: `run_samples` with a batch of one."""
+    return run_samples(model, [prompt], [max_new_tokens], stop_ids, [span])[0]
+
+
+@torch.inference_mode()
+def run_samples(model, prompts: list[NiahPrompt], max_new_tokens: list[int], stop_ids: set[int],
+                spans: list[tuple[int, int]]) -> list[SampleResult]:
+    """Prefill all but the last prompt token of every prompt (all of one length), then decode each greedily
+    for its own number of steps or to a stop id, testing every head at every step."""
     device = next(model.parameters()).device
-    layers = model.config.num_hidden_layers
-    store = _KVStore(layers, len(prompt.input_ids) + max_new_tokens)
-    ids = torch.tensor(prompt.input_ids, device=device)
+    if len({len(p.input_ids) for p in prompts}) != 1:
+        raise ValueError("a batch of samples needs prompts of one length")
+    layers, batch = model.config.num_hidden_layers, len(prompts)
+    store = _KVStore(layers, len(prompts[0].input_ids) + max(max_new_tokens))
+    ids = torch.tensor([p.input_ids for p in prompts], device=device)  # [B, L]
+    n = ids.shape[1]
     body = model.model
-    body(input_ids=ids[None, :-1], position_ids=torch.arange(ids.numel() - 1, device=device)[None],
+    body(input_ids=ids[:, :-1], position_ids=torch.arange(n - 1, device=device)[None].expand(batch, -1),
          use_cache=False, rheads_store=store)
-    copies = torch.zeros(layers, model.config.num_attention_heads, dtype=torch.int32, device=device)
-    token, response = ids[-1:], []
-    for step in range(max_new_tokens):
-        position = torch.tensor([[ids.numel() - 1 + step]], device=device)
-        hidden = body(input_ids=token[None], position_ids=position, use_cache=False,
+    copies = torch.zeros(batch, layers, model.config.num_attention_heads, dtype=torch.int32, device=device)
+    span_rows = torch.tensor(spans)
+    token, responses, running = ids[:, -1], [[] for _ in prompts], list(range(batch))
+    for step in range(max(max_new_tokens)):
+        position = torch.full((batch, 1), n - 1 + step, device=device)
+        hidden = body(input_ids=token[:, None], position_ids=position, use_cache=False,
                       rheads_store=store).last_hidden_state
         token = model.lm_head(hidden[:, -1]).argmax(-1)
-        copies += copy_hits(torch.stack(store.argmax), int(token), ids, span)
-        if int(token) in stop_ids:
+        hits = copy_hits(torch.stack(store.argmax, dim=1), token, ids, span_rows)  # [B, layers, heads]
+        rows = torch.tensor(running, device=device)
+        copies[rows] += hits[rows]
+        picked = token.tolist()
+        for b in list(running):
+            if picked[b] in stop_ids:
+                running.remove(b)
+                continue
+            responses[b].append(picked[b])
+            if step + 1 >= max_new_tokens[b]:
+                running.remove(b)
+        if not running:
             break
-        response.append(int(token))
-    return SampleResult(response, copies.cpu())
+    copies = copies.cpu()
+    return [SampleResult(responses[b], copies[b]) for b in range(batch)]
 
 
 def _grid(config: ProfileConfig, num_needles: int) -> list[tuple[int, int, float]]:
@@ -142,17 +172,19 @@ def _method_params(config: ProfileConfig, needles: list[Needle], files: list[Pat
         "recall_threshold": config.recall_threshold,
         "max_new_tokens": config.max_new_tokens,
         "span": config.span,
+        "dtype": str(config.dtype).removeprefix("torch."),
         "argmax": "top-1 key position per query head at every greedy decode step",
     }
 
 
 def _check_resumable(old: Profile, params: dict, identity: ModelIdentity) -> None:
     old.check_fits(identity)
-    for key in ("needles", "haystack", "recall_threshold", "max_new_tokens", "span"):
-        if old.method.params.get(key) != params[key]:
+    recorded = {"dtype": "float32", **old.method.params}  # profiles made before the dtype was recorded: float32
+    for key in ("needles", "haystack", "recall_threshold", "max_new_tokens", "span", "dtype"):
+        if recorded.get(key) != params[key]:
             raise ProfileError(
                 f"cannot resume: the existing profile was made with a different {key} "
-                f"({json.dumps(old.method.params.get(key))[:200]}). Use the same settings or a new --out file."
+                f"({json.dumps(recorded.get(key))[:200]}). Use the same settings or a new --out file."
             )
 
 
@@ -176,9 +208,9 @@ def profile_from_samples(identity: ModelIdentity, method: ProfileMethod, samples
 
 
 def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str = "cpu") -> Profile:
-    """Run the grid (skipping samples already in `out`), saving the profile after every sample."""
+    """Run the grid (skipping samples already in `out`), saving the profile after every batch."""
     source = resolve_model(model_spec)
-    model, tokenizer = load_model(source, device=device)
+    model, tokenizer = load_model(source, dtype=config.dtype, device=device)
     check_attention_supported(model.config)
     model.config._attn_implementation = ATTENTION_NAME
     identity = ModelIdentity.from_config(model.config, source.name)
@@ -196,28 +228,44 @@ def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str
     done = {(s.context_length, s.needle_index, s.depth) for s in samples}
     todo = [cell for cell in _grid(config, len(needles)) if cell not in done]
     stop_ids = eos_token_ids(model) | ({tokenizer.eos_token_id} - {None})
-    kept = sum(s.kept for s in samples)
     profile = profile_from_samples(identity, method, samples)
-    bar = tqdm(todo, desc=f"profiling {source.name}", unit="sample")  # closed when the loop ends
-    for length, needle_index, depth in bar:
-        needle = needles[needle_index]
-        prompt = build_prompt(tokenizer, needle, length, depth, config.haystack_paths)
-        span = prompt.answer_span if config.span == "answer" else prompt.needle_span
-        max_new_tokens = config.max_new_tokens or (prompt.answer_span[1] - prompt.answer_span[0]) + 32
-        result = run_sample(model, prompt, max_new_tokens, stop_ids, span)
+    with tqdm(total=len(todo), desc=f"profiling {source.name}", unit="sample") as bar:
+        for batch in _batches(todo, config.batch_size):
+            samples += _run_batch(model, tokenizer, needles, batch, config, stop_ids)
+            bar.update(len(batch))
+            bar.set_postfix(kept=sum(s.kept for s in samples), done=len(samples))
+            profile = profile_from_samples(identity, method, samples)
+            profile.save(out)
+    return profile
+
+
+def _batches(cells: list[tuple[int, int, float]], size: int) -> list[list[tuple[int, int, float]]]:
+    """The grid's cells in order, in batches of up to `size` cells of one length."""
+    out = []
+    for cell in cells:
+        if out and len(out[-1]) < size and out[-1][0][0] == cell[0]:
+            out[-1].append(cell)
+        else:
+            out.append([cell])
+    return out
+
+
+def _run_batch(model, tokenizer, needles: list[Needle], cells: list[tuple[int, int, float]],
+               config: ProfileConfig, stop_ids: set[int]) -> list[SampleRecord]:
+    prompts = [build_prompt(tokenizer, needles[n], length, depth, config.haystack_paths) for length, n, depth in cells]
+    spans = [p.answer_span if config.span == "answer" else p.needle_span for p in prompts]
+    steps = [config.max_new_tokens or (p.answer_span[1] - p.answer_span[0]) + 32 for p in prompts]
+    records = []
+    for (length, needle_index, depth), prompt, span, result in zip(
+            cells, prompts, spans, run_samples(model, prompts, steps, stop_ids, spans)):
         response = tokenizer.decode(result.response_ids, skip_special_tokens=True)
-        recall = unigram_recall(needle.real_needle, response)
+        recall = unigram_recall(needles[needle_index].real_needle, response)
         per_head = result.copies.double() / (span[1] - span[0])
-        samples.append(SampleRecord(
+        records.append(SampleRecord(
             needle_index=needle_index, context_length=length, depth=depth,
             prompt_tokens=len(prompt.input_ids), response=response, recall=round(recall, 4),
             kept=recall > config.recall_threshold,
             head_scores={f"{l}-{h}": round(float(per_head[l, h]), 6)
                          for l, h in per_head.nonzero().tolist()},
         ))
-        kept += samples[-1].kept
-        bar.set_postfix(kept=kept, done=len(samples))
-        profile = profile_from_samples(identity, method, samples)
-        profile.save(out)
-    return profile
-
+    return records
