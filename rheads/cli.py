@@ -15,6 +15,7 @@ examples:
   rheads profile import retrieval-head llama-2-7b-80k.json --out profiles/yaofu/llama-2-7b-80k.json
   rheads profile import duo-attention full_attention_heads.tsv --model meta-llama/Llama-3.1-8B-Instruct
   rheads profile show profiles/SmolLM2-135M-Instruct.json --heatmap heads.png
+  rheads profile rescore qwen.json --score attention --kv-aggregate mean --out qwen-attention-mean.json
 """
 
 
@@ -67,12 +68,15 @@ def build_profile_parser(sub: argparse._SubParsersAction) -> None:
         description="Needle-in-a-haystack runs over lengths x depths x needles; at every greedy decode "
         "step, a head copies if its attention argmax lies in the needle's answer and holds the token just "
         "generated (Wu et al. 2024). Resumable: an existing --out file gains the samples it lacks. "
-        "Sub-commands: `rheads profile import ...`, `rheads profile show FILE`.",
+        "Sub-commands: `rheads profile import ...`, `rheads profile show FILE`, `rheads profile rescore FILE`.",
         epilog=PROFILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_grid_arguments(p, defaults, "profile JSON to write (or to resume)", "the 3 published needles",
                         "the text shipped with rheads")
     p.add_argument("--kv-aggregate", choices=["max", "mean"], default=defaults.kv_aggregate,
                    help="how a KV head's score is made from its query heads' (default: %(default)s)")
+    p.add_argument("--score", choices=["copy", "attention"], default=defaults.score,
+                   help="rank heads by copies (the paper's argmax test) or by attention mass on the answer; both "
+                   "are recorded, `rheads profile rescore` switches (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="greedy decode steps per sample (default: answer length + 32)")
     p.add_argument("--recall-threshold", type=float, default=defaults.recall_threshold,
@@ -336,7 +340,7 @@ def run_profile(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = ProfileConfig(
         lengths=args.lengths, depths=args.depths, needles_file=args.needles,
-        haystack_paths=args.haystack, kv_aggregate=args.kv_aggregate,
+        haystack_paths=args.haystack, kv_aggregate=args.kv_aggregate, score=args.score,
         max_new_tokens=args.max_new_tokens, recall_threshold=args.recall_threshold,
         batch_size=args.batch_size or (8 if args.device.startswith("cuda") else 1),
         dtype=torch_dtype(args.dtype, args.device),
@@ -354,6 +358,30 @@ def run_import(argv: list[str]) -> int:
     out = args.out or default_profile_path(profile.model.name)
     profile.save(out)
     print(f"wrote {out} ({profile.model.name}, {profile.model.num_layers} layers)")
+    return 0
+
+
+def build_rescore_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rheads profile rescore",
+        description="Re-rank a profile's heads from its recorded samples by another score or KV aggregate, "
+        "without running the model again.")
+    p.add_argument("profile", type=Path, help="profile JSON made by `rheads profile`")
+    p.add_argument("--score", choices=["copy", "attention"], default=None, help="default: the profile's")
+    p.add_argument("--kv-aggregate", choices=["max", "mean"], default=None, help="default: the profile's")
+    p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    return p
+
+
+def run_rescore(argv: list[str]) -> int:
+    from .profiling.profile import Profile
+    from .profiling.profiler import rescore
+
+    args = build_rescore_parser().parse_args(argv)
+    profile = rescore(Profile.load(args.profile), args.score, args.kv_aggregate)
+    profile.save(args.out)
+    print(f"wrote {args.out}: heads ranked by {profile.method.params.get('score', 'copy')}, "
+          f"KV heads by the {profile.method.kv_aggregate} of their query heads")
     return 0
 
 
@@ -492,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_import(argv[2:])
         if argv[:2] == ["profile", "show"]:
             return run_show(argv[2:])
+        if argv[:2] == ["profile", "rescore"]:
+            return run_rescore(argv[2:])
         args = build_parser().parse_args(argv)
         if args.command == "profile":
             return run_profile(args)

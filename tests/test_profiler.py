@@ -13,7 +13,7 @@ from rheads.models import resolve_model
 from rheads.niah import NiahPrompt, _template_parts, build_prompt, load_needles, unigram_recall
 from rheads.profiling.profile import ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord
 from rheads.profiling.profiler import (ATTENTION_NAME, ProfileConfig, _KVStore, copy_hits, profile_from_samples,
-                                       profile_model, run_sample, run_samples)
+                                       profile_model, rescore, run_sample, run_samples)
 
 SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-135M-Instruct.json"
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
@@ -93,13 +93,15 @@ def test_profiling_attention_matches_transformers(kind: str) -> None:
     full = torch.cat([ids, torch.tensor(result.response_ids)])
     with torch.inference_mode():
         attentions = model(full[None], output_attentions=True).attentions  # per layer [1, heads, T, T]
-    copies = torch.zeros_like(result.copies)
+    copies, mass = torch.zeros_like(result.copies), torch.zeros_like(result.attention)
     for step in range(n):
         row = ids.numel() - 1 + step
         eager = torch.stack([a[0, :, row, :row + 1].argmax(-1) for a in attentions])
         assert torch.equal(ours[step], eager), f"step {step}"
         copies += copy_hits(eager, result.response_ids[step], ids, span)
+        mass += torch.stack([a[0, :, row, span[0]:span[1]].sum(-1) for a in attentions]).double()
     assert torch.equal(result.copies, copies) and copies.sum() > 0
+    torch.testing.assert_close(result.attention, mass / n)  # the attention score: mean mass on the span
 
 
 def test_a_batch_of_samples_equals_each_alone() -> None:
@@ -118,6 +120,7 @@ def test_a_batch_of_samples_equals_each_alone() -> None:
     for one, batched in zip(alone, together):
         assert batched.response_ids == one.response_ids
         assert torch.equal(batched.copies, one.copies)
+        torch.testing.assert_close(batched.attention, one.attention, rtol=1e-5, atol=1e-5)  # fp32 sums
     with pytest.raises(ValueError, match="one length"):
         run_samples(model, [prompts[0], NiahPrompt(prompts[1].input_ids[:-1], (0, 1), (0, 1))], [2, 2], set(),
                     [(0, 1), (0, 1)])
@@ -291,3 +294,21 @@ def test_a_profile_says_which_lengths_it_covers() -> None:
     assert "up to 2500 tokens" in warning and "rheads profile" in warning and "--max-model-len 2500" in warning
     imported = shipped.model_copy(update={"samples": [], "method": ProfileMethod(name="import_duo_attention")})
     assert imported.longest_context is None and imported.coverage_warning(10**6) is None
+
+
+def test_rescore_ranks_the_same_samples_by_another_score(tiny_model_dir: Path, tmp_path: Path) -> None:
+    needles = _needles_file(tmp_path / "needles.jsonl", 1)
+    config = _config(needles, [0.0, 1.0])
+    config.recall_threshold = -1.0  # keep every sample: a random model recalls nothing
+    made = profile_model(str(tiny_model_dir), config, tmp_path / "p.json")
+    made.default_budget = 0.5
+    assert made.samples_kept == 4 and all(s.head_attention for s in made.samples)
+    assert rescore(made) == made  # its own score and aggregate: the same profile, measured budget kept
+    by_attention = rescore(made, "attention", "mean")
+    assert by_attention.method.params["score"] == "attention" and by_attention.method.kv_aggregate == "mean"
+    assert by_attention.default_budget is None and by_attention.samples == made.samples
+    kept = [s for s in made.samples if s.kept]
+    first = sum(s.head_attention.get("0-0", 0.0) for s in kept) / len(kept)
+    assert by_attention.query_head_scores[0][0] == pytest.approx(first, abs=1e-6)
+    with pytest.raises(ProfileError, match="profile again"):
+        rescore(Profile.load(SHIPPED_SMOLLM2), "attention")  # its samples predate attention scores

@@ -16,6 +16,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 FORMAT_VERSION = 1
 KvAggregate = Literal["max", "mean"]
+# a sample's per-head score: copy (Wu et al.: share of the answer tokens the head copied by its argmax) or
+# attention (its mean attention mass on the answer while the model decodes)
+HeadScore = Literal["copy", "attention"]
 
 # The config fields that decide a model's shape and numerics; their hash is the profile's fingerprint.
 FINGERPRINT_FIELDS = (
@@ -109,7 +112,8 @@ class SampleRecord(BaseModel):
     response: str
     recall: float
     kept: bool
-    head_scores: dict[str, float] = Field(default_factory=dict)  # "layer-head" -> score, non-zero only
+    head_scores: dict[str, float] = Field(default_factory=dict)  # "layer-head" -> copy score, non-zero only
+    head_attention: dict[str, float] = Field(default_factory=dict)  # "layer-head" -> attention score, non-zero
 
 
 class Profile(BaseModel):

@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from ..models import check_attention_supported, eos_token_ids, load_model, resolve_model
 from ..niah import Needle, NiahPrompt, build_prompt, haystack_files, load_needles, unigram_recall
 from .profile import (
-    KvAggregate, ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord, aggregate_kv_scores,
+    HeadScore, KvAggregate, ModelIdentity, Profile, ProfileError, ProfileMethod, SampleRecord, aggregate_kv_scores,
 )
 
 ATTENTION_NAME = "rheads_profiler"
@@ -42,16 +42,19 @@ class ProfileConfig:
     max_new_tokens: int | None = None  # None: answer length + 32
     recall_threshold: float = 0.5
     span: str = "answer"  # count copies from the answer tokens ("needle": the whole needle sentence)
+    score: HeadScore = "copy"  # the samples' score the profile ranks heads by (both are recorded)
     batch_size: int = 1  # samples of one length run together
     dtype: torch.dtype = torch.float32  # the model's weights and activations
 
 
 class _KVStore:
     """Per-layer K/V of the samples being profiled (a batch of one length), in buffers sized once for the
-    whole run (appending never copies the history), plus each layer's last argmax rows."""
+    whole run (appending never copies the history), plus each layer's last argmax rows and attention
+    mass on the samples' spans (`span_mask` [B, capacity]: 1 on a sample's span)."""
 
-    def __init__(self, num_layers: int, capacity: int):
-        self.capacity = capacity
+    def __init__(self, num_layers: int, capacity: int, span_mask: torch.Tensor | None = None):
+        self.capacity, self.span_mask = capacity, span_mask
+        self.mass: list[torch.Tensor | None] = [None] * num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = [0] * num_layers
@@ -70,7 +73,8 @@ class _KVStore:
 
 
 def _profiling_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention that records, at single-query steps, each query head's argmax key position."""
+    """Attention that records, at single-query steps, each query head's argmax key position and the share
+    of its attention on the sample's span."""
     store: _KVStore = kwargs["rheads_store"]
     key, value = store.append(module.layer_idx, key, value)
     batch, heads, q_len, dim = query.shape
@@ -79,7 +83,11 @@ def _profiling_attention(module, query, key, value, attention_mask, scaling=None
         q = query.view(batch, key.shape[1], groups, dim)
         scores = torch.einsum("bkgd,bktd->bkgt", q, key).float() * scaling
         store.argmax[module.layer_idx] = scores.argmax(-1).reshape(batch, heads)
-        out = torch.einsum("bkgt,bktd->bkgd", scores.softmax(-1).to(value.dtype), value)
+        probs = scores.softmax(-1)
+        if store.span_mask is not None:
+            on_span = store.span_mask[:, None, None, :probs.shape[-1]]
+            store.mass[module.layer_idx] = (probs * on_span).sum(-1).reshape(batch, heads)
+        out = torch.einsum("bkgt,bktd->bkgd", probs.to(value.dtype), value)
         return out.reshape(batch, 1, heads, dim), None
     if key.shape[2] != q_len:
         raise RuntimeError("the profiler prefills a prompt in one pass")
@@ -110,6 +118,7 @@ def copy_hits(argmax: torch.Tensor, token: int | torch.Tensor, prompt_ids: torch
 class SampleResult:
     response_ids: list[int]
     copies: torch.Tensor  # [layers, query heads] copy count over the decode
+    attention: torch.Tensor  # [layers, query heads] attention mass on the span, mean over the decode steps
 
 
 def run_sample(model, prompt: NiahPrompt, max_new_tokens: int, stop_ids: set[int],
@@ -127,13 +136,18 @@ def run_samples(model, prompts: list[NiahPrompt], max_new_tokens: list[int], sto
     if len({len(p.input_ids) for p in prompts}) != 1:
         raise ValueError("a batch of samples needs prompts of one length")
     layers, batch = model.config.num_hidden_layers, len(prompts)
-    store = _KVStore(layers, len(prompts[0].input_ids) + max(max_new_tokens))
     ids = torch.tensor([p.input_ids for p in prompts], device=device)  # [B, L]
     n = ids.shape[1]
+    span_mask = torch.zeros(batch, n + max(max_new_tokens), device=device)
+    for row, (start, end) in enumerate(spans):
+        span_mask[row, start:end] = 1.0
+    store = _KVStore(layers, n + max(max_new_tokens), span_mask)
     body = model.model
     body(input_ids=ids[:, :-1], position_ids=torch.arange(n - 1, device=device)[None].expand(batch, -1),
          use_cache=False, rheads_store=store)
     copies = torch.zeros(batch, layers, model.config.num_attention_heads, dtype=torch.int32, device=device)
+    mass = torch.zeros(batch, layers, model.config.num_attention_heads, dtype=torch.float64, device=device)
+    decoded = [0] * batch
     span_rows = torch.tensor(spans)
     token, responses, running = ids[:, -1], [[] for _ in prompts], list(range(batch))
     for step in range(max(max_new_tokens)):
@@ -144,8 +158,10 @@ def run_samples(model, prompts: list[NiahPrompt], max_new_tokens: list[int], sto
         hits = copy_hits(torch.stack(store.argmax, dim=1), token, ids, span_rows)  # [B, layers, heads]
         rows = torch.tensor(running, device=device)
         copies[rows] += hits[rows]
+        mass[rows] += torch.stack(store.mass, dim=1)[rows].double()
         picked = token.tolist()
         for b in list(running):
+            decoded[b] += 1
             if picked[b] in stop_ids:
                 running.remove(b)
                 continue
@@ -154,8 +170,8 @@ def run_samples(model, prompts: list[NiahPrompt], max_new_tokens: list[int], sto
                 running.remove(b)
         if not running:
             break
-    copies = copies.cpu()
-    return [SampleResult(responses[b], copies[b]) for b in range(batch)]
+    copies, mass = copies.cpu(), mass.cpu()
+    return [SampleResult(responses[b], copies[b], mass[b] / decoded[b]) for b in range(batch)]
 
 
 def _grid(config: ProfileConfig, num_needles: int) -> list[tuple[int, int, float]]:
@@ -172,6 +188,7 @@ def _method_params(config: ProfileConfig, needles: list[Needle], files: list[Pat
         "recall_threshold": config.recall_threshold,
         "max_new_tokens": config.max_new_tokens,
         "span": config.span,
+        "score": config.score,
         "dtype": str(config.dtype).removeprefix("torch."),
         "argmax": "top-1 key position per query head at every greedy decode step",
     }
@@ -189,12 +206,17 @@ def _check_resumable(old: Profile, params: dict, identity: ModelIdentity) -> Non
 
 
 def profile_from_samples(identity: ModelIdentity, method: ProfileMethod, samples: list[SampleRecord]) -> Profile:
-    """Per-head means over kept samples (heads that never copied score 0), then KV-head aggregates."""
+    """Per-head means over kept samples of the method's score (a head absent from a sample scored 0 there),
+    then KV-head aggregates."""
     layers, heads = identity.num_layers, identity.num_attention_heads
     kept = [s for s in samples if s.kept]
     totals = torch.zeros(layers, heads, dtype=torch.float64)
+    which = method.params.get("score", "copy")
+    if which == "attention" and any(not s.head_attention for s in kept):
+        raise ProfileError("these samples were recorded before attention scores were: profile again to rank by "
+                           "attention")
     for sample in kept:
-        for name, score in sample.head_scores.items():
+        for name, score in (sample.head_attention if which == "attention" else sample.head_scores).items():
             layer, head = map(int, name.split("-"))
             totals[layer, head] += score
     means = (totals / max(len(kept), 1)).tolist()
@@ -205,6 +227,21 @@ def profile_from_samples(identity: ModelIdentity, method: ProfileMethod, samples
         kv_head_scores=aggregate_kv_scores(query_scores, identity.num_key_value_heads, method.kv_aggregate),
         samples=samples,
     )
+
+
+def rescore(profile: Profile, score: HeadScore | None = None, kv_aggregate: KvAggregate | None = None) -> Profile:
+    """The same samples ranked by another score or KV aggregate (None: the profile's own). A measured
+    default_budget belongs to the heads it was measured with, so it is dropped when the ranking changes."""
+    if profile.method.name != "retrieval_head_niah":
+        raise ProfileError(f"only profiles made by `rheads profile` keep their samples ({profile.method.name})")
+    params = {**profile.method.params, "score": score or profile.method.params.get("score", "copy")}
+    method = ProfileMethod(name=profile.method.name, kv_aggregate=kv_aggregate or profile.method.kv_aggregate,
+                           params=params)
+    out = profile_from_samples(profile.model, method, list(profile.samples))
+    if (params["score"], method.kv_aggregate) == (profile.method.params.get("score", "copy"),
+                                                  profile.method.kv_aggregate):
+        out.default_budget = profile.default_budget
+    return out
 
 
 def profile_model(model_spec: str, config: ProfileConfig, out: Path, device: str = "cpu") -> Profile:
@@ -265,7 +302,12 @@ def _run_batch(model, tokenizer, needles: list[Needle], cells: list[tuple[int, i
             needle_index=needle_index, context_length=length, depth=depth,
             prompt_tokens=len(prompt.input_ids), response=response, recall=round(recall, 4),
             kept=recall > config.recall_threshold,
-            head_scores={f"{l}-{h}": round(float(per_head[l, h]), 6)
-                         for l, h in per_head.nonzero().tolist()},
+            head_scores=_sparse(per_head), head_attention=_sparse(result.attention),
         ))
     return records
+
+
+def _sparse(scores: torch.Tensor) -> dict[str, float]:
+    """[layers, heads] scores as "layer-head" -> score, for the heads that round to a non-zero score."""
+    rounded = scores.double().mul(1e6).round().div(1e6)
+    return {f"{l}-{h}": float(rounded[l, h]) for l, h in rounded.nonzero().tolist()}
