@@ -157,7 +157,8 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="instead of --budget: every KV head scoring above this keeps a full cache")
     p.add_argument("--sink", type=int, default=64, help="attention-sink tokens kept by streaming heads")
-    p.add_argument("--window", type=int, default=256, help="recent tokens kept by streaming heads")
+    p.add_argument("--window", type=int, default=None,
+                   help="recent tokens kept by streaming heads (default: the profile's calibrated window, else 256)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per page of the full-head pool")
     p.add_argument("--kv-cache-memory", type=_or_auto(parse_memory), default="auto",
                    help="KV memory for both pools: bytes with a unit (4GiB) or, on a GPU, a fraction of the memory "
@@ -300,7 +301,72 @@ def build_parser() -> argparse.ArgumentParser:
     build_profile_parser(sub)
     build_serve_parser(sub)
     build_eval_parser(sub)
+    build_calibrate_parser(sub)
     return parser
+
+
+def build_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    from .evaluation.calibrate import CalibrationConfig
+
+    defaults = CalibrationConfig(max_model_len=0)
+    c = sub.add_parser(
+        "calibrate", help="measure the smallest budget and window that keep the full cache's needle accuracy "
+        "at the served length, and write them into the profile",
+        description="Profiles MODEL at the served length if its profile does not reach it (the profile's own "
+        "needles, haystack and dtype; resumed into the same file), then runs `rheads eval niah`'s grid at that "
+        "length (held-out needles) for every --windows x --budgets, and writes into the profile the "
+        "configuration with the fewest KV bytes per sequence whose accuracy is within --tolerance of the full "
+        "cache's, with the grid it was measured on: `rheads serve` then uses that budget and window by "
+        "default. Resumable (each window's cells are kept in --out).",
+        epilog="example:\n  rheads calibrate qwen2.5-coder-0.5b-instruct --max-model-len 32768 --device cuda "
+        "--out calib/ --budgets 0.4,0.5,0.6,0.75",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_eval_grid_arguments(c, defaults.eval)
+    c.set_defaults(lengths=None)
+    c.add_argument("--max-model-len", type=int, required=True, help="the context length to be served")
+    c.add_argument("--profile", default="auto", help="profile JSON to calibrate, written in place (default: the "
+                   "shipped profile of MODEL)")
+    c.add_argument("--tolerance", type=float, default=defaults.tolerance,
+                   help="accuracy a configuration may lose against the full cache (default: %(default)s)")
+    c.add_argument("--budgets", type=_floats, default=[0.25, 0.4, 0.5, 0.6, 0.75],
+                   help="budgets to try (default: %(default)s)")
+    c.add_argument("--windows", type=_ints, default=defaults.windows, help="windows to try (default: %(default)s)")
+    c.add_argument("--num-needles", type=int, default=None, help="use only the first N needles (default: all)")
+    c.add_argument("--kv-cache-memory", type=parse_memory, default=None,
+                   help="KV pool bytes per engine (default: 512MiB or one longest full-cache sequence)")
+    c.add_argument("--max-num-batched-tokens", type=int, default=defaults.eval.max_num_batched_tokens,
+                   help="prefill tokens per engine step (default: %(default)s)")
+    c.add_argument("--profile-batch-size", type=int, default=None,
+                   help="samples per batch when profiling (default: 8 on a GPU, 1 on a CPU)")
+    _add_eval_runtime_arguments(c, "weights and KV dtype")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .evaluation.calibrate import CalibrationConfig, calibrate, format_calibration
+    from .evaluation.niah_eval import EvalConfig
+    from .models import resolve_model
+    from .profiling.profile import find_profile
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    memory = args.kv_cache_memory
+    if isinstance(memory, float):
+        raise SystemExit("rheads: error: give --kv-cache-memory in bytes, e.g. 2GiB")
+    grid = EvalConfig(depths=args.depths, needles_file=args.needles, num_needles=args.num_needles,
+                      haystack_paths=args.haystack, budgets=args.budgets, kv_cache_memory=memory,
+                      max_num_batched_tokens=args.max_num_batched_tokens, device=args.device,
+                      dtype=torch_dtype(args.dtype, args.device))
+    config = CalibrationConfig(max_model_len=args.max_model_len, tolerance=args.tolerance, windows=args.windows,
+                               lengths=args.lengths, eval=grid,
+                               profile_batch_size=args.profile_batch_size or (8 if args.device.startswith("cuda")
+                                                                              else 1))
+    path = find_profile(resolve_model(args.model).name) if args.profile == "auto" else Path(args.profile)
+    profile, record = calibrate(args.model, path, config, args.out, trust_remote_code=args.trust_remote_code)
+    print(format_calibration(record))
+    print(f"wrote {path}: default_budget {profile.default_budget:g}, default_window {profile.default_window}")
+    return 0
 
 
 def build_import_parser() -> argparse.ArgumentParser:
@@ -529,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "eval":
             return run_eval(args, build_parser())
+        if args.command == "calibrate":
+            return run_calibrate(args)
         build_parser().print_help()
         return 2
     except (ProfileError, ModelNotFoundError, UnsupportedModelError, ValueError) as error:

@@ -84,7 +84,7 @@ def choose_split(identity: ModelIdentity, profile_path, budget: float | None = N
     profile = Profile.load(profile_path)
     profile.check_fits(identity)
     if budget is None:
-        budget = profile.default_budget or DEFAULT_BUDGET
+        budget = DEFAULT_BUDGET if profile.default_budget is None else profile.default_budget
     return select_heads(profile, budget=budget if threshold is None else None, threshold=threshold)
 
 

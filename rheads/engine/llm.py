@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ class EngineConfig:
                                  # (1.0 without a profile), as `rheads serve` does without --budget
     threshold: float | None = None  # or: every KV head scoring above this keeps a full cache
     sink: int = 64
-    window: int = 256
+    window: int | None = None  # None: the profile's calibrated default_window, else DEFAULT_WINDOW
     page_size: int = 16
     kv_cache_memory: int | float = 512 << 20  # bytes for both pools, or (on CUDA) a fraction of the free memory
     max_num_seqs: int = 64
@@ -46,6 +46,9 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
     cuda_graphs: bool = True  # on CUDA, replay captured graphs for pure decode steps
     async_decode: bool | None = None  # pipelined decode steps (see LLMEngine.step); None: on for CUDA
+
+
+DEFAULT_WINDOW = 256
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ def _allocate_cache(split: HeadSplit, head_dim: int, config: EngineConfig) -> He
 
 class LLMEngine:
     def __init__(self, model, tokenizer, split: HeadSplit, config: EngineConfig, model_name: str = "model"):
+        config = config if config.window is not None else replace(config, window=DEFAULT_WINDOW)
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
         check_attention_supported(model.config)
@@ -131,10 +135,12 @@ class LLMEngine:
         identity = ModelIdentity.from_config(model.config, source.name)
         path = None if profile is None else find_profile(source.name) if profile == "auto" else profile
         split = choose_split(identity, path, config.budget, config.threshold)
-        warning = path and Profile.load(path).coverage_warning(config.max_model_len or
-                                                               model.config.max_position_embeddings)
+        chosen = Profile.load(path) if path else None
+        warning = chosen and chosen.coverage_warning(config.max_model_len or model.config.max_position_embeddings)
         if warning and min(split.num_full) < split.num_kv_heads:
             log.warning("%s", warning)
+        if config.window is None and chosen and chosen.default_window:
+            config = replace(config, window=chosen.default_window)
         return cls(model, tokenizer, split, config, model_name=source.name)
 
     # -- requests ---------------------------------------------------------------------------------

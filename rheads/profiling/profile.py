@@ -126,7 +126,9 @@ class Profile(BaseModel):
     samples_kept: int = Field(ge=0)
     # the budget `rheads serve` uses with this profile unless told otherwise: the smallest at which the
     # retrieval heads kept the full cache's needle accuracy (`rheads eval niah`); None: not measured
-    default_budget: float | None = Field(default=None, gt=0, le=1)
+    default_budget: float | None = Field(default=None, ge=0, le=1)
+    default_window: int | None = Field(default=None, gt=0)  # likewise the streaming heads' window; None: 256
+    calibration: dict[str, Any] | None = None  # how `rheads calibrate` chose them: the grid and every row
     query_head_scores: list[list[float]]  # [layer][query head]
     kv_head_scores: list[list[float]]  # [layer][kv head]
     samples: list[SampleRecord] = Field(default_factory=list)

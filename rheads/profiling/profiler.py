@@ -231,7 +231,8 @@ def profile_from_samples(identity: ModelIdentity, method: ProfileMethod, samples
 
 def rescore(profile: Profile, score: HeadScore | None = None, kv_aggregate: KvAggregate | None = None) -> Profile:
     """The same samples ranked by another score or KV aggregate (None: the profile's own). A measured
-    default_budget belongs to the heads it was measured with, so it is dropped when the ranking changes."""
+    default_budget (and window) belongs to the heads it was measured with, so it is dropped when the ranking
+    changes."""
     if profile.method.name != "retrieval_head_niah":
         raise ProfileError(f"only profiles made by `rheads profile` keep their samples ({profile.method.name})")
     params = {**profile.method.params, "score": score or profile.method.params.get("score", "copy")}
@@ -240,7 +241,8 @@ def rescore(profile: Profile, score: HeadScore | None = None, kv_aggregate: KvAg
     out = profile_from_samples(profile.model, method, list(profile.samples))
     if (params["score"], method.kv_aggregate) == (profile.method.params.get("score", "copy"),
                                                   profile.method.kv_aggregate):
-        out.default_budget = profile.default_budget
+        out.default_budget, out.default_window = profile.default_budget, profile.default_window
+        out.calibration = profile.calibration
     return out
 
 
