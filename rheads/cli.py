@@ -52,6 +52,13 @@ def _add_eval_runtime_arguments(p: argparse.ArgumentParser, dtype_what: str) -> 
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
 
 
+def _add_task_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=["niah", "multikey", "multivalue", "vartrack"], default="niah",
+                   help="niah: one needle; or RULER's harder kinds, generated from the haystack: multikey (four "
+                   "keys, one asked), multivalue (four values of one key, all asked), vartrack (follow a chain "
+                   "of variable assignments); with --num-needles instances, 12 by default (default: %(default)s)")
+
+
 def _add_eval_grid_arguments(p: argparse.ArgumentParser, defaults) -> None:
     """The grid arguments of `eval niah` and `eval causality`: held-out needles and haystack by default."""
     _add_grid_arguments(p, defaults, "output directory (an existing one is resumed)",
@@ -240,6 +247,7 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="profile JSON for the retrieval configurations (default: the shipped profile of MODEL; "
                    "'none' with --budgets '' runs full and window only)")
     n.add_argument("--num-needles", type=int, default=None, help="use only the first N needles (default: all)")
+    _add_task_argument(n)
     n.add_argument("--budgets", type=_floats, default=defaults.budgets,
                    help="fractions of KV heads with a full cache, for retrieval and random (default: %(default)s)")
     n.add_argument("--random-seeds", type=_seeds, default=defaults.random_seeds,
@@ -277,6 +285,7 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--profile", default="auto",
                    help="profile JSON whose query-head scores pick the heads (default: the shipped profile of MODEL)")
     c.add_argument("--num-needles", type=int, default=None, help="use only the first N needles (default: all)")
+    _add_task_argument(c)
     c.add_argument("--random-seeds", type=_seeds, default=causal_defaults.random_seeds,
                    help="seeds of the random-head control, '' or none for retrieval heads only (default: %(default)s)")
     _add_eval_runtime_arguments(c, "weights dtype")
@@ -332,6 +341,7 @@ def build_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                    help="budgets to try (default: %(default)s)")
     c.add_argument("--windows", type=_ints, default=defaults.windows, help="windows to try (default: %(default)s)")
     c.add_argument("--num-needles", type=int, default=None, help="use only the first N needles (default: all)")
+    _add_task_argument(c)
     c.add_argument("--kv-cache-memory", type=parse_memory, default=None,
                    help="KV pool bytes per engine (default: 512MiB or one longest full-cache sequence)")
     c.add_argument("--max-num-batched-tokens", type=int, default=defaults.eval.max_num_batched_tokens,
@@ -354,7 +364,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     memory = args.kv_cache_memory
     if isinstance(memory, float):
         raise SystemExit("rheads: error: give --kv-cache-memory in bytes, e.g. 2GiB")
-    grid = EvalConfig(depths=args.depths, needles_file=args.needles, num_needles=args.num_needles,
+    grid = EvalConfig(depths=args.depths, needles_file=args.needles, num_needles=args.num_needles, task=args.task,
                       haystack_paths=args.haystack, budgets=args.budgets, kv_cache_memory=memory,
                       max_num_batched_tokens=args.max_num_batched_tokens, device=args.device,
                       dtype=torch_dtype(args.dtype, args.device))
@@ -564,7 +574,8 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise SystemExit("rheads: error: give --kv-cache-memory in bytes, e.g. 2GiB")
     config = EvalConfig(
         lengths=args.lengths, depths=args.depths, needles_file=args.needles, num_needles=args.num_needles,
-        haystack_paths=args.haystack, budgets=args.budgets, random_seeds=args.random_seeds, sink=args.sink,
+        task=args.task, haystack_paths=args.haystack, budgets=args.budgets, random_seeds=args.random_seeds,
+        sink=args.sink,
         window=args.window, page_size=args.page_size, kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=dtype,
     )

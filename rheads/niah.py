@@ -32,6 +32,7 @@ class NiahPrompt:
     input_ids: list[int]
     answer_span: tuple[int, int]  # [start, end) token positions of the answer inside input_ids
     needle_span: tuple[int, int]  # [start, end) token positions of the whole needle sentence
+    answer_spans: tuple[tuple[int, int], ...] = ()  # every inserted answer's, in prompt order (several inserts)
 
 
 def data_path(name: str) -> Path:
@@ -100,20 +101,45 @@ def build_prompt(tokenizer, needle: Needle, length: int, depth: float,
     The needle goes at a sentence boundary: the insertion point moves back to just after the nearest
     full stop, as the needle-in-a-haystack test does. A haystack shorter than needed is repeated.
     """
-    before, after = _template_parts(tokenizer, needle.question)
-    needle_ids, (a0, a1) = _span_of(tokenizer, " " + needle.needle, needle.real_needle)
-    budget = length - len(before) - len(after) - len(needle_ids)
+    return build_inserted_prompt(tokenizer, [(needle.needle, depth, needle.real_needle)], needle.question, length,
+                                 haystack)
+
+
+def build_inserted_prompt(tokenizer, inserts: list[tuple[str, float, str | None]], question: str, length: int,
+                          haystack: list[Path] | None = None) -> NiahPrompt:
+    """`build_prompt` for several sentences: (sentence, depth, the answer inside it or None) each, placed in
+    the order given where depths tie. The prompt's spans are those of the first sentence with an answer;
+    `answer_spans` lists every answer's."""
+    before, after = _template_parts(tokenizer, question)
+    encoded = []
+    for sentence, depth, answer in inserts:
+        ids, span = _span_of(tokenizer, " " + sentence, answer or sentence)
+        encoded.append((ids, span if answer else None, depth))
+    budget = length - len(before) - len(after) - sum(len(ids) for ids, _, _ in encoded)
     if budget < 0:
         raise ValueError(f"length {length} is shorter than the prompt without context")
     hay = _haystack_ids(tokenizer, tuple(haystack_files(haystack)))
     context = [hay[i % len(hay)] for i in range(budget)]
-    insert = int(round(depth * budget))
-    if 0 < insert < budget:
-        while insert > 0 and "." not in tokenizer.decode([context[insert - 1]]):
-            insert -= 1
-    ids = before + context[:insert] + needle_ids + context[insert:] + after
-    offset = len(before) + insert
-    return NiahPrompt(ids, (offset + a0, offset + a1), (offset, offset + len(needle_ids)))
+    points = []
+    for _, _, depth in encoded:
+        insert = int(round(depth * budget))
+        if 0 < insert < budget:
+            while insert > 0 and "." not in tokenizer.decode([context[insert - 1]]):
+                insert -= 1
+        points.append(insert)
+    ids, at, spans = list(before), 0, {}  # insert index -> (its answer span, its sentence's span)
+    for index in sorted(range(len(encoded)), key=lambda i: points[i]):  # stable: ties keep the given order
+        sentence_ids, span, _ = encoded[index]
+        ids += context[at:points[index]]
+        at = points[index]
+        if span is not None:
+            spans[index] = ((len(ids) + span[0], len(ids) + span[1]), (len(ids), len(ids) + len(sentence_ids)))
+        ids += sentence_ids
+    ids += context[at:] + after
+    if not spans:
+        raise ValueError("no inserted sentence carries an answer")
+    answer_span, needle_span = spans[min(spans)]
+    return NiahPrompt(ids, answer_span, needle_span, tuple(sorted(a for a, _ in spans.values())))
 
 
 def _words(text: str) -> list[str]:

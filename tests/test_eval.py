@@ -480,3 +480,44 @@ def test_std_over_seeds_with_a_missing_seed_is_nan():
 
     assert std([0.5, 0.7]) == pytest.approx(math.sqrt(0.02)) and std([0.5]) == 0.0  # sample std: 0.1^2 * 2 / (2 - 1)
     assert math.isnan(std([0.5, mean([])]))
+
+
+# --- harder tasks (RULER's kinds) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["multikey", "multivalue", "vartrack"])
+def test_task_prompts_hold_every_answer_where_they_say(tokenizer, task: str) -> None:
+    """A task instance is the same on every call; its prompt has exactly the length asked, and every answer
+    sits at the span the prompt reports, the one the cell's depth places first among them."""
+    from rheads.evaluation.grid import answer_tokens
+    from rheads.evaluation.tasks import instance
+    from rheads.niah import build_inserted_prompt
+
+    needle = instance(task, 3)
+    assert needle == instance(task, 3) and needle != instance(task, 4)
+    for depth in (0.0, 0.5, 1.0):
+        prompt = build_inserted_prompt(tokenizer, needle.placed(depth), needle.question, 900)
+        assert len(prompt.input_ids) == 900
+        found = [tokenizer.decode(prompt.input_ids[a:b]).strip() for a, b in prompt.answer_spans]
+        assert sorted(found) == sorted(needle.expected)
+        assert tokenizer.decode(prompt.input_ids[slice(*prompt.answer_span)]).strip() == needle.expected[0]
+        assert answer_tokens(prompt) >= sum(b - a for a, b in prompt.answer_spans)
+    assert score(needle, " and ".join(needle.expected).upper()) == (1.0, True)
+    if len(needle.expected) > 1:  # all are asked: one of several is a miss
+        assert score(needle, needle.expected[0]) == (1 / len(needle.expected), False)
+
+
+def test_a_task_runs_through_the_engine_grid(model, tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """`--task multivalue`: the cells are the task's instances, graded on all their answers; max_tokens
+    leaves room for every answer."""
+    from rheads.evaluation.tasks import instance
+
+    expected = instance("multivalue", 0).expected
+    calls: list = []
+    monkeypatch.setattr(ev, "generate", _fake_generate(lambda c, i: ", ".join(expected[: 4 - c % 2]), calls))
+    result = run_niah_eval(model, tokenizer, "tiny-llama", _profile(model.config),
+                           _config(task="multivalue", budgets=[0.5], random_seeds=[], lengths=[300]), tmp_path,
+                           progress=False)
+    cells = {c["config"]: c for c in load_cells(tmp_path)}
+    assert cells["full"]["correct"] and not cells["retrieval-0.5"]["correct"]  # 3 of 4 values is a miss
+    assert cells["retrieval-0.5"]["recall"] == 0.75 and result.summary["meta"]["task"] == "multivalue"
+    assert calls[0]["max_tokens"][0] >= 4 * 7 + 4  # four seven-digit values and the extra tokens

@@ -98,7 +98,8 @@ def calibrate(model_spec: str, profile_path: Path, config: CalibrationConfig, ou
     chosen = choose(rows, config.tolerance)
     record = {
         "date": datetime.date.today().isoformat(), "max_model_len": config.max_model_len, "lengths": lengths,
-        "depths": list(config.eval.depths), "needles_file": str(config.eval.needles_path()),
+        "depths": list(config.eval.depths), "task": config.eval.task,
+        "needles_file": str(config.eval.needles_path()) if config.eval.task == "niah" else None,
         "cells_per_config": chosen["cells"], "dtype": str(config.eval.dtype).removeprefix("torch."),
         "device": config.eval.device, "tolerance": config.tolerance, "full_accuracy": best_full["accuracy"],
         "chosen": chosen, "rows": rows,

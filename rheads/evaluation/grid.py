@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..niah import Needle, NiahPrompt, build_prompt, load_needles, unigram_recall
+from ..niah import Needle, NiahPrompt, build_inserted_prompt, build_prompt, load_needles, unigram_recall
+from .tasks import TaskNeedle, instance, task_recall
 
 if TYPE_CHECKING:
     from .niah_eval import EvalConfig
@@ -43,13 +44,27 @@ def cell_key(config_name: str, length: int, depth: float, needle: int) -> tuple:
 
 
 def score(needle: Needle, response: str, threshold: float = 0.5) -> tuple[float, bool]:
-    """(unigram recall of the needle's answer, correct = recall > threshold)."""
+    """(unigram recall of the needle's answer, correct = recall > threshold); for a task instance, the share
+    of its answers the response holds, correct when it holds them all."""
+    if isinstance(needle, TaskNeedle):
+        recall = task_recall(needle, response)
+        return recall, recall == 1.0
     recall = unigram_recall(needle.real_needle, response)
     return recall, recall > threshold
 
 
+def answer_tokens(prompt: NiahPrompt) -> int:
+    """Tokens an answer needs: its span's, or every inserted answer's with a separator each."""
+    spans = prompt.answer_spans or (prompt.answer_span,)
+    return sum(end - start for start, end in spans) + 2 * (len(spans) - 1)
+
+
 def eval_needles(config: EvalConfig) -> tuple[list[Needle], list[Needle]]:
-    """(every needle of the needles file, the first config.num_needles of them: the ones evaluated)."""
+    """(every needle of the needles file, the first config.num_needles of them: the ones evaluated); for a
+    task other than niah, its generated instances (12 unless num_needles says)."""
+    if config.task != "niah":
+        instances = [instance(config.task, i) for i in range(config.num_needles or 12)]
+        return instances, instances
     all_needles = load_needles(config.needles_path())
     needles = all_needles[:config.num_needles] if config.num_needles else all_needles
     if not needles:
@@ -61,15 +76,21 @@ def grid_prompts(model_config, tokenizer, needles: list[Needle], cells_grid: lis
                  config: EvalConfig) -> tuple[dict[Cell, NiahPrompt], int]:
     """Every cell's prompt, built once per run, and the most tokens an answer may add (answer + extra_tokens);
     refuses a grid whose longest prompt plus that exceeds the model's context."""
-    prompts = {cell: build_prompt(tokenizer, needles[cell.needle], cell.length, cell.depth, config.haystack_paths)
-               for cell in cells_grid}
-    extra = max(p.answer_span[1] - p.answer_span[0] for p in prompts.values()) + config.extra_tokens
+    prompts = {cell: _prompt(tokenizer, needles[cell.needle], cell, config) for cell in cells_grid}
+    extra = max(map(answer_tokens, prompts.values())) + config.extra_tokens
     longest = max(len(p.input_ids) for p in prompts.values())
     max_position = getattr(model_config, "max_position_embeddings", None)
     if max_position and longest + extra > max_position:
         raise ValueError(f"length {longest} + {extra} answer tokens exceeds the model's "
                          f"{max_position}-token context")
     return prompts, extra
+
+
+def _prompt(tokenizer, needle: Needle, cell: Cell, config: EvalConfig) -> NiahPrompt:
+    if isinstance(needle, TaskNeedle):
+        return build_inserted_prompt(tokenizer, needle.placed(cell.depth), needle.question, cell.length,
+                                     config.haystack_paths)
+    return build_prompt(tokenizer, needle, cell.length, cell.depth, config.haystack_paths)
 
 
 # --- answers --------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from ..engine.heads import HeadSplit, random_split, select_heads
 from ..niah import data_path, haystack_files
 from ..profiling.profile import Profile, ProfileError
 from .grid import (
-    Answer, Cell, cell_key, check_resumable, eval_needles, format_mean_std, grid, grid_prompts, haystack_sha,
-    load_cells, mean, save_cells, score, short_sha, std, write_atomic,
+    Answer, Cell, answer_tokens, cell_key, check_resumable, eval_needles, format_mean_std, grid, grid_prompts,
+    haystack_sha, load_cells, mean, save_cells, score, short_sha, std, write_atomic,
 )
 
 SELECTIONS = ("full", "retrieval", "random", "window")
@@ -103,6 +103,7 @@ def kv_bytes_per_sequence(split: HeadSplit, head_dim: int, element_size: int, pa
 class EvalConfig:
     lengths: list[int] = field(default_factory=lambda: [1000, 2000, 4000])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    task: str = "niah"  # or a harder kind (tasks.py): multikey, multivalue, vartrack
     needles_file: Path | None = None  # default: rheads/data/eval_needles.jsonl
     num_needles: int | None = None  # use the first N needles (default: all)
     haystack_paths: list[Path] | None = None  # default: rheads/data/haystack
@@ -206,7 +207,8 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
     # prompts once for the whole run
     prompts, extra = grid_prompts(model.config, tokenizer, needles, cells_grid, config)
     hidden = {cell_key("", c.length, c.depth, c.needle)[1:]:
-              answer_hidden(prompts[c].answer_span, len(prompts[c].input_ids), config.sink, config.window)
+              all(answer_hidden(span, len(prompts[c].input_ids), config.sink, config.window)
+                  for span in prompts[c].answer_spans or (prompts[c].answer_span,))
               for c in cells_grid}
     full_split = HeadSplit.uniform(layers, kv_heads, True)
     need = kv_bytes_per_sequence(full_split, head_dim, element_size, config.page_size, config.sink,
@@ -228,7 +230,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
         split = splits[setting.name]
         bar.set_postfix_str(setting.name)
         with LLMEngine(model, tokenizer, split, _engine_config(config, setting.budget, memory), model_name) as engine:
-            answers = [prompts[c].answer_span[1] - prompts[c].answer_span[0] for c in work]
+            answers = [answer_tokens(prompts[c]) for c in work]
             results = generate(engine, [prompts[c].input_ids for c in work],
                                [a + config.extra_tokens for a in answers], on_finish=lambda _: bar.update(1))
         for cell, result in zip(work, results):
@@ -270,7 +272,8 @@ def _meta(model_name, identity, profile, profile_path, config, all_needles, file
         "profile_needles": [n.get("needle") if isinstance(n, dict) else n
                             for n in profile_params.get("needles", [])],
         "profile_haystack": profile_params.get("haystack"),
-        "needles_file": str(config.needles_path()),
+        "task": config.task,
+        "needles_file": str(config.needles_path()) if config.task == "niah" else None,
         "needles": [asdict(n) for n in all_needles],
         "haystack": [str(f) for f in files],
         "haystack_sha": haystack_sha(files),
