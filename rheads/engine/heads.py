@@ -6,12 +6,15 @@ the retrieval heads, so the cache and the attention work on two dense slices per
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 import torch
 
 from ..profiling.profile import ModelIdentity, Profile, head_dim_of
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (the imported ones)
 
@@ -71,21 +74,26 @@ def select_heads(profile: Profile, budget: float | None = None, threshold: float
     return _from_ranking(ranked, count, layers, kv)
 
 
-def choose_split(identity: ModelIdentity, profile_path, budget: float | None = None,
-                 threshold: float | None = None) -> HeadSplit:
-    """The heads a model serves with: from its profile file by budget (None: the profile's default_budget)
-    or threshold, after checking the profile was made for this model; without a profile, every head
-    full (budget 1.0, the default) or every head streaming (0.0)."""
+def choose_split(identity: ModelIdentity, profile_path, budget: float | None = None, threshold: float | None = None,
+                 max_model_len: int | None = None) -> tuple[HeadSplit, int | None]:
+    """The heads a model serves with, and the profile's calibrated window (None: not calibrated): from its
+    profile file by budget (None: the profile's default_budget) or threshold, after checking the profile was
+    made for this model, with a warning where `max_model_len` goes past the contexts it measured; without a
+    profile, every head full (budget 1.0, the default) or every head streaming (0.0)."""
     if profile_path is None:
         budget = 1.0 if budget is None else budget
         if budget not in (0.0, 1.0) or threshold is not None:
             raise ValueError("a budget between 0 and 1 or a threshold needs a profile")
-        return HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, budget == 1.0)
+        return HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, budget == 1.0), None
     profile = Profile.load(profile_path)
     profile.check_fits(identity)
     if budget is None:
         budget = DEFAULT_BUDGET if profile.default_budget is None else profile.default_budget
-    return select_heads(profile, budget=budget if threshold is None else None, threshold=threshold)
+    split = select_heads(profile, budget=budget if threshold is None else None, threshold=threshold)
+    warning = max_model_len and profile.coverage_warning(max_model_len)
+    if warning and min(split.num_full) < split.num_kv_heads:
+        log.warning("%s", warning)
+    return split, profile.default_window
 
 
 def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int) -> HeadSplit:

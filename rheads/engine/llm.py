@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..models import check_attention_supported, eos_token_ids, load_model, resolve_model
-from ..profiling.profile import ModelIdentity, Profile, find_profile, head_dim_of
+from ..profiling.profile import ModelIdentity, find_profile, head_dim_of
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, choose_split
@@ -134,13 +134,10 @@ class LLMEngine:
                                       trust_remote_code=trust_remote_code)
         identity = ModelIdentity.from_config(model.config, source.name)
         path = None if profile is None else find_profile(source.name) if profile == "auto" else profile
-        split = choose_split(identity, path, config.budget, config.threshold)
-        chosen = Profile.load(path) if path else None
-        warning = chosen and chosen.coverage_warning(config.max_model_len or model.config.max_position_embeddings)
-        if warning and min(split.num_full) < split.num_kv_heads:
-            log.warning("%s", warning)
-        if config.window is None and chosen and chosen.default_window:
-            config = replace(config, window=chosen.default_window)
+        split, window = choose_split(identity, path, config.budget, config.threshold,
+                                     config.max_model_len or model.config.max_position_embeddings)
+        if config.window is None:
+            config = replace(config, window=window)
         return cls(model, tokenizer, split, config, model_name=source.name)
 
     # -- requests ---------------------------------------------------------------------------------
