@@ -270,3 +270,27 @@ def test_the_calls_carry_one_piece_each_and_the_last_installs():
     assert '".gpuparts/piece01", ".gpuparts/setup.sh", ".gpuparts/manifest.json"' in lines[1]
     assert "install" not in lines[1] and lines[2].endswith('. /tmp/p/env.sh && python3 x.py")')
     assert gpu_parts.parse_size("60MiB") == 60 << 20 and gpu_parts.parse_size("1000") == 1000
+
+
+# --- the references of tests/oracles.py at long lengths ------------------------------------------------
+
+def test_the_chunked_reference_equals_the_whole_one():
+    """By blocks of queries (several, and one that ends mid-way) the masked reference is the same computation."""
+    import oracles
+
+    from rheads.engine import random_split
+
+    shape = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16, intermediate_size=128,
+                 max_position_embeddings=512, vocab_size=512)
+    model = oracles.tiny_model("llama", shape, num_layers=4)
+    split = random_split(4, 2, 0.5, seed=3)
+    assert 0 < sum(split.num_full) < 8
+    ids = oracles.random_prompt(300, seed=0, vocab=512)
+    whole = oracles.reference_logprobs(model, ids, split, sink=4, window=16)
+    for block in (64, 300, 1000):
+        chunked = oracles.reference_logprobs(model, ids, split, sink=4, window=16, block=block)
+        assert (chunked - whole).abs().max() < 1e-5, block
+    last = oracles.reference_logprobs(model, ids, split, sink=4, window=16, block=64, last=10)
+    assert last.shape == (10, 512) and (last - whole[-10:]).abs().max() < 1e-5
+    full = oracles.reference_logprobs(model, ids, block=64)  # the mask matters far beyond that tolerance
+    assert (full - whole).abs().max() > 0.1
