@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -294,3 +295,70 @@ def test_the_chunked_reference_equals_the_whole_one():
     assert last.shape == (10, 512) and (last - whole[-10:]).abs().max() < 1e-5
     full = oracles.reference_logprobs(model, ids, block=64)  # the mask matters far beyond that tolerance
     assert (full - whole).abs().max() > 0.1
+
+
+# --- long_context_oracle: the engine against the chunked reference -------------------------------------
+
+def _tiny_model_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny random Llama with SmolLM2's tokenizer (needle prompts need real text) and a synthetic profile."""
+    import oracles
+    from transformers import AutoTokenizer
+
+    from rheads.models import resolve_model
+    from rheads.profile import ModelIdentity, synthetic_profile
+
+    shape = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16, intermediate_size=128,
+                 max_position_embeddings=512, vocab_size=49152)
+    # small weights (bf16's rounding would move a larger random model's logprobs past most margins), but for q
+    # and k: attention peaky enough that the window matters (as tests/test_served_oracles.py's models)
+    model = oracles.tiny_model("llama", shape, num_layers=4, initializer_range=0.05)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(2.0)
+    directory = tmp_path / "tiny"
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path).save_pretrained(directory)
+    profile = tmp_path / "tiny.json"
+    synthetic_profile(ModelIdentity.from_config(model.config, "tiny"), seed=1).save(profile)
+    return directory, profile
+
+
+def _oracle_args(model_dir: Path, profile: Path, *more: str) -> list[str]:
+    """A short run: prefill in several chunks, the reference in several blocks, a window far shorter than the
+    prompt."""
+    return ["--model", str(model_dir), "--profile", str(profile), "--length", "300", "--max-tokens", "6",
+            "--sink", "4", "--window", "16", "--block", "64", "--device", "cpu", "--max-num-batched-tokens", "128",
+            "--kv-cache-gib", "0.05", *more]
+
+
+def test_long_context_oracle_on_a_tiny_model(tmp_path, one_thread):
+    """The script end to end: in fp32 the engine equals the reference at both budgets, and the report says so."""
+    import long_context_oracle
+
+    model_dir, profile = _tiny_model_dir(tmp_path)
+    out = tmp_path / "report.json"
+    report = long_context_oracle.main(_oracle_args(model_dir, profile, "--prompts", "2", "--budgets", "1.0,0.5",
+                                                   "--dtype", "float32", "--json", str(out)))
+    rows = report["rows"]
+    assert [(r["budget"], r["prompt"]) for r in rows] == [(1.0, 0), (1.0, 1), (0.5, 0), (0.5, 1)]
+    assert [r["fraction_full"] for r in rows] == [1.0, 1.0, 0.5, 0.5]
+    for r in rows:
+        assert r["tokens"] == 6 and r["max_diff"] < 1e-4 and r["greedy_agree"] == 6, r
+        assert r["ok"] and r["pipelined_same"] and r["yardstick_max"] == 0.0, r
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_long_context_oracle_sees_a_wrong_window(tmp_path, one_thread, monkeypatch):
+    """Its verdict is not blind: against a reference whose window is off by a few keys, the compressed run fails
+    (in bf16 too, where the bound allows the dtype's own error)."""
+    import long_context_oracle
+    import oracles
+
+    reference = oracles.reference_logprobs
+    monkeypatch.setattr(oracles, "reference_logprobs", lambda *a, window, **kw: reference(*a, window=window - 4, **kw))
+    model_dir, profile = _tiny_model_dir(tmp_path)
+    for dtype in ("float32", "bfloat16"):
+        rows = long_context_oracle.main(_oracle_args(model_dir, profile, "--prompts", "1", "--budgets", "1.0,0.5",
+                                                     "--dtype", dtype))["rows"]
+        assert [r["ok"] for r in rows] == [True, False], (dtype, rows)
