@@ -99,6 +99,18 @@ def top2_margin(row: torch.Tensor) -> float:
 # --- the reference: the original model in one pass, each streaming KV head masked to sink + window -----
 
 REF_ATTENTION = "rheads_test_sink_window_reference"
+REF_ATTENTION_CHUNKED = "rheads_test_sink_window_reference_chunked"
+
+
+def visible_keys(split: HeadSplit, layer: int, num_heads: int, group: int, q_pos: torch.Tensor,
+                 k_pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """[heads, queries, keys]: which keys each query head sees (positions q_pos [queries, 1], k_pos [1, keys]):
+    every causal key for a full KV head's query heads, only the sink + window ones for a streaming head's."""
+    causal = k_pos <= q_pos
+    streaming = causal & ((k_pos < sink) | (q_pos - k_pos < window))
+    full = set(split.full[layer])
+    is_full = torch.tensor([head // group in full for head in range(num_heads)], device=q_pos.device)
+    return torch.where(is_full[:, None, None], causal, streaming)
 
 
 def sink_window_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -108,12 +120,8 @@ def sink_window_reference(module, query, key, value, attention_mask, scaling=Non
     split, sink, window = kwargs["rheads_reference"]
     _, num_heads, n, _ = query.shape
     group = num_heads // key.shape[1]
-    q_pos = torch.arange(n, device=query.device)[:, None]
-    k_pos = torch.arange(n, device=query.device)[None, :]
-    causal = k_pos <= q_pos
-    streaming = causal & ((k_pos < sink) | (q_pos - k_pos < window))
-    full = set(split.full[module.layer_idx])
-    mask = torch.stack([causal if head // group in full else streaming for head in range(num_heads)])
+    positions = torch.arange(n, device=query.device)
+    mask = visible_keys(split, module.layer_idx, num_heads, group, positions[:, None], positions[None, :], sink, window)
     keys = key.float().repeat_interleave(group, dim=1)
     values = value.float().repeat_interleave(group, dim=1)
     scores = (query.float() @ keys.transpose(-1, -2)) * scaling
@@ -121,23 +129,48 @@ def sink_window_reference(module, query, key, value, attention_mask, scaling=Non
     return (weights.to(query.dtype).float() @ values).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def sink_window_reference_chunked(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`sink_window_reference` by blocks of `block` queries, so that a long sequence's scores fit in memory
+    (at 31k tokens one layer's [heads, n, n] scores in fp32 would not): each block's scores against the keys
+    up to its last query (later ones are masked for all of it), with the same mask and precision."""
+    split, sink, window, block = kwargs["rheads_reference"]
+    _, num_heads, n, _ = query.shape
+    group = num_heads // key.shape[1]
+    keys = key.float().repeat_interleave(group, dim=1)
+    values = value.float().repeat_interleave(group, dim=1)
+    out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        q_pos = torch.arange(start, end, device=query.device)[:, None]
+        k_pos = torch.arange(end, device=query.device)[None, :]
+        mask = visible_keys(split, module.layer_idx, num_heads, group, q_pos, k_pos, sink, window)
+        scores = (query[:, :, start:end].float() @ keys[:, :, :end].transpose(-1, -2)) * scaling
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out[:, :, start:end] = (weights.to(query.dtype).float() @ values[:, :, :end]).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
 AttentionInterface.register(REF_ATTENTION, sink_window_reference)
+AttentionInterface.register(REF_ATTENTION_CHUNKED, sink_window_reference_chunked)
 
 
 def reference_logprobs(model, ids: list[int], split: HeadSplit | None = None, sink: int = 0, window: int = 0,
-                       device: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                       device: str | None = None, dtype: torch.dtype | None = None, block: int | None = None,
+                       last: int | None = None) -> torch.Tensor:
     """log_softmax of the original model's logits over `ids` in one pass, in fp32 on the CPU: [len(ids), vocab].
 
     With a split: each streaming KV head's query heads see only sink + window; else the model's own
     attention (full causal). `device` / `dtype`: run a copy there and in that precision (the yardstick
-    that says how far that precision alone moves the result)."""
+    that says how far that precision alone moves the result). `block`: the masked attention by blocks of
+    that many queries (long sequences). `last`: only the last rows (a long sequence's full logits in
+    fp32 would take gigabytes)."""
     ref = copy.deepcopy(model)
     if device is not None or dtype is not None:
         ref = ref.to(device or ref.device, dtype or ref.dtype)
-    kwargs = {}
+    kwargs = {} if last is None else {"logits_to_keep": last}
     if split is not None:
-        ref.config._attn_implementation = REF_ATTENTION
-        kwargs["rheads_reference"] = (split, sink, window)
+        ref.config._attn_implementation = REF_ATTENTION if block is None else REF_ATTENTION_CHUNKED
+        kwargs["rheads_reference"] = (split, sink, window) + (() if block is None else (block,))
     with torch.inference_mode():
         logits = ref(torch.tensor([ids], device=ref.device), use_cache=False, **kwargs).logits[0]
     return logits.float().log_softmax(-1).cpu()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -152,3 +153,212 @@ def test_the_arrivals_table_reads_each_phase():
     assert rows["arrivals' TTFT p50 (ms)"] == "120" and rows["arrivals' TTFT p99 (ms)"] == "-"
     assert rows["arrivals completed / sent"] == "9/10"
     assert format_arrivals({"configs": {"rheads-1.0": {"contexts": {}}}}) is None
+
+
+# --- gpu_parts / gpu_unpack: large assets to the GPU machine in pieces ----------------------------------
+
+def _wheel(directory: Path, name: str, payload: bytes) -> Path:
+    """A real (tiny) wheel of a package `name` holding `payload`, which pip can install offline."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-0.1.dist-info"
+    files = {f"{name}/__init__.py": b"", f"{name}/data.bin": payload,
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n".encode(),
+             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    digest = lambda data: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()  # noqa: E731
+    record = "".join(f"{n},sha256={digest(d)},{len(d)}\n" for n, d in files.items()) + f"{dist}/RECORD,,\n"
+    path = directory / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, d in {**files, f"{dist}/RECORD": record.encode()}.items():
+            zf.writestr(n, d)
+    return path
+
+
+def _parts(tmp_path: Path, piece_size: int = 64 << 10) -> tuple[Path, dict, dict[str, bytes]]:
+    """Pack a real wheel and two other files (one larger than three pieces, one empty) into pieces."""
+    import random
+
+    import gpu_parts
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    rng = random.Random(0)
+    _wheel(wheels, "rheads_fake", rng.randbytes(100_000))
+    (wheels / "blob.bin").write_bytes(rng.randbytes(3 * piece_size + 123))
+    (wheels / "empty.bin").write_bytes(b"")
+    out = tmp_path / "parts"
+    assert gpu_parts.main(["--out", str(out), "--wheels", str(wheels), "--piece-size", str(piece_size)]) == 0
+    originals = {f.name: f.read_bytes() for f in wheels.iterdir()}
+    return out, json.loads((out / "manifest.json").read_text()), originals
+
+
+def _wheel_data(wheel: Path) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read("rheads_fake/data.bin")
+
+
+def _setup(out: Path, tmp_path: Path, *args: str):
+    """setup.sh as the GPU machine runs it (from the repository root), with this Python and folders under tmp."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHON": sys.executable, "PIECES": str(tmp_path / "p"), "SITE": str(tmp_path / "site")}
+    return subprocess.run(["bash", str(out / "setup.sh"), *args], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True)
+
+
+def test_pieces_never_exceed_the_limit_and_reassemble_byte_identical(tmp_path):
+    import subprocess
+
+    piece_size = 64 << 10
+    out, manifest, originals = _parts(tmp_path, piece_size)
+    sizes = [(out / p["name"]).stat().st_size for p in manifest["pieces"]]
+    total = sum(len(data) for data in originals.values())
+    assert max(sizes) <= piece_size and sum(sizes) == total
+    assert len(sizes) == -(-total // piece_size)  # fixed-size slices: only the last piece is short
+    assert [p["size"] for p in manifest["pieces"]] == sizes
+    for i in range(len(sizes)):
+        done = _setup(out, tmp_path, "copy", str(i))
+        assert done.returncode == 0, done.stderr
+    assert "still missing: none" in done.stdout
+    done = _setup(out, tmp_path, "install")
+    assert done.returncode == 0, done.stderr
+    for name, data in originals.items():
+        assert (tmp_path / "p" / "files" / name).read_bytes() == data
+    installed = tmp_path / "site" / "rheads_fake" / "data.bin"
+    assert installed.read_bytes() == _wheel_data(tmp_path / "wheels" / "rheads_fake-0.1-py3-none-any.whl")
+    # the env file puts the installed wheels on the path; a second install finds them done
+    check = f". {tmp_path / 'p' / 'env.sh'} && {sys.executable} -c 'import rheads_fake; print(rheads_fake.__file__)'"
+    shown = subprocess.run(["bash", "-c", check], capture_output=True, text=True)
+    assert shown.returncode == 0 and str(tmp_path / "site") in shown.stdout, shown.stderr
+    assert _setup(out, tmp_path, "install").returncode == 0
+
+
+def test_a_missing_or_damaged_piece_is_named(tmp_path):
+    import gpu_unpack
+
+    out, manifest, _ = _parts(tmp_path)
+    names = [p["name"] for p in manifest["pieces"]]
+    for i in range(len(names)):
+        assert _setup(out, tmp_path, "copy", str(i)).returncode == 0
+    pieces = tmp_path / "p"
+    (pieces / names[1]).unlink()
+    done = _setup(out, tmp_path, "install")
+    assert done.returncode == 1 and f"missing {names[1]}" in done.stderr and "N in 1." in done.stderr
+    assert not (tmp_path / "site").exists()
+    data = bytearray((out / names[2]).read_bytes())
+    data[100] ^= 1
+    (pieces / names[2]).write_bytes(data)
+    with pytest.raises(gpu_unpack.PartsError, match=f"missing {names[1]}; damaged {names[2]}. .* N in 1, 2"):
+        gpu_unpack.assemble(manifest, pieces, tmp_path / "files")
+    (out / names[2]).write_bytes(data)  # damaged on the way: the call that carries it says so
+    done = _setup(out, tmp_path, "copy", "2")
+    assert done.returncode == 1 and f"{names[2]} arrived damaged" in done.stderr
+    done = _setup(out, tmp_path, "copy", str(len(names)))
+    assert done.returncode == 1 and f"pieces 0 to {len(names) - 1}" in done.stderr
+
+
+def test_the_calls_carry_one_piece_each_and_the_last_installs():
+    import gpu_parts
+
+    manifest = {"pieces": [{"name": f"piece{i:02d}"} for i in range(3)]}
+    lines = gpu_parts.calls(manifest, ".gpuparts", "python3 x.py")
+    assert len(lines) == 3 and all(line.count(".gpuparts/piece") == 1 for line in lines)
+    assert '".gpuparts/piece01", ".gpuparts/setup.sh", ".gpuparts/manifest.json"' in lines[1]
+    assert "install" not in lines[1] and lines[2].endswith('. /tmp/p/env.sh && python3 x.py")')
+    assert gpu_parts.parse_size("60MiB") == 60 << 20 and gpu_parts.parse_size("1000") == 1000
+
+
+# --- the references of tests/oracles.py at long lengths ------------------------------------------------
+
+def test_the_chunked_reference_equals_the_whole_one():
+    """By blocks of queries (several, and one that ends mid-way) the masked reference is the same computation."""
+    import oracles
+
+    from rheads.engine import random_split
+
+    shape = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16, intermediate_size=128,
+                 max_position_embeddings=512, vocab_size=512)
+    model = oracles.tiny_model("llama", shape, num_layers=4)
+    split = random_split(4, 2, 0.5, seed=3)
+    assert 0 < sum(split.num_full) < 8
+    ids = oracles.random_prompt(300, seed=0, vocab=512)
+    whole = oracles.reference_logprobs(model, ids, split, sink=4, window=16)
+    for block in (64, 300, 1000):
+        chunked = oracles.reference_logprobs(model, ids, split, sink=4, window=16, block=block)
+        assert (chunked - whole).abs().max() < 1e-5, block
+    last = oracles.reference_logprobs(model, ids, split, sink=4, window=16, block=64, last=10)
+    assert last.shape == (10, 512) and (last - whole[-10:]).abs().max() < 1e-5
+    full = oracles.reference_logprobs(model, ids, block=64)  # the mask matters far beyond that tolerance
+    assert (full - whole).abs().max() > 0.1
+
+
+# --- long_context_oracle: the engine against the chunked reference -------------------------------------
+
+def _tiny_model_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny random Llama with SmolLM2's tokenizer (needle prompts need real text) and a synthetic profile."""
+    import oracles
+    from transformers import AutoTokenizer
+
+    from rheads.models import resolve_model
+    from rheads.profile import ModelIdentity, synthetic_profile
+
+    shape = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16, intermediate_size=128,
+                 max_position_embeddings=512, vocab_size=49152)
+    # small weights (bf16's rounding would move a larger random model's logprobs past most margins), but for q
+    # and k: attention peaky enough that the window matters (as tests/test_served_oracles.py's models)
+    model = oracles.tiny_model("llama", shape, num_layers=4, initializer_range=0.05)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(2.0)
+    directory = tmp_path / "tiny"
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path).save_pretrained(directory)
+    profile = tmp_path / "tiny.json"
+    synthetic_profile(ModelIdentity.from_config(model.config, "tiny"), seed=1).save(profile)
+    return directory, profile
+
+
+def _oracle_args(model_dir: Path, profile: Path, *more: str) -> list[str]:
+    """A short run: prefill in several chunks, the reference in several blocks, a window far shorter than the
+    prompt."""
+    return ["--model", str(model_dir), "--profile", str(profile), "--length", "300", "--max-tokens", "6",
+            "--sink", "4", "--window", "16", "--block", "64", "--device", "cpu", "--max-num-batched-tokens", "128",
+            "--kv-cache-gib", "0.05", *more]
+
+
+def test_long_context_oracle_on_a_tiny_model(tmp_path, one_thread):
+    """The script end to end: in fp32 the engine equals the reference at both budgets, and the report says so."""
+    import long_context_oracle
+
+    model_dir, profile = _tiny_model_dir(tmp_path)
+    out = tmp_path / "report.json"
+    report = long_context_oracle.main(_oracle_args(model_dir, profile, "--prompts", "2", "--budgets", "1.0,0.5",
+                                                   "--dtype", "float32", "--json", str(out)))
+    rows = report["rows"]
+    assert [(r["budget"], r["prompt"]) for r in rows] == [(1.0, 0), (1.0, 1), (0.5, 0), (0.5, 1)]
+    assert [r["fraction_full"] for r in rows] == [1.0, 1.0, 0.5, 0.5]
+    for r in rows:
+        assert r["tokens"] == 6 and r["max_diff"] < 1e-4 and r["greedy_agree"] == 6, r
+        assert r["ok"] and r["pipelined_same"] and r["yardstick_max"] == 0.0, r
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_long_context_oracle_sees_a_wrong_window(tmp_path, one_thread, monkeypatch):
+    """Its verdict is not blind: against a reference whose window is off by a few keys, the compressed run fails
+    (in bf16 too, where the bound allows the dtype's own error)."""
+    import long_context_oracle
+    import oracles
+
+    reference = oracles.reference_logprobs
+    monkeypatch.setattr(oracles, "reference_logprobs", lambda *a, window, **kw: reference(*a, window=window - 4, **kw))
+    model_dir, profile = _tiny_model_dir(tmp_path)
+    for dtype in ("float32", "bfloat16"):
+        rows = long_context_oracle.main(_oracle_args(model_dir, profile, "--prompts", "1", "--budgets", "1.0,0.5",
+                                                     "--dtype", dtype))["rows"]
+        assert [r["ok"] for r in rows] == [True, False], (dtype, rows)
