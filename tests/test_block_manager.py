@@ -45,7 +45,7 @@ def check_bytes(blocks: BlockManager, holders: list[Sequence]) -> None:
 def test_allocate_append_free_pair_with_their_checks() -> None:
     blocks = manager(pages=8, slots=2)
     a = seq("a")
-    assert blocks.can_allocate(32) and not blocks.can_allocate(33)  # 8 pages of 4 tokens
+    assert blocks.can_allocate(seq("x"), 32) and not blocks.can_allocate(seq("x"), 33)  # 8 pages of 4 tokens
     blocks.allocate(a, 9)
     assert len(a.pages) == 3 and a.slot is not None
     assert blocks.block_tables[a.slot, :3].tolist() == a.pages
@@ -106,11 +106,11 @@ def test_a_slot_is_the_other_limit() -> None:
     held = [seq(str(i)) for i in range(2)]
     for s in held:
         blocks.allocate(s, 1)
-    assert not blocks.can_allocate(1)
+    assert not blocks.can_allocate(seq("x"), 1)
     with pytest.raises(CacheFullError):
         blocks.allocate(seq("x"), 1)
     blocks.free(held[0])
-    assert blocks.can_allocate(1)
+    assert blocks.can_allocate(seq("x"), 1)
 
 
 def test_the_engine_allocates_through_it(monkeypatch) -> None:
