@@ -71,6 +71,7 @@ class BlockManager:
         if hit.snapshot is not None and hit.snapshot != seq.slot:
             self.cache.copy_slot(hit.snapshot, seq.slot)
         self._hold(seq, hit.pages)
+        seq.blocks_registered = len(hit.pages)
         self.tokens[seq.slot] = hit.num_tokens
         self._write_table(seq, 0)
         if num_tokens > hit.num_tokens:
@@ -165,6 +166,7 @@ class BlockManager:
                 else:
                     self.free_pages.append(page)
         seq.pages.clear()
+        seq.blocks_registered = 0
         if seq.slot is not None:
             self.tokens.pop(seq.slot, None)
             self.free_slots.append(seq.slot)

@@ -81,12 +81,15 @@ class PrefixCache:
         return sorted({p for p in (hit.matched_tokens, prompt_end) if p > hit.num_tokens})
 
     def register(self, seq: Sequence, num_tokens: int) -> None:
-        """Register seq's pages whose blocks lie within its first num_tokens computed tokens. A block
-        already cached in another page keeps that one (this page is then freed as usual)."""
-        for i, digest in enumerate(self.block_hashes(seq, num_tokens // self.page_size)):
-            page = seq.pages[i]
+        """Register seq's pages whose blocks lie within its first num_tokens computed tokens, from the first
+        not offered yet (each step adds a block or none: no walk over a long sequence's every page). A
+        block already cached in another page keeps that one (this page is then freed as usual)."""
+        hashes = self.block_hashes(seq, num_tokens // self.page_size)
+        for i in range(seq.blocks_registered, len(hashes)):
+            digest, page = hashes[i], seq.pages[i]
             if digest not in self.page_of and page not in self.hash_of:
                 self.page_of[digest], self.hash_of[page] = page, digest
+        seq.blocks_registered = max(seq.blocks_registered, len(hashes))
 
     def snapshot_hash(self, seq: Sequence) -> bytes | None:
         """The hash a snapshot of seq's slot, now, would be kept under; None where one is kept already or

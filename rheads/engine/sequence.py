@@ -65,6 +65,7 @@ class Sequence:
     read_offset: int = 0
     generator: torch.Generator | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # the prefix cache's chain over its full blocks
+    blocks_registered: int = 0  # its first blocks the prefix cache has been offered (`PrefixCache.register`)
     snapshot_at: list[int] = field(default_factory=list)  # cached-token counts at which to keep its window
     num_cached_prompt: int | None = None  # prompt tokens its first admission found in the prefix cache
 
