@@ -176,9 +176,9 @@ class BlockManager:
         """Forget every cached prefix: evictable pages and snapshot slots go back to the pools, and pages
         still held stop standing for their blocks (they are freed when their holders end)."""
         if self.prefix:
-            self.free_pages.extend(self.prefix.evictable)
-            self.free_slots.extend(self.prefix.snapshots.values())
-            self.prefix = PrefixCache(self.prefix.page_size, self.prefix.streaming)
+            pages, slots = self.prefix.clear()
+            self.free_pages.extend(pages)
+            self.free_slots.extend(slots)
 
     def _write_table(self, seq: Sequence, start: int) -> None:
         if seq.pages[start:]:

@@ -48,6 +48,13 @@ class PrefixCache:
         self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # block hash -> slot (state at its end), LRU first
         self.queries = self.hits = 0  # prompt tokens looked up and found, since start (Prometheus counters)
 
+    def clear(self) -> tuple[list[int], list[int]]:
+        """Forget every cached block and snapshot (the query and hit totals go on); the evictable pages
+        and the snapshots' slots, now free."""
+        pages, slots = list(self.evictable), list(self.snapshots.values())
+        self.page_of.clear(), self.hash_of.clear(), self.evictable.clear(), self.snapshots.clear()
+        return pages, slots
+
     def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """The chain's hashes of seq's first num_blocks blocks, kept on the sequence as they are computed."""
         hashes, page = seq.block_hashes, self.page_size
