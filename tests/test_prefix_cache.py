@@ -122,6 +122,10 @@ def test_the_same_prompt_again_after_the_window_wrapped(llama, tokenizer, split,
     engine = engine_for(llama, tokenizer, split)
     (first, second), hits = serve_in_turn(engine, [ids, ids])
     assert hits == [0, (length - 1) // PAGE * PAGE]
+    # by the formula: every whole block of the tokens computed (all but the last output) stays cached once
+    # (the second request's own copy of a block the first cached goes back to the pool), and one snapshot
+    usage, computed = engine.usage(), length + PARAMS.max_tokens - 1
+    assert (usage.pages_cached, usage.slots_cached) == (computed // PAGE, 0 if all_full(split) else 1)
     [cold] = cold_results(llama, tokenizer, split, [ids])
     check_same(cold, first, llama, split)
     check_same(cold, second, llama, split)

@@ -77,7 +77,7 @@ class BlockManager:
         if num_tokens > hit.num_tokens:
             self.append(seq, num_tokens)
         if self.prefix:
-            self.prefix.queries += len(seq.prompt_ids)
+            self.prefix.queries += seq.num_tokens  # a preempted sequence looks up its output too
             self.prefix.hits += hit.num_tokens
         return hit
 
