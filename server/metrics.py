@@ -76,12 +76,10 @@ class Metrics:
         self.kv_slots.set(usage.slots_used)
         self.preemptions.set(engine.scheduler.num_preemptions)
         self.prefix_bytes.set(usage.bytes_cached)
-        prefix = engine.blocks.prefix
-        if prefix is not None:  # the engine counts since start (a reset starts a new cache, not new totals)
-            queries, hits = self._prefix_seen
-            self.prefix_queries.inc(prefix.queries - queries)
-            self.prefix_hits.inc(prefix.hits - hits)
-            self._prefix_seen = (prefix.queries, prefix.hits)
+        queries, hits = engine.prefix_cache_totals  # since start (a reset empties the cache, not the totals)
+        self.prefix_queries.inc(queries - self._prefix_seen[0])
+        self.prefix_hits.inc(hits - self._prefix_seen[1])
+        self._prefix_seen = (queries, hits)
         step = engine.last_step
         if step is not None and step is not self._last_step:
             self._last_step = step

@@ -166,6 +166,12 @@ class LLMEngine:
     def usage(self) -> CacheUsage:
         return self.blocks.usage()
 
+    @property
+    def prefix_cache_totals(self) -> tuple[int, int]:
+        """Tokens looked up in the prefix cache and found there, since start ((0, 0) with it off)."""
+        prefix = self.blocks.prefix
+        return (prefix.queries, prefix.hits) if prefix else (0, 0)
+
     def reset_prefix_cache(self) -> None:
         """Empty the prefix cache (vLLM's `POST /reset_prefix_cache`); running requests go on unharmed."""
         self.blocks.reset_prefix_cache()
