@@ -111,8 +111,8 @@ class BlockManager:
 
     def _hold(self, seq: Sequence, pages: list[int]) -> None:
         for page in pages:
-            if self.ref_counts[page] == 0:
-                del self.prefix.evictable[page]  # a cached page nobody held: held again
+            if self.prefix and page in self.prefix.evictable:  # a cached page nobody held: held again
+                del self.prefix.evictable[page]
             self.ref_counts[page] += 1
         seq.pages.extend(pages)
 
