@@ -158,6 +158,23 @@ def test_questions_over_one_document(llama, tokenizer, split, doc_len) -> None:
     assert_only_cached(engine)
 
 
+def test_questions_over_a_document_that_fills_half_the_pool(llama, tokenizer, split) -> None:
+    """Each question's prompt needs more pages than are free, so it evicts the cached copy of the
+    document's later blocks while it computes its own: its copies take their place in the chain, and the
+    later questions still find the whole document."""
+    probe = engine_for(llama, tokenizer, split).cache
+    engine = engine_for(llama, tokenizer, split, max_num_seqs=8,
+                        kv_cache_memory=16 * probe.bytes_per_page + 8 * probe.bytes_per_slot)
+    assert engine.cache.num_pages < 2 * 12  # two prompts of 12 pages do not fit side by side
+    doc = prompt(40, 3)
+    prompts = [doc + prompt(5, 10 + i) for i in range(4)]
+    results, hits = serve_in_turn(engine, prompts)
+    assert hits == ([0, 40, 40, 40] if all_full(split) else [0, 0, 40, 40])
+    for cold, warm in zip(cold_results(llama, tokenizer, split, prompts), results):
+        check_same(cold, warm, llama, split)
+    assert_only_cached(engine)
+
+
 def test_a_chat_resending_its_turns(llama, tokenizer, split) -> None:
     """Each turn sends the conversation so far plus a new message: it reuses the turn before's prompt."""
     engine = engine_for(llama, tokenizer, split)

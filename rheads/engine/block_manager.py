@@ -136,11 +136,13 @@ class BlockManager:
             raise CacheFullError("no free window slot")
         return slot
 
-    def cache_computed(self, seq: Sequence) -> None:
+    def cache_computed(self, seq: Sequence, every_block: bool = False) -> None:
         """Register the pages of seq's computed blocks whose tokens are known (a pipelined step's token is
-        computed before the host has it), so later sequences can reuse them."""
+        computed before the host has it), so later sequences can reuse them: its new blocks, or (as it
+        ends) `every_block` again, for a block whose other cached copy was evicted while seq ran."""
         if self.prefix and seq.pages:
-            self.prefix.register(seq, min(seq.num_cached, seq.num_tokens))
+            self.free_pages += self.prefix.register(seq, min(seq.num_cached, seq.num_tokens),
+                                                    0 if every_block else None)
 
     def snapshot(self, seq: Sequence) -> None:
         """Keep a copy of seq's window slot as of its cache's end (a page boundary), if a slot is free or
@@ -157,7 +159,7 @@ class BlockManager:
         """Let go of `seq`'s slot and pages, registering its computed blocks first; a page returns to the
         pool when no sequence holds it any more, or, registered, waits there evictable, the last block
         first in line (idempotent for a sequence that holds nothing)."""
-        self.cache_computed(seq)
+        self.cache_computed(seq, every_block=True)
         for page in reversed(seq.pages):
             self.ref_counts[page] -= 1
             if self.ref_counts[page] == 0:

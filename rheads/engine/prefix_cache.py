@@ -87,16 +87,26 @@ class PrefixCache:
         prompt_end = (len(seq.prompt_ids) - 1) // self.page_size * self.page_size
         return sorted({p for p in (hit.matched_tokens, prompt_end) if p > hit.num_tokens})
 
-    def register(self, seq: Sequence, num_tokens: int) -> None:
-        """Register seq's pages whose blocks lie within its first num_tokens computed tokens, from the first
-        not offered yet (each step adds a block or none: no walk over a long sequence's every page). A
-        block already cached in another page keeps that one (this page is then freed as usual)."""
-        hashes = self.block_hashes(seq, num_tokens // self.page_size)
-        for i in range(seq.blocks_registered, len(hashes)):
+    def register(self, seq: Sequence, num_tokens: int, start: int | None = None) -> list[int]:
+        """Register seq's pages whose blocks lie within its first num_tokens computed tokens, from block
+        `start` (default: the first not offered yet, so a step walks only its new block, not a long
+        sequence's every page). A block already cached in a page some sequence holds keeps that page;
+        one cached in an evictable page moves to seq's (its copy, computed alike): else, as seq grows and
+        evicts the older copies, the chain would lose blocks seq holds. Returns the pages so freed."""
+        hashes, freed = self.block_hashes(seq, num_tokens // self.page_size), []
+        for i in range(seq.blocks_registered if start is None else start, len(hashes)):
             digest, page = hashes[i], seq.pages[i]
-            if digest not in self.page_of and page not in self.hash_of:
+            if page in self.hash_of:
+                continue
+            old = self.page_of.get(digest)
+            if old is not None and old in self.evictable:
+                del self.evictable[old], self.hash_of[old]
+                freed.append(old)
+                old = None
+            if old is None:
                 self.page_of[digest], self.hash_of[page] = page, digest
         seq.blocks_registered = max(seq.blocks_registered, len(hashes))
+        return freed
 
     def snapshot_hash(self, seq: Sequence) -> bytes | None:
         """The hash a snapshot of seq's slot, now, would be kept under; None where one is kept already or
