@@ -179,6 +179,9 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before the previous one's tokens are read back, so the "
                         "host's per-token work overlaps the GPU; None: on with CUDA")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cache of prompt prefixes seen before (vLLM's automatic prefix caching); "
+                        "on by default")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None,
@@ -501,7 +504,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=batched_tokens,
                           max_model_len=args.max_model_len, device=device, dtype=dtype,
-                          async_decode=args.async_decode)
+                          async_decode=args.async_decode, enable_prefix_caching=args.enable_prefix_caching)
     model = args.model_flag or args.model
     engine = LLMEngine.from_model(model, profile, config, trust_remote_code=args.trust_remote_code)
     source = resolve_model(model)

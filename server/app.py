@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API over the engine: completions, chat, models, tokenize, health, metrics."""
+"""The OpenAI-compatible HTTP API over the engine: completions, chat, models, tokenize, health, metrics, and
+vLLM's `POST /reset_prefix_cache`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rheads.engine import LLMEngine
 
-from .engine_client import EngineClient
+from .engine_client import EngineClient, EngineDeadError
 from .errors import APIError, bad_request, install_error_handlers, unavailable
 from .guards import BodySizeLimit, StrictJSONRoute, api_key_check
 from .metrics import Metrics
@@ -110,6 +111,14 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         if any(not 0 <= t < vocab for t in body.tokens):
             raise bad_request(f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": await tokenizer.decode(body.tokens)}
+
+    @app.post("/reset_prefix_cache", dependencies=keyed)
+    async def reset_prefix_cache():
+        try:
+            await client.reset_prefix_cache()
+        except EngineDeadError as error:
+            raise unavailable(str(error)) from error
+        return Response(status_code=200)
 
     @app.get("/health", dependencies=open_or_keyed)
     async def health():

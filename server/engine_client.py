@@ -54,8 +54,9 @@ class EngineClient:
         # The lock keeps the inbox and the waiting count that decides 429 in step: a request is counted
         # from its post until the engine thread's next look at the engine's own queue after taking it.
         self._lock = threading.Lock()
-        self._inbox: deque[tuple] = deque()  # ("add", id, ids, params) / ("abort", id), in order
+        self._inbox: deque[tuple] = deque()  # ("add", id, ids, params) / ("abort", id) / ("reset", future)
         self._posted = 0  # adds in the inbox
+        self._resets: list[asyncio.Future] = []  # prefix-cache resets done, to answer after the metrics
         self._engine_waiting = 0  # the engine's waiting requests as of the engine thread's last look
         self._work = threading.Event()
         self._stop = threading.Event()
@@ -128,6 +129,17 @@ class EngineClient:
                 self._inbox.append(("abort", request_id))
             self._work.set()
 
+    async def reset_prefix_cache(self) -> None:
+        """Empty the engine's prefix cache, between two steps of the engine thread (which owns the cache);
+        returns once it is done."""
+        if self.death is not None:
+            raise EngineDeadError(self.death)
+        done = self._loop.create_future()
+        with self._lock:
+            self._inbox.append(("reset", done))
+        self._work.set()
+        await done
+
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -138,6 +150,11 @@ class EngineClient:
             stream.put(out)
 
     def _fail_all(self, message: str) -> None:
+        with self._lock:  # resets the dead thread never took: their callers get 503, not a wait forever
+            resets = [item[1] for item in self._inbox if item[0] == "reset"] + self._resets
+        for done in resets:
+            if not done.done():
+                done.set_exception(EngineDeadError(message))
         streams, self._streams = self._streams, {}
         for request_id, stream in streams.items():
             stream.put(RequestOutput.failure(request_id, message))
@@ -167,6 +184,9 @@ class EngineClient:
         with self._lock:
             self._engine_waiting = self.engine.num_waiting
         self.metrics.observe_engine(self.engine)
+        for done in self._resets:
+            self._loop.call_soon_threadsafe(done.set_result, None)
+        self._resets.clear()
         if outputs:
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
         if not busy and not self._inbox:
@@ -181,6 +201,10 @@ class EngineClient:
             self._posted = 0
         failed = []
         for kind, request_id, *rest in items:
+            if kind == "reset":  # request_id is the caller's future, answered once the metrics show the reset
+                self.engine.reset_prefix_cache()
+                self._resets.append(request_id)
+                continue
             if kind == "abort":
                 self.engine.abort(request_id)
                 continue

@@ -31,6 +31,13 @@ class Metrics:
         self.kv_pages = gauge("kv_cache_pages_used", "Pages of the full-head pool in use.")
         self.kv_slots = gauge("kv_cache_window_slots_used", "Streaming-head window slots in use.")
         self.preemptions = gauge("num_preemptions", "Sequences preempted (and recomputed) so far.")
+        self.prefix_bytes = gauge("prefix_cache_bytes_cached", "Bytes of KV cache held by cached prefixes no "
+                                  "request uses (evictable pages and window snapshots).")
+        self.prefix_queries = Counter("rheads:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache.", labels, registry=r).labels(model_name)
+        self.prefix_hits = Counter("rheads:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels, registry=r).labels(model_name)
+        self._prefix_seen = (0, 0)  # the engine's running totals as of the last observation
         self.prompt_tokens = Counter("rheads:prompt_tokens", "Prompt tokens processed.", labels,
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter("rheads:generation_tokens", "Tokens generated.", labels,
@@ -68,6 +75,11 @@ class Metrics:
         self.kv_pages.set(usage.pages_used)
         self.kv_slots.set(usage.slots_used)
         self.preemptions.set(engine.scheduler.num_preemptions)
+        self.prefix_bytes.set(usage.bytes_cached)
+        queries, hits = engine.prefix_cache_totals  # since start (a reset empties the cache, not the totals)
+        self.prefix_queries.inc(queries - self._prefix_seen[0])
+        self.prefix_hits.inc(hits - self._prefix_seen[1])
+        self._prefix_seen = (queries, hits)
         step = engine.last_step
         if step is not None and step is not self._last_step:
             self._last_step = step

@@ -23,8 +23,8 @@ from rheads.engine import RequestError
 from .engine_client import EngineClient, EngineDeadError, QueueFullError, RequestStream
 from .errors import APIError, bad_request, unavailable
 from .protocol import (
-    ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, Usage, completion_logprobs, error_body,
-    new_id, now,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, PromptTokensDetails, SamplingFields, Usage,
+    completion_logprobs, error_body, new_id, now,
 )
 from .tokenizer import ServerTokenizer
 
@@ -74,6 +74,7 @@ class Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     tokens: int = 0
+    cached_tokens: int = 0  # of its prompt, found in the prefix cache
 
 
 class Rendering(abc.ABC):
@@ -99,19 +100,20 @@ def sse(payload: dict | str) -> str:
 
 
 async def sse_events(gen: Generation, head: dict, rendering: Rendering,
-                     usage: Callable[[dict[int, int]], Usage] | None) -> AsyncIterator[str]:
+                     usage: Callable[[dict[int, int], dict[int, int]], Usage] | None) -> AsyncIterator[str]:
     """SSE events: opening chunks, one chunk per output, the usage chunk if asked, then [DONE]."""
     for choice in rendering.opening():
         yield sse({**head, "choices": [choice]})
     counts: dict[int, int] = {}
+    cached: dict[int, int] = {}
     async for index, out in gen:
         if out.error:
             yield sse(error_body(500, engine_error(out).message, "InternalServerError"))
             break
-        counts[index] = out.num_output_tokens
+        counts[index], cached[index] = out.num_output_tokens, out.num_cached_tokens
         yield sse({**head, "choices": [rendering.chunk(index, out)]})
     if usage is not None:
-        yield sse({**head, "choices": [], "usage": usage(counts).model_dump()})
+        yield sse({**head, "choices": [], "usage": usage(counts, cached).model_dump()})
     yield sse("[DONE]")
 
 
@@ -124,6 +126,7 @@ async def gather(gen: Generation) -> dict[int, Choice]:
         choice.text += out.new_text
         choice.logprobs.extend(out.new_logprobs)
         choice.finish_reason, choice.tokens = out.finish_reason, out.num_output_tokens
+        choice.cached_tokens = out.num_cached_tokens
     return dict(sorted(choices.items()))
 
 
@@ -147,10 +150,12 @@ async def collect(gen: Generation, request: Request) -> dict[int, Choice]:
     return gathering.result()
 
 
-def usage_of(prompts: list[list[int]], n: int, outputs: dict[int, int]) -> Usage:
+def usage_of(prompts: list[list[int]], n: int, outputs: dict[int, int], cached: dict[int, int]) -> Usage:
+    """A response's usage over its choices; `cached`: each choice's prompt tokens the prefix cache served."""
     prompt = sum(map(len, prompts)) * n
     completion = sum(outputs.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
 
 
 class OpenAIServing(abc.ABC):
@@ -219,13 +224,15 @@ class OpenAIServing(abc.ABC):
         gen = self.start(prompts, params, body.n, rid)
         head = {"id": rid, "object": self.object, "created": now(), "model": self.served_model_names[0]}
         if body.stream:
-            usage = (lambda counts: usage_of(prompts, body.n, counts)) if body.include_usage else None
+            usage = (lambda outputs, cached: usage_of(prompts, body.n, outputs, cached)) if body.include_usage \
+                else None
             events = sse_events(gen, {**head, "object": self.chunk_object}, rendering, usage)
             # the background task aborts the requests of a client gone before the first event
             return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(gen.close))
         choices = await collect(gen, request)
         return {**head, "choices": [rendering.choice(i, c) for i, c in choices.items()],
-                "usage": usage_of(prompts, body.n, {i: c.tokens for i, c in choices.items()}).model_dump()}
+                "usage": usage_of(prompts, body.n, {i: c.tokens for i, c in choices.items()},
+                                  {i: c.cached_tokens for i, c in choices.items()}).model_dump()}
 
 
 def check_model(model: str | None, served_model_names: list[str]) -> None:

@@ -66,6 +66,22 @@ MUTANTS = [
     Mutant("a shared page freed while another sequence holds it", "rheads/engine/block_manager.py",
            "if self.ref_counts[page] == 0:", "if self.ref_counts[page] <= 1:",
            ("tests/test_block_manager.py",)),
+    Mutant("a prefix hit's streaming heads not restored from its snapshot", "rheads/engine/block_manager.py",
+           "if hit.snapshot is not None and hit.snapshot != seq.slot:", "if False:",
+           ("tests/test_prefix_cache.py", "-x")),
+    Mutant("admission counting a hit's own cached pages as free for the rest", "rheads/engine/block_manager.py",
+           "available = self.num_free_pages - sum(page in evictable for page in hit.pages)",
+           "available = self.num_free_pages", ("tests/test_block_manager.py",)),
+    Mutant("a block hash without its parent's", "rheads/engine/prefix_cache.py",
+           'hashlib.sha256((hashes[-1] if hashes else b"") + tokens)', "hashlib.sha256(tokens)",
+           ("tests/test_block_manager.py",)),
+    Mutant("a block computed again left out of the chain while its evictable copy stays",
+           "rheads/engine/prefix_cache.py",
+           "if old is not None and old in self.evictable:", "if False:",
+           ("tests/test_prefix_cache.py", "-x", "-k", "fills_half")),
+    Mutant("a prefix hit covering the last prompt token", "rheads/engine/prefix_cache.py",
+           "(seq.num_tokens - 1) // self.page_size)", "seq.num_tokens // self.page_size)",
+           ("tests/test_prefix_cache.py", "-x", "-k", "same_prompt")),
 ]
 
 

@@ -41,6 +41,7 @@ class _Engine:
     """What Metrics.observe_engine reads, with a scripted last step."""
 
     num_running = num_waiting = 0
+    prefix_cache_totals = (0, 0)
 
     class scheduler:  # noqa: N801 - mirrors LLMEngine.scheduler
         num_preemptions = 0

@@ -45,7 +45,7 @@ def check_bytes(blocks: BlockManager, holders: list[Sequence]) -> None:
 def test_allocate_append_free_pair_with_their_checks() -> None:
     blocks = manager(pages=8, slots=2)
     a = seq("a")
-    assert blocks.can_allocate(32) and not blocks.can_allocate(33)  # 8 pages of 4 tokens
+    assert blocks.can_allocate(seq("x"), 32) and not blocks.can_allocate(seq("x"), 33)  # 8 pages of 4 tokens
     blocks.allocate(a, 9)
     assert len(a.pages) == 3 and a.slot is not None
     assert blocks.block_tables[a.slot, :3].tolist() == a.pages
@@ -106,11 +106,11 @@ def test_a_slot_is_the_other_limit() -> None:
     held = [seq(str(i)) for i in range(2)]
     for s in held:
         blocks.allocate(s, 1)
-    assert not blocks.can_allocate(1)
+    assert not blocks.can_allocate(seq("x"), 1)
     with pytest.raises(CacheFullError):
         blocks.allocate(seq("x"), 1)
     blocks.free(held[0])
-    assert blocks.can_allocate(1)
+    assert blocks.can_allocate(seq("x"), 1)
 
 
 def test_the_engine_allocates_through_it(monkeypatch) -> None:
@@ -133,3 +133,61 @@ def test_the_engine_allocates_through_it(monkeypatch) -> None:
     scheduler.free(s)
     assert calls[-1] == "free" and blocks.bytes_used() == 0 and torch.equal(
         torch.tensor(sorted(blocks.free_pages)), torch.arange(8))
+
+
+# --- prefix caching -------------------------------------------------------------------------------
+
+FULL = HeadSplit(((0, 1), (0, 1), (0, 1)), num_kv_heads=2)  # every head full: any cached block boundary hits
+
+
+def caching_manager(pages: int) -> BlockManager:
+    cache = HeadSplitCache(FULL, HEAD_DIM, CacheConfig(page_size=PAGE, sink=SINK, window=WINDOW, max_num_seqs=3,
+                                                       memory_bytes=pages * PAGE * 6 * 2 * HEAD_DIM * 4))
+    assert cache.num_pages == pages
+    return BlockManager(cache, prefix_caching=True)
+
+
+def computed(blocks: BlockManager, name: str, tokens: list[int]) -> Sequence:
+    """A sequence that has computed all its tokens and ended: its whole blocks stay cached."""
+    s = Sequence(name, tokens, SamplingParams())
+    blocks.allocate(s, len(tokens))
+    s.num_cached = len(tokens)
+    blocks.free(s)
+    return s
+
+
+def test_admission_counts_only_the_pages_a_hit_does_not_cover() -> None:
+    blocks = caching_manager(pages=8)
+    doc = list(range(100, 112))  # 3 blocks
+    computed(blocks, "a", doc)
+    assert blocks.num_free_pages == 8 and len(blocks.prefix.evictable) == 3
+    # 28 tokens + 1 need 8 pages: 3 cached + 5 new, and the 5 others are free (the cached 3 are not extra)
+    assert blocks.can_allocate(Sequence("b", doc + list(range(16)), SamplingParams()))
+    assert not blocks.can_allocate(Sequence("c", doc + list(range(20)), SamplingParams()))
+    b = Sequence("b", doc + list(range(16)), SamplingParams())
+    hit = blocks.allocate(b, 29)
+    assert hit.num_tokens == 12 and b.pages[:3] == hit.pages and len(b.pages) == 8
+    assert blocks.num_free_pages == 0 and [blocks.ref_counts[p] for p in hit.pages] == [1, 1, 1]
+
+
+def test_a_block_is_found_only_after_its_own_prefix() -> None:
+    """The hash chain covers every block before: the same tokens after a different prefix are not a hit."""
+    blocks = caching_manager(pages=12)
+    a, b, c = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+    computed(blocks, "x", a + b + c)
+    assert blocks.lookup(Sequence("y", a + c + [0], SamplingParams())).num_tokens == 4
+    assert blocks.lookup(Sequence("z", a + b + c + [0], SamplingParams())).num_tokens == 12
+    assert blocks.lookup(Sequence("w", a + b + c, SamplingParams())).num_tokens == 8  # its last token is computed
+
+
+def test_cached_pages_are_evicted_least_recently_used_last_block_first() -> None:
+    blocks = caching_manager(pages=4)
+    old, new = computed(blocks, "old", list(range(8))), computed(blocks, "new", list(range(50, 58)))
+    s = Sequence("s", [99], SamplingParams())
+    blocks.allocate(s, 1)  # no page free: the oldest prefix's last block goes first
+    assert blocks.lookup(Sequence("o", list(range(8)) + [0], SamplingParams())).num_tokens == 4
+    assert blocks.lookup(Sequence("n", list(range(50, 58)) + [0], SamplingParams())).num_tokens == 8
+    blocks.free(s)
+    blocks.reset_prefix_cache()
+    assert blocks.num_free_pages == len(blocks.free_pages) == 4 and not blocks.prefix.page_of
+    assert old.pages == new.pages == []

@@ -87,9 +87,10 @@ def random_prompt(length: int, seed: int) -> list[int]:
 
 def make_engine(model, tokenizer, split: HeadSplit, **config) -> LLMEngine:
     """An engine over a copy of `model` in the engine's dtype (the engine permutes its weights in place),
-    its cached tokens counted by a Ledger."""
+    its cached tokens counted by a Ledger. Prefix caching is off: these oracles count every token from
+    zero and want the pools empty at the end; tests/test_prefix_cache.py holds it to the same oracles."""
     config = {**dict(sink=SINK, window=WINDOW, page_size=PAGE, max_num_batched_tokens=7,
-                     kv_cache_memory=8 << 20), **config}
+                     kv_cache_memory=8 << 20, enable_prefix_caching=False), **config}
     config = EngineConfig(**config)
     engine = LLMEngine(copy.deepcopy(model).to(config.dtype), tokenizer, split, config)
     LEDGERS[engine] = Ledger(engine)

@@ -120,6 +120,19 @@ def test_serve_flags_reach_the_settings_and_uvicorn(monkeypatch, engine):
         build_parser().parse_args(["serve", "--max-request-bytes", "0.5"])
 
 
+def test_prefix_caching_is_on_unless_turned_off(monkeypatch, engine):
+    """vLLM's spelling: on by default, `--no-enable-prefix-caching` turns it off in the engine's config."""
+    configs = []
+    monkeypatch.setattr(LLMEngine, "from_model", classmethod(
+        lambda cls, model, profile, config, trust_remote_code: configs.append(config) or engine))
+    monkeypatch.setattr("server.app.create_app", lambda eng, settings: "app")
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: None)
+    for flags in ([], ["--no-enable-prefix-caching"], ["--enable-prefix-caching"]):
+        assert run_serve(build_parser().parse_args(["serve", "--kv-cache-memory", "64MiB", *flags])) == 0
+    assert [c.enable_prefix_caching for c in configs] == [True, False, True]
+
+
 def test_the_key_is_compared_in_constant_time(served, monkeypatch):
     """The key decides through hmac.compare_digest alone, of SHA-256 digests of the presented and the configured
     header: equal lengths whatever is sent, so neither a key's length nor its prefix shows in the time taken."""

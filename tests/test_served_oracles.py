@@ -135,7 +135,9 @@ def serve(engine: LLMEngine, prompts: list[list[int]], logprobs: int | None) -> 
 def check_served(model, tokenizer, split: HeadSplit, prompts: list[list[int]], target, monkeypatch,
                  masked: bool, **config) -> None:
     """Serve the prompts twice (tokens alone, which pipelines on CUDA; then with logprobs, which does not)
-    and hold both runs to the fp32 truth: the masked reference when `masked`, else the model's own attention."""
+    and hold both runs to the fp32 truth: the masked reference when `masked`, else the model's own attention.
+    The second run finds the first's prompts in the prefix cache (with streaming heads, from their window
+    snapshots), so the truth holds the served path from a warm cache too."""
     device, dtype = target
     engine = served_engine(model, tokenizer, split, device, dtype, **config)
     paths = PathCounter(engine, monkeypatch)
@@ -152,6 +154,7 @@ def check_served(model, tokenizer, split: HeadSplit, prompts: list[list[int]], t
         return memo[key]
 
     for logprobs in (None, 5):
+        hits = engine.blocks.prefix.hits if engine.blocks.prefix else 0
         for rid, res in serve(engine, prompts, logprobs).items():
             ids = res.prompt_ids + res.token_ids
             truth = logprobs_of(ids, **reference)
@@ -164,6 +167,8 @@ def check_served(model, tokenizer, split: HeadSplit, prompts: list[list[int]], t
             total += len(res.token_ids)
             if masked:
                 mask_moves = max(mask_moves, float((logprob_errors(truth, logprobs_of(ids), res) / bounds).max()))
+        if logprobs and engine.blocks.prefix:  # every prompt's whole pages but its last token's
+            assert engine.blocks.prefix.hits - hits == sum((len(p) - 1) // 16 * 16 for p in prompts)
     # the mask must matter by more than the bound, or a wrong one could pass
     assert not masked or mask_moves > 2, f"the mask moves no logprob by twice the bound ({mask_moves:.2f})"
     assert decided >= MIN_DECIDED[dtype] * total, f"only {decided} of {total} tokens were clear enough to check"

@@ -97,6 +97,32 @@ def haystack_ids(engine) -> list[int]:
 
 # --- the API through the official client -----------------------------------------------------------
 
+def test_prefix_cache_through_the_api(served, client, http, haystack_ids):
+    """A repeated prompt is served from the prefix cache with the same greedy text, and says so in
+    usage.prompt_tokens_details.cached_tokens and the Prometheus counters; a reset empties the cache."""
+    assert http.post("/reset_prefix_cache").status_code == 200
+    before = scrape(served.base)
+    prompt = haystack_ids[:600]
+    cold = client.completions.create(model=NAMES[0], prompt=prompt, max_tokens=8, temperature=0)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    warm = client.completions.create(model=NAMES[0], prompt=prompt, max_tokens=8, temperature=0)
+    assert warm.choices[0].text == cold.choices[0].text
+    assert warm.usage.prompt_tokens_details.cached_tokens == 592  # whole pages of 16 before the last token
+    stream = client.completions.create(model=NAMES[0], prompt=prompt, max_tokens=8, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cold.choices[0].text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 592
+    m = wait_idle(served.base)
+    assert m["rheads:prefix_cache_queries_total"] - before.get("rheads:prefix_cache_queries_total", 0) == 3 * 600
+    assert m["rheads:prefix_cache_hits_total"] - before.get("rheads:prefix_cache_hits_total", 0) == 2 * 592
+    assert m["rheads:prefix_cache_bytes_cached"] > 0
+    assert http.post("/reset_prefix_cache").status_code == 200
+    assert wait_idle(served.base)["rheads:prefix_cache_bytes_cached"] == 0
+    again = client.completions.create(model=NAMES[0], prompt=prompt, max_tokens=8, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0 and again.choices[0].text == cold.choices[0].text
+
+
 def test_models_lists_the_served_names(client, http):
     models = client.models.list()
     assert [m.id for m in models.data] == NAMES
@@ -191,7 +217,11 @@ def test_chat_streaming_and_not(client, engine):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == out.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == out.usage.model_dump()
+    assert chunks[-1].choices == []
+    streamed, plain = chunks[-1].usage.model_dump(), out.usage.model_dump()
+    # the same prompt again: it finds the first request's whole pages in the prefix cache
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] >= plain.pop("prompt_tokens_details")["cached_tokens"]
+    assert streamed == plain
 
 
 def test_chat_without_max_tokens_is_served(client):

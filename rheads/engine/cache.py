@@ -76,6 +76,9 @@ class CacheUsage:
     bytes_used: int
     bytes_full_equivalent: int
     bytes_capacity: int
+    pages_cached: int = 0  # held by the prefix cache alone: evictable pages and window snapshots
+    slots_cached: int = 0
+    bytes_cached: int = 0
 
     @property
     def usage_fraction(self) -> float:
@@ -125,6 +128,13 @@ class HeadSplitCache:
     def token_capacity(self) -> int | None:
         """The most tokens one sequence can hold: every page (None without full heads: a slot never fills)."""
         return self.num_pages * self.config.page_size if self.has_full_heads else None
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Copy one window slot's entries, every streaming head of every layer, into another (a prefix
+        cache snapshot taken or restored: a slot's layout depends on positions only)."""
+        for pool in (*self.ring_k, *self.ring_v):
+            if pool is not None:
+                pool[target].copy_(pool[source])
 
     def ring_index(self, positions: torch.Tensor) -> torch.Tensor:
         """Where each token position lives in a streaming slot: sinks in place, the rest in a ring."""

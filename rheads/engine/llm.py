@@ -46,6 +46,7 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
     cuda_graphs: bool = True  # on CUDA, replay captured graphs for pure decode steps
     async_decode: bool | None = None  # pipelined decode steps (see LLMEngine.step); None: on for CUDA
+    enable_prefix_caching: bool = True  # reuse cached prompt prefixes (prefix_cache.py), as vLLM by default
 
 
 DEFAULT_WINDOW = 256
@@ -95,7 +96,7 @@ class LLMEngine:
             config.device, config.dtype, head_dim, config.sink, config.window, config.max_num_batched_tokens,
             self.max_model_len))
         try:
-            self.blocks = BlockManager(self.cache)
+            self.blocks = BlockManager(self.cache, config.enable_prefix_caching)
             self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len,
                                        eos_token_ids(model, tokenizer))
             self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len,
@@ -171,6 +172,16 @@ class LLMEngine:
 
     def usage(self) -> CacheUsage:
         return self.blocks.usage()
+
+    @property
+    def prefix_cache_totals(self) -> tuple[int, int]:
+        """Tokens looked up in the prefix cache and found there, since start ((0, 0) with it off)."""
+        prefix = self.blocks.prefix
+        return (prefix.queries, prefix.hits) if prefix else (0, 0)
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix cache (vLLM's `POST /reset_prefix_cache`); running requests go on unharmed."""
+        self.blocks.reset_prefix_cache()
 
     @property
     def num_running(self) -> int:

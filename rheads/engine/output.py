@@ -61,4 +61,5 @@ def process(tokenizer, appended: Appended) -> RequestOutput:
         text = text[:max(len(seq.text), len(text) - max(map(len, params.stop)) + 1)]
     new_text, seq.text = text[len(seq.text):], text
     return RequestOutput(seq.request_id, [token], new_text, [logprob] if logprob else [], finish is not None,
-                         finish, len(seq.prompt_ids), len(seq.output_ids))
+                         finish, len(seq.prompt_ids), len(seq.output_ids),
+                         num_cached_tokens=seq.num_cached_prompt or 0)

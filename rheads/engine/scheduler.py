@@ -19,6 +19,11 @@ A step is `schedule` (or, for a pipelined decode step, `schedule_pipelined`), th
 then `update` (`messages.py`): the scheduler is what admits, grows, preempts, advances a sequence's
 cached tokens, appends its sampled tokens and finishes it on EOS, a stop token id or a length limit;
 the runner only reads sequences.
+
+With prefix caching, an admitted sequence starts with its cached prefix's tokens counted as cached and
+feeds only the rest; its prefill chunks stop at the points where it keeps a snapshot of its streaming
+heads (`prefix_cache.py`), which `update` takes once the chunk ending there has run, as it registers
+every block the step completed.
 """
 
 from __future__ import annotations
@@ -59,13 +64,13 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
-        seq.num_cached = 0
+        seq.num_cached, seq.snapshot_at = 0, []
 
     def preempt(self, seq: Sequence) -> None:
         """Give a running sequence's cache back and queue it first, to be computed again from its first token."""
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.num_cached, seq.status = 0, Status.WAITING
+        seq.num_cached, seq.status, seq.snapshot_at = 0, Status.WAITING, []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -80,10 +85,11 @@ class Scheduler:
         return True
 
     def _prefill_tokens(self, seq: Sequence, room: int) -> int:
-        """How many of seq's uncached tokens to feed: at most `room` (what is left of this step's), and
-        not past the next multiple of the chunk size (max_num_batched_tokens)."""
+        """How many of seq's uncached tokens to feed: at most `room` (what is left of this step's), not past
+        the next multiple of the chunk size (max_num_batched_tokens) nor past its next snapshot point."""
         size = self.max_num_batched_tokens
-        return min(seq.num_tokens - seq.num_cached, room, size - seq.num_cached % size)
+        snapshot = seq.snapshot_at[0] - seq.num_cached if seq.snapshot_at else size
+        return min(seq.num_tokens - seq.num_cached, room, size - seq.num_cached % size, snapshot)
 
     def schedule(self) -> SchedulerOutput:
         room = self.max_num_batched_tokens  # prefill tokens left this step (see the module docstring)
@@ -97,12 +103,18 @@ class Scheduler:
                 chunks.append(Chunk.of(seq, n))
                 room -= 0 if decoding else n
         chunks = [c for c in chunks if c.seq.status is Status.RUNNING]  # drop any preempted later
-        while self.waiting and room > 0 and self.blocks.can_allocate(self.waiting[0].num_tokens + 1):
+        while self.waiting and room > 0 and self.blocks.can_allocate(self.waiting[0]):
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+            hit = self.blocks.allocate(seq)
+            seq.num_cached = hit.num_tokens
+            if seq.num_cached_prompt is None:
+                seq.num_cached_prompt = hit.num_tokens
+            if self.blocks.prefix:
+                seq.snapshot_at = self.blocks.prefix.snapshot_points(seq, hit)
             n = self._prefill_tokens(seq, room)
-            self.blocks.allocate(seq, n)
+            self.blocks.append(seq, seq.num_cached + n)
             chunks.append(Chunk.of(seq, n))
             room -= n
         return SchedulerOutput(chunks)
@@ -121,7 +133,10 @@ class Scheduler:
         it) on EOS or a stop token id ("stop") or a length limit ("length"); a row whose sampling failed
         finishes its sequence with "error". Returns what was done, for the output processor."""
         for chunk in output.chunks:
-            chunk.seq.num_cached += chunk.num_tokens
+            seq = chunk.seq
+            seq.num_cached += chunk.num_tokens
+            if seq.status is Status.RUNNING:
+                self._cache_prefix(seq)
         appended = []
         for row, seq in enumerate(result.seqs):
             if seq.status is not Status.RUNNING:
@@ -140,6 +155,14 @@ class Scheduler:
             appended.append(Appended(seq, token, logprob))
         return appended
 
+    def _cache_prefix(self, seq: Sequence) -> None:
+        """Register the blocks seq has computed and, at a snapshot point, keep its streaming heads there."""
+        self.blocks.cache_computed(seq)
+        if seq.snapshot_at and seq.num_cached >= seq.snapshot_at[0]:
+            if seq.num_cached == seq.snapshot_at[0]:
+                self.blocks.snapshot(seq)
+            seq.snapshot_at = [p for p in seq.snapshot_at if p > seq.num_cached]
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
@@ -156,7 +179,7 @@ class Scheduler:
         a page is missing (`schedule` then decides, preempting if it must)."""
         if len(self.running) != len(seqs) or any(s.status is not Status.RUNNING for s in seqs):
             return None
-        if self.waiting and self.blocks.can_allocate(self.waiting[0].num_tokens + 1):
+        if self.waiting and self.blocks.can_allocate(self.waiting[0]):
             return None
         limit = self.max_model_len or float("inf")
         going_on = [s for s in seqs if len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < limit]

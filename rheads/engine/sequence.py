@@ -64,6 +64,10 @@ class Sequence:
     prefix_offset: int = 0  # incremental detokenization: decode [prefix_offset:] against [prefix_offset:read_offset]
     read_offset: int = 0
     generator: torch.Generator | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # the prefix cache's chain over its full blocks
+    blocks_registered: int = 0  # its first blocks the prefix cache has been offered (`PrefixCache.register`)
+    snapshot_at: list[int] = field(default_factory=list)  # cached-token counts at which to keep its window
+    num_cached_prompt: int | None = None  # prompt tokens its first admission found in the prefix cache
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without joining the two lists (a decode step asks
@@ -97,6 +101,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's cached_tokens)
 
     @classmethod
     def failure(cls, request_id: str, error: str, num_prompt_tokens: int = 0,

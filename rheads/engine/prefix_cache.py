@@ -1,0 +1,141 @@
+"""Prefix caching on the head-split cache: which pages and window snapshots hold a computed prefix.
+
+Full heads: a page whose `page_size` tokens are all computed is registered under its block's hash, a
+chain (sha256 of the parent block's hash and the block's token ids), so a page stands for its whole
+prefix, not only its own tokens. A later sequence whose tokens begin with the same blocks takes those
+pages instead of computing them (the block manager's reference counts share them). A registered page
+that no sequence holds any more stays cached, evictable least-recently-used when the pool needs a page.
+
+Streaming heads keep only sink + window entries per sequence, overwritten as it moves on, so a prefix
+of P tokens is reusable only where their state as of position P was kept: a snapshot, a copy of the
+sequence's window slot taken when its cache ended exactly at P, stored in a free window slot (the same
+layout, so it is copied back as it is). Snapshots are taken at two points a sequence chooses when it is
+admitted: the last page boundary before its prompt's last token (the next turn of a chat resends the
+prompt) and the end of the cached blocks it matched without a snapshot there (where it branched off a
+cached prefix: the other questions over the same document branch there too). A cached prefix so costs
+its full heads' pages plus one window slot. Without streaming heads (budget 1.0) every cached block
+boundary is a hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+
+@dataclass(frozen=True)
+class Hit:
+    """The cached prefix a sequence can reuse: its pages, the tokens they cover, the snapshot slot holding
+    its streaming heads there (None without streaming heads or a hit), and the end of the blocks that
+    matched (past the hit where no snapshot is kept: where the sequence branches off a cached prefix)."""
+
+    pages: list[int]
+    num_tokens: int
+    snapshot: int | None
+    matched_tokens: int
+
+
+class PrefixCache:
+    def __init__(self, page_size: int, streaming: bool):
+        self.page_size, self.streaming = page_size, streaming
+        self.page_of: dict[bytes, int] = {}  # block hash -> the page holding that block
+        self.hash_of: dict[int, bytes] = {}  # registered page -> its block hash
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # registered pages nobody holds, LRU first
+        self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # block hash -> slot (state at its end), LRU first
+        self.queries = self.hits = 0  # prompt tokens looked up and found, since start (Prometheus counters)
+
+    def clear(self) -> tuple[list[int], list[int]]:
+        """Forget every cached block and snapshot (the query and hit totals go on); the evictable pages
+        and the snapshots' slots, now free."""
+        pages, slots = list(self.evictable), list(self.snapshots.values())
+        self.page_of.clear(), self.hash_of.clear(), self.evictable.clear(), self.snapshots.clear()
+        return pages, slots
+
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The chain's hashes of seq's first num_blocks blocks, kept on the sequence as they are computed."""
+        hashes, page = seq.block_hashes, self.page_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            tokens = array("q", seq.token_ids(i * page, (i + 1) * page)).tobytes()
+            hashes.append(hashlib.sha256((hashes[-1] if hashes else b"") + tokens).digest())
+        return hashes[:num_blocks]
+
+    def lookup(self, seq: Sequence) -> Hit:
+        """The longest cached prefix of seq that leaves its last token to compute (its logits are sampled)."""
+        pages: list[int] = []
+        for digest in self.block_hashes(seq, (seq.num_tokens - 1) // self.page_size):
+            page = self.page_of.get(digest)
+            if page is None:
+                break
+            pages.append(page)
+        matched = len(pages) * self.page_size
+        if not self.streaming:
+            return Hit(pages, matched, None, matched)
+        while pages and seq.block_hashes[len(pages) - 1] not in self.snapshots:
+            pages.pop()
+        snapshot = self.snapshots[seq.block_hashes[len(pages) - 1]] if pages else None
+        return Hit(pages, len(pages) * self.page_size, snapshot, matched)
+
+    def snapshot_points(self, seq: Sequence, hit: Hit) -> list[int]:
+        """Where seq's streaming heads are to be kept (see the module docstring): ascending, past the hit."""
+        if not self.streaming:
+            return []
+        prompt_end = (len(seq.prompt_ids) - 1) // self.page_size * self.page_size
+        return sorted({p for p in (hit.matched_tokens, prompt_end) if p > hit.num_tokens})
+
+    def register(self, seq: Sequence, num_tokens: int, start: int | None = None) -> list[int]:
+        """Register seq's pages whose blocks lie within its first num_tokens computed tokens, from block
+        `start` (default: the first not offered yet, so a step walks only its new block, not a long
+        sequence's every page). A block already cached in a page some sequence holds keeps that page;
+        one cached in an evictable page moves to seq's (its copy, computed alike): else, as seq grows and
+        evicts the older copies, the chain would lose blocks seq holds. Returns the pages so freed."""
+        hashes, freed = self.block_hashes(seq, num_tokens // self.page_size), []
+        for i in range(seq.blocks_registered if start is None else start, len(hashes)):
+            digest, page = hashes[i], seq.pages[i]
+            if page in self.hash_of:
+                continue
+            old = self.page_of.get(digest)
+            if old is not None and old in self.evictable:
+                del self.evictable[old], self.hash_of[old]
+                freed.append(old)
+                old = None
+            if old is None:
+                self.page_of[digest], self.hash_of[page] = page, digest
+        seq.blocks_registered = max(seq.blocks_registered, len(hashes))
+        return freed
+
+    def snapshot_hash(self, seq: Sequence) -> bytes | None:
+        """The hash a snapshot of seq's slot, now, would be kept under; None where one is kept already or
+        seq's cache does not end on a registered block."""
+        blocks, rest = divmod(seq.num_cached, self.page_size)
+        if rest or not blocks:
+            return None
+        digest = self.block_hashes(seq, blocks)[-1]
+        if digest in self.snapshots:
+            self.snapshots.move_to_end(digest)
+            return None
+        return digest if digest in self.page_of else None
+
+    def touch(self, seq: Sequence, hit: Hit) -> None:
+        """Mark the hit's snapshot most recently used (it is about to be copied from)."""
+        if hit.snapshot is not None:
+            self.snapshots.move_to_end(seq.block_hashes[len(hit.pages) - 1])
+
+    def evict_page(self) -> tuple[int, int | None]:
+        """The least recently used evictable page, now unregistered, and the snapshot slot it frees (if any)."""
+        page, _ = self.evictable.popitem(last=False)
+        digest = self.hash_of.pop(page)
+        del self.page_of[digest]
+        return page, self.snapshots.pop(digest, None)
+
+    def evict_snapshot(self, keep: int | None = None) -> int | None:
+        """Drop the least recently used snapshot other than slot `keep`; its slot, or None if there is none."""
+        for digest, slot in self.snapshots.items():
+            if slot != keep:
+                del self.snapshots[digest]
+                return slot
+        return None
