@@ -119,7 +119,7 @@ def check_budget(args, budget: float) -> list[dict]:
     results = oracles.run(engine, {0: [(f"p{i}", p.input_ids, with_logprobs) for i, (_, _, p) in enumerate(prompts)]})
     tokens_only = oracles.run(engine, {0: [(f"p{i}", p.input_ids, SamplingParams(**greedy))
                                            for i, (_, _, p) in enumerate(prompts)]})
-    model, tokenizer, split, eos_ids = engine.model, engine.tokenizer, engine.split, engine.eos_ids
+    model, tokenizer, split, eos_ids = engine.model, engine.tokenizer, engine.split, engine.scheduler.eos_ids
     engine.close()  # the model as loaded again: the reference runs on the same weights
     del engine
     gc.collect()

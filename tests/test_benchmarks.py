@@ -306,7 +306,7 @@ def _tiny_model_dir(tmp_path: Path) -> tuple[Path, Path]:
     from transformers import AutoTokenizer
 
     from rheads.models import resolve_model
-    from rheads.profile import ModelIdentity, synthetic_profile
+    from rheads.profiling.profile import ModelIdentity, synthetic_profile
 
     shape = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16, intermediate_size=128,
                  max_position_embeddings=512, vocab_size=49152)
