@@ -241,5 +241,9 @@ def test_real_smollm2(budget, target, smollm2, monkeypatch) -> None:
     device, _ = target
     prompts = needle_prompts(tokenizer, count=4, length=1100) if device == "cuda" else \
         needle_prompts(tokenizer, count=2, length=600)
-    # room for all four at once, so that prompts prefill while others decode (the eager Triton decode)
-    check_served(model, tokenizer, split, prompts, target, monkeypatch, masked=budget < 1.0, kv_cache_memory=1 << 30)
+    # room for all four at once, so that prompts prefill while others decode (the eager Triton decode), and
+    # window slots for every snapshot the first run keeps beside them (the four prompts' ends and the point
+    # where the later two branch off the first): with fewer, the least recently used give theirs up and
+    # the second run finds less than every prompt's whole pages
+    check_served(model, tokenizer, split, prompts, target, monkeypatch, masked=budget < 1.0,
+                 kv_cache_memory=1 << 30, max_num_seqs=16)
