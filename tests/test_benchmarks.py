@@ -363,3 +363,46 @@ def test_long_context_oracle_sees_a_wrong_window(tmp_path, one_thread, monkeypat
         rows = long_context_oracle.main(_oracle_args(model_dir, profile, "--prompts", "1", "--budgets", "1.0,0.5",
                                                      "--dtype", dtype))["rows"]
         assert [r["ok"] for r in rows] == [True, False], (dtype, rows)
+
+
+def _eval_run(path: Path, window: int, configs: dict[str, tuple[str, int, list[bool]]], lengths=(64, 32)) -> None:
+    """An `rheads eval niah` output directory: cells at each length, and a summary whose full and window
+    rows carry the engine's own KV bytes (the formula the comparison must reproduce for the other rows)."""
+    from rheads.engine.heads import HeadSplit
+    from rheads.evaluation.niah_eval import kv_bytes_per_sequence
+
+    path.mkdir(parents=True)
+    cells = [{"config": name, "selection": selection, "budget": full / 4, "seed": None, "full_heads": full,
+              "length": length, "depth": i / 10, "needle": 0, "correct": ok}
+             for name, (selection, full, oks) in configs.items() for length in lengths for i, ok in enumerate(oks)]
+    (path / "cells.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells))
+    kv = lambda full: kv_bytes_per_sequence(HeadSplit(full=((0, 1)[:full // 2],) * 2, num_kv_heads=2), 8, 2, 16,  # noqa: E731
+                                            4, window, max(lengths))
+    summary = {"lengths": list(lengths), "meta": {"window": window, "page_size": 16},
+               "configs": [{"selection": "full", "total_heads": 4, "kv_bytes_per_seq": kv(4)},
+                           {"selection": "window", "total_heads": 4, "kv_bytes_per_seq": kv(0)}]}
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+def test_accuracy_compare_counts_cells_and_prices_each_configuration_by_the_engines_formula(tmp_path):
+    from accuracy_compare import compare, format_table
+
+    from rheads.engine.heads import HeadSplit
+    from rheads.evaluation.niah_eval import kv_bytes_per_sequence
+
+    _eval_run(tmp_path / "a", 8, {"full": ("full", 4, [True, True, False]), "window": ("window", 0, [False] * 3),
+                                  "retrieval-0.5": ("retrieval", 2, [True, False, False])})
+    _eval_run(tmp_path / "b", 8, {"full": ("full", 4, [True, True, False]), "window": ("window", 0, [False] * 3),
+                                  "retrieval-0.5": ("retrieval", 2, [True, True, False])})
+    for length in (64, 32):
+        rows = compare([("a", tmp_path / "a"), ("b", tmp_path / "b")], length)
+        # the shared full and window rows once, each run's own configuration under its label
+        assert [(r["what"], r["correct"], r["cells"]) for r in rows] == [
+            ("window 8 alone", 0, 3), ("a retrieval-0.5, window 8", 1, 3), ("b retrieval-0.5, window 8", 2, 3),
+            ("full cache", 2, 3)]
+        half = kv_bytes_per_sequence(HeadSplit(full=((0,), (1,)), num_kv_heads=2), 8, 2, 16, 4, 8, length)
+        assert rows[1]["kv_bytes"] == rows[2]["kv_bytes"] == half
+        assert rows[-1]["kv_bytes"] == kv_bytes_per_sequence(HeadSplit(full=((0, 1),) * 2, num_kv_heads=2), 8, 2,
+                                                             16, 4, 8, length)
+    table = format_table(rows, 32)
+    assert "| b retrieval-0.5, window 8 | 2 |" in table and "2/3 | +0.0 |" in table and "1/3 | -33.3 |" in table
