@@ -123,6 +123,16 @@ def _permute(model, orders: list[list[int]]) -> None:
                 proj.bias.copy_(_rows(proj.bias, order, head_dim))
         o = attn.o_proj.weight  # [hidden, heads * head_dim]: permute input columns
         o.copy_(_rows(o.t().contiguous(), q_order, head_dim).t())
+        for norm, order in ((getattr(attn, "q_norm", None), q_order), (getattr(attn, "k_norm", None), kv_order)):
+            _permute_norm(norm, order, head_dim)
+
+
+def _permute_norm(norm, order: torch.Tensor, head_dim: int) -> None:
+    """A q or k norm whose weights span every head (Olmo2's over heads x head_dim, Cohere's per head) moves
+    with its heads; one shared by the heads (Qwen3's over head_dim) has nothing to move."""
+    for param in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+        if param is not None and param.numel() == len(order) * head_dim:
+            param.copy_(_rows(param.reshape(-1), order, head_dim).view_as(param))
 
 
 def permute_attention_heads(model, split: HeadSplit) -> None:
