@@ -36,12 +36,11 @@ class UnsupportedModelError(ValueError):
 VERIFIED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
-    "CohereForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "Starcoder2ForCausalLM",
+    "CohereForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "Starcoder2ForCausalLM", "Phi3ForCausalLM",
 )
 # What stands in the way of those seen to fail (the rest are simply unverified)
 KNOWN_GAPS = {
     "StableLmForCausalLM": "its decoder layer does not pass the engine's batch to attention",
-    "Phi3ForCausalLM": "its fused qkv_proj is not split for the head permutation",
     "HeliumForCausalLM": "its attention's shapes differ from the Llama layout the engine assumes",
 }
 

@@ -41,8 +41,9 @@ FAMILIES = {  # model_type -> the config's extras
     "olmo": {},
     "olmo2": {},
     "starcoder2": {"sliding_window": None},
+    "phi3": {"sliding_window": None, "partial_rotary_factor": 0.75},
 }
-REFUSED = {"stablelm": {}, "phi3": {}, "helium": {}, "gpt_neox": {}}
+REFUSED = {"stablelm": {}, "helium": {}, "gpt_neox": {}}
 
 
 def tiny(model_type: str, **extras):
@@ -51,7 +52,7 @@ def tiny(model_type: str, **extras):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
                 param.mul_(3.0)  # peaky attention, so the window matters
             elif "norm" in name and name.endswith("weight"):
                 param.uniform_(0.5, 1.5)
