@@ -117,12 +117,29 @@ def _permute(model, orders: list[list[int]]) -> None:
         attn = layer.self_attn
         kv_order = torch.tensor(kv_list)
         q_order = (kv_order[:, None] * group + torch.arange(group)).flatten()
-        for proj, order in ((attn.q_proj, q_order), (attn.k_proj, kv_order), (attn.v_proj, kv_order)):
-            proj.weight.copy_(_rows(proj.weight, order, head_dim))
-            if proj.bias is not None:
-                proj.bias.copy_(_rows(proj.bias, order, head_dim))
+        orders = (q_order, kv_order, kv_order)
+        if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v rows in one matrix, in that order
+            sizes = [config.num_attention_heads * head_dim] + [config.num_key_value_heads * head_dim] * 2
+            params = [p for p in (attn.qkv_proj.weight, attn.qkv_proj.bias) if p is not None]
+            blocks = [(part, order) for p in params for part, order in zip(p.split(sizes), orders)]
+        else:
+            projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+            blocks = [(p, order) for proj, order in zip(projs, orders) for p in (proj.weight, proj.bias)
+                      if p is not None]
+        for param, order in blocks:  # views into the weights: copied in place
+            param.copy_(_rows(param, order, head_dim))
         o = attn.o_proj.weight  # [hidden, heads * head_dim]: permute input columns
         o.copy_(_rows(o.t().contiguous(), q_order, head_dim).t())
+        for norm, order in ((getattr(attn, "q_norm", None), q_order), (getattr(attn, "k_norm", None), kv_order)):
+            _permute_norm(norm, order, head_dim)
+
+
+def _permute_norm(norm, order: torch.Tensor, head_dim: int) -> None:
+    """A q or k norm whose weights span every head (Olmo2's over heads x head_dim, Cohere's per head) moves
+    with its heads; one shared by the heads (Qwen3's over head_dim) has nothing to move."""
+    for param in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+        if param is not None and param.numel() == len(order) * head_dim:
+            param.copy_(_rows(param.reshape(-1), order, head_dim).view_as(param))
 
 
 def permute_attention_heads(model, split: HeadSplit) -> None:

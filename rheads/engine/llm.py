@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import check_attention_supported, eos_token_ids, load_model, resolve_model
+from ..models import check_model_supported, eos_token_ids, load_model, resolve_model
 from ..profiling.profile import ModelIdentity, find_profile, head_dim_of
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
@@ -86,7 +86,7 @@ class LLMEngine:
         config = config if config.window is not None else replace(config, window=DEFAULT_WINDOW)
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
-        check_attention_supported(model.config)
+        check_model_supported(model)
         head_dim = head_dim_of(model.config)
         self.cache = _allocate_cache(split, head_dim, config)
         # The engine owns the model from here to `close` (the cache was allocated first, so a memory too

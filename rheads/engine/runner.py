@@ -16,6 +16,7 @@ from .attention import BatchMeta, SeqSlice
 from .cache import HeadSplitCache
 from .cudnn_prefill import CudnnPlans
 from .decode import DecodeBatch
+from .logits import model_logits
 from .messages import Chunk, PendingOutput, RunnerOutput, SchedulerOutput
 from .sampler import draw_tokens, is_plain, sample_batch
 from .sequence import Sequence
@@ -102,7 +103,7 @@ class ModelRunner:
             position_ids=position_ids[None],
             use_cache=False, rheads_batch=meta,
         ).last_hidden_state[0]
-        return self.model.lm_head(hidden[to_device(last, device)]) if last else hidden[:0]
+        return model_logits(self.model, hidden[to_device(last, device)]) if last else hidden[:0]
 
     def decode_batch(self, decoding: list[tuple[int, Chunk]], size: int | None = None,
                      width: int | None = None) -> DecodeBatch:
@@ -192,7 +193,7 @@ class _DecodeGraph:
         def forward() -> torch.Tensor:
             hidden = runner.model.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=False,
                                         rheads_batch=meta).last_hidden_state[0]
-            return runner.model.lm_head(hidden)
+            return model_logits(runner.model, hidden)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
