@@ -40,8 +40,11 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    presence_penalty: FiniteFloat = 0.0
-    frequency_penalty: FiniteFloat = 0.0
+    presence_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: FiniteFloat = Field(default=1.0, gt=0.0, le=2.0)  # vLLM's extension, as min_tokens
+    min_tokens: int = Field(default=0, ge=0)
+    logit_bias: dict[str, FiniteFloat] | None = None  # token id (as a string, OpenAI's JSON) -> bias
 
     @field_validator("stop")
     @classmethod
@@ -52,10 +55,19 @@ class SamplingFields(BaseModel):
         return stops
 
     @model_validator(mode="after")
-    def _no_penalties(self) -> "SamplingFields":
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+    def _min_within_max(self) -> "SamplingFields":
+        if self.asked_max_tokens is not None and self.min_tokens > self.asked_max_tokens:
+            raise ValueError("min_tokens must not exceed the maximum number of tokens asked for")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > 300 or any(not key.isdigit() or not -100 <= bias <= 100 for key, bias in value.items()):
+            raise ValueError("logit_bias maps up to 300 token ids to biases between -100 and 100")
+        return value
 
     default_max_tokens: ClassVar[int | None] = None  # None: as many as the context and the cache leave
 
@@ -76,7 +88,10 @@ class SamplingFields(BaseModel):
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), seed=self.seed, stop=self.stop or [],
                               stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-                              logprobs=self.num_logprobs)
+                              logprobs=self.num_logprobs, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                              min_tokens=min(self.min_tokens, max_tokens))
 
 
 class CompletionRequest(SamplingFields):

@@ -208,7 +208,7 @@ class OpenAIServing(abc.ABC):
         try:
             return Generation(self.client, prompts, params, n, request_id)
         except RequestError as error:
-            raise bad_request(str(error), self.prompt_param) from error
+            raise bad_request(str(error), error.param or self.prompt_param) from error
         except QueueFullError as error:
             raise APIError(429, f"server busy: {error}; retry later", "RateLimitError",
                            headers={"Retry-After": str(self.retry_after_seconds)}) from error

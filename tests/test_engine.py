@@ -686,10 +686,10 @@ def test_a_failed_device_draw_in_a_pipelined_step_falls_back_to_the_host(llama, 
             raise RuntimeError("device draw failed")
         return real_draw(logits, params, plain)
 
-    def sample_fails_for_poison(logits, params, generators):
+    def sample_fails_for_poison(logits, params, generators, raw=None):
         if any(p is poison for p in params) and len(draws) > 1:
             raise RuntimeError("poisoned row")
-        return real_sample(logits, params, generators)
+        return real_sample(logits, params, generators, raw)
 
     monkeypatch.setattr(runner_module, "draw_tokens", draw_fails_after_the_first)
     monkeypatch.setattr(runner_module, "sample_batch", sample_fails_for_poison)

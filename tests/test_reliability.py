@@ -346,6 +346,8 @@ def shaped(annotation, junk: bool) -> st.SearchStrategy:
         values = st.sampled_from(args)
     elif origin is list:
         values = st.lists(shaped(args[0], junk), min_size=1, max_size=3)
+    elif origin is dict:
+        values = st.dictionaries(shaped(args[0], False), shaped(args[1], junk), max_size=3)  # JSON keys: strings
     elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
         values = model_bodies(annotation, junk)
     else:
@@ -411,10 +413,10 @@ def stream_tokens(base: str, path: str, body: dict, events: list, first: threadi
 def test_a_sampling_failure_fails_its_request_alone(http, served, monkeypatch):
     real = engine_runner.sample_batch
 
-    def poisoned(logits, params, generators):
+    def poisoned(logits, params, generators, raw=None):
         if any(p.seed == POISON for p in params):
             raise RuntimeError("poisoned sampler")
-        return real(logits, params, generators)
+        return real(logits, params, generators, raw)
 
     monkeypatch.setattr(engine_runner, "sample_batch", poisoned)
     body = {"max_tokens": 48, "ignore_eos": True, "temperature": 0}

@@ -368,7 +368,7 @@ def test_a_long_tokenization_stalls_no_other_request(served, engine, monkeypatch
 def test_unknown_fields_are_ignored(http, client):
     """Served, and answered (greedily) as the same request without them is."""
     plain = {"prompt": "Hi", "max_tokens": 2, "temperature": 0}
-    r = http.post("/v1/completions", json={**plain, "best_of_the_best": 3, "logit_bias": {"1": 5},
+    r = http.post("/v1/completions", json={**plain, "best_of_the_best": 3, "logit_bias_of_sorts": {"1": 5},
                                            "nonsense": {"a": [1]}})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
@@ -382,6 +382,21 @@ def test_unknown_fields_are_ignored(http, client):
     out = client.completions.create(model=PRESET, prompt="Hi", max_tokens=2, temperature=0,
                                     extra_body={"whatever": 1})
     assert out.choices and out.choices[0].text == expected["choices"][0]["text"]
+
+
+def test_penalties_bias_and_min_tokens_are_served(http, client):
+    """The official client's logit_bias, penalties and (vLLM's) min_tokens reach the sampler."""
+    forced = client.completions.create(model=PRESET, prompt="Hi", max_tokens=3, temperature=0,
+                                       logit_bias={"504": 100})
+    assert forced.choices[0].text == http.post("/detokenize", json={"tokens": [504] * 3}).json()["prompt"]
+    eos = http.post("/tokenize", json={"prompt": "<|im_end|>", "add_special_tokens": False}).json()["tokens"]
+    held = client.completions.create(model=PRESET, prompt="Hi", max_tokens=8, temperature=0,
+                                     logit_bias={str(eos[0]): 100}, extra_body={"min_tokens": 3})
+    assert held.choices[0].finish_reason == "stop" and held.usage.completion_tokens == 4
+    penalized = client.chat.completions.create(model=PRESET, messages=[{"role": "user", "content": "Count to 30"}],
+                                               max_tokens=12, temperature=0, presence_penalty=2, frequency_penalty=2,
+                                               extra_body={"repetition_penalty": 1.5})
+    assert penalized.choices[0].finish_reason in ("stop", "length") and penalized.usage.completion_tokens >= 1
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -400,7 +415,14 @@ INVALID = [
     ("/v1/completions", {"prompt": "Hi", "seed": -1}, "seed"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "Hi", "stop": [""]}, "stop"),
-    ("/v1/completions", {"prompt": "Hi", "presence_penalty": 0.5}, None),  # None: a check across fields names none
+    ("/v1/completions", {"prompt": "Hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "frequency_penalty": -3}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "min_tokens": -1}, "min_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "min_tokens": 5, "max_tokens": 2}, None),  # None: a check across fields
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"99999999": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/completions", {"prompt": "Hi", "suffix": "end"}, "suffix"),
     ("/v1/completions", {"prompt": 5}, "prompt"),
@@ -548,6 +570,7 @@ FUZZ_VALUES = [None, 0, 1, -1, 2, 0.5, 1e-300, 1e300, -1e-300, 2**63, 2**64, -2*
                49151, 49152, float(2**31), [{"role": "user"}], [{"role": "user", "content": [{"type": "image"}]}]]
 FUZZ_FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids", "seed", "stream",
                "stream_options", "ignore_eos", "logprobs", "echo", "suffix", "model", "user", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias",
                "messages", "max_completion_tokens", "top_logprobs", "tokens", "add_special_tokens"]
 
 

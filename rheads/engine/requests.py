@@ -13,7 +13,12 @@ from .sequence import SamplingParams
 
 
 class RequestError(ValueError):
-    """A request the engine cannot take (too long, duplicate id); the message is for the client."""
+    """A request the engine cannot take (too long, duplicate id); the message is for the client, `param` the
+    field at fault where it is not the prompt."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class RequestLimits:
             raise RequestError("the prompt is empty")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.logit_bias and not all(0 <= t < self.vocab_size for t in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(

@@ -18,7 +18,7 @@ from .cudnn_prefill import CudnnPlans
 from .decode import DecodeBatch
 from .logits import model_logits
 from .messages import Chunk, PendingOutput, RunnerOutput, SchedulerOutput
-from .sampler import draw_tokens, is_plain, sample_batch
+from .sampler import adjust_logits, draw_tokens, is_plain, sample_batch
 from .sequence import Sequence
 from .transfer import to_device
 
@@ -33,8 +33,9 @@ class ModelRunner:
     residual stream between fused layers and the record of the cuDNN plans built for the prefill."""
 
     def __init__(self, model, cache: HeadSplitCache, block_tables: torch.Tensor, max_model_len: int,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, eos_ids: set[int] | None = None):
         self.model, self.cache, self.max_model_len = model, cache, max_model_len
+        self.eos_ids = eos_ids or set()  # what min_tokens holds back
         self.block_tables = block_tables  # the block manager's, read here, never written
         self.device = next(model.parameters()).device
         self.max_pages = min(cache.pages_for(max_model_len), block_tables.shape[1])  # a graph's table width
@@ -66,7 +67,7 @@ class ModelRunner:
                 return PendingOutput(seqs, draw_tokens(logits, [s.params for s in seqs]))
             except Exception as error:  # noqa: BLE001 - sampled on the host below
                 log.warning("drawing tokens on the device failed (%s); sampling on the host", error)
-        return sample_on_host(logits, seqs)
+        return sample_on_host(logits, seqs, self.eos_ids)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], input_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,18 +157,21 @@ class ModelRunner:
         return graph.logits[:len(chunks)]
 
 
-def sample_on_host(logits: torch.Tensor, seqs: list[Sequence]) -> RunnerOutput:
-    """Each sequence's next token from its row of [rows, vocab] logits; a failing row (a bad request's
-    settings) fails alone, with its error."""
+def sample_on_host(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int] = frozenset()) -> RunnerOutput:
+    """Each sequence's next token from its row of [rows, vocab] logits, as its request adjusts them
+    (`adjust_logits`); a failing row (a bad request's settings) fails alone, with its error."""
     try:
-        picks = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        adjusted = adjust_logits(logits, seqs, eos_ids)
+        picks = sample_batch(adjusted, [s.params for s in seqs], [s.generator for s in seqs], logits)
     except Exception as error:  # noqa: BLE001 - one row failed: sample each alone to find it
         log.warning("batched sampling failed (%s); sampling %d rows one by one", error, len(seqs))
         picks = [None] * len(seqs)
     tokens, logprobs, errors = [], [], {}
     for row, (seq, pick) in enumerate(zip(seqs, picks)):
         try:
-            token, logprob = pick or sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0]
+            one = logits[row:row + 1]
+            token, logprob = pick or sample_batch(adjust_logits(one, [seq], eos_ids), [seq.params],
+                                                  [seq.generator], one)[0]
         except Exception as error:  # noqa: BLE001 - reported to this request's client
             token, logprob, errors[row] = None, None, f"{type(error).__name__}: {error}"
         tokens.append(token)

@@ -1,4 +1,5 @@
-"""Turning one row of logits into the next token, per request settings (greedy, temperature, top-k/p, seed)."""
+"""Turning one row of logits into the next token, per request settings (penalties, logit bias, min_tokens,
+greedy, temperature, top-k/p, seed)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 
-from .sequence import SamplingParams, TokenLogprob
+from .sequence import SamplingParams, Sequence, TokenLogprob
 from .transfer import to_device
 
 
@@ -14,8 +15,41 @@ GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it 
 
 
 def is_plain(params: SamplingParams, generator: torch.Generator | None) -> bool:
-    """A row the device samples with the others: no logprobs, and greedy or drawn without a seed."""
-    return params.logprobs is None and (params.temperature < GREEDY_BELOW or generator is None)
+    """A row the device samples with the others: no logprobs, nothing that reads its tokens so far (a
+    pipelined step's last token is not on the host yet), and greedy or drawn without a seed."""
+    return params.logprobs is None and not params.adjusts_logits and (
+        params.temperature < GREEDY_BELOW or generator is None)
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> torch.Tensor:
+    """[rows, vocab] logits as each row's request adjusts them before sampling, in vLLM's meaning: until
+    `min_tokens` are out, EOS (unless ignored) and the stop token ids cannot be drawn; `logit_bias` adds to
+    its tokens; `repetition_penalty` divides the positive logits of tokens in the prompt or the output and
+    multiplies the negative ones; `frequency_penalty` x a token's count in the output and
+    `presence_penalty` for its being there at all are subtracted. Rows that ask for none come back as they
+    are (the tensor itself when no row asks)."""
+    rows = [row for row, seq in enumerate(seqs) if seq.params.adjusts_logits]
+    if not rows:
+        return logits
+    logits, vocab, device = logits.to(torch.float32, copy=True), logits.shape[-1], logits.device
+    for row in rows:
+        seq, params, line = seqs[row], seqs[row].params, logits[row]
+        if len(seq.output_ids) < params.min_tokens:
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+            line[to_device(sorted(t for t in stops if t < vocab), device, torch.long)] = float("-inf")
+        if params.logit_bias:
+            ids, biases = zip(*params.logit_bias.items())
+            line[to_device(list(ids), device, torch.long)] += to_device(list(biases), device, line.dtype)
+        if params.repetition_penalty != 1.0:
+            seen = to_device(sorted(set(seq.prompt_ids) | set(seq.output_ids)), device, torch.long)
+            scores = line[seen]
+            line[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
+            counts = torch.zeros(vocab, dtype=line.dtype, device=device)
+            counts.index_add_(0, to_device(seq.output_ids, device, torch.long),
+                              torch.ones(len(seq.output_ids), dtype=line.dtype, device=device))
+            line -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(line.dtype)
+    return logits
 
 
 def draw_tokens(logits: torch.Tensor, params: list[SamplingParams], plain: list[bool] | None = None) -> torch.Tensor:
@@ -42,14 +76,16 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return (winner * chunk + where.gather(1, winner))[:, 0]
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[tuple[int, TokenLogprob | None]]:
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 raw: torch.Tensor | None = None) -> list[tuple[int, TokenLogprob | None]]:
     """Next tokens for a [rows, vocab] batch with one device sync for the plain rows (`draw_tokens`).
-    Rows with a seed (their own CPU generator, so a seed gives the same tokens on any device) or with
-    logprobs go through `sample` one by one."""
+    Rows with a seed (their own CPU generator, so a seed gives the same tokens on any device), with
+    logprobs or with adjusted logits go through `sample` one by one. `raw`: the model's logits before
+    `adjust_logits`, which logprobs report (default: `logits`)."""
     plain = [is_plain(p, g) for p, g in zip(params, generators)]
     tokens = draw_tokens(logits, params, plain).tolist()
-    return [(tokens[row], None) if plain[row] else sample(logits[row], p, g)
+    raw = logits if raw is None else raw
+    return [(tokens[row], None) if plain[row] else sample(logits[row], p, g, raw[row])
             for row, (p, g) in enumerate(zip(params, generators))]
 
 
@@ -76,8 +112,11 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return order.gather(1, torch.multinomial(probs, 1))[:, 0]
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, TokenLogprob | None]:
-    """Pick the next token from a [vocab] float row; log-probabilities are the model's, before filtering."""
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           raw: torch.Tensor | None = None) -> tuple[int, TokenLogprob | None]:
+    """Pick the next token from a [vocab] row; log-probabilities are the model's (`raw`, default the row
+    itself), before any adjustment or filtering."""
+    raw = (logits if raw is None else raw).float()
     logits = logits.float()
     if params.temperature < GREEDY_BELOW:
         token = int(logits.argmax())
@@ -86,7 +125,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         token = int(order[0, int(torch.multinomial(probs[0].cpu(), 1, generator=generator))])
     if params.logprobs is None:
         return token, None
-    logprobs = logits.log_softmax(-1)
+    logprobs = raw.log_softmax(-1)
     top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
     pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
     return token, TokenLogprob(token, float(logprobs[token]), pairs)

@@ -165,7 +165,8 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+        stops = len(seq.output_ids) >= params.min_tokens  # the sampler keeps them out before (adjust_logits)
+        if stops and (token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)):
             return "stop"
         if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= (self.max_model_len or float("inf")):
             return "length"

@@ -21,6 +21,12 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: chosen + top k
+    # applied to the logits before sampling, as vLLM does (sampler.adjust_logits); logprobs stay the model's
+    presence_penalty: float = 0.0  # subtracted from every token generated so far
+    frequency_penalty: float = 0.0  # times how often each was generated
+    repetition_penalty: float = 1.0  # divides (positive) or multiplies (negative) every prompt or output token's
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # no EOS or stop token id before this many tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -31,6 +37,19 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError("repetition_penalty must be in (0, 2]")
+        if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be between 0 and max_tokens")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 class Status(enum.Enum):
