@@ -253,6 +253,33 @@ def eos_token_ids(model, tokenizer=None) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
+def _load_causal_lm(path, dtype: torch.dtype, kwargs: dict):
+    """The checkpoint's causal LM; for a multimodal wrapper (a config with a text_config and no causal-LM
+    class of its own: Mistral-Small-3.1/3.2, LLaVA), its text decoder (`text_decoder`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not kwargs.get("gguf_file"):
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "text_config"):
+            return text_decoder(AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def text_decoder(wrapper):
+    """The causal LM inside a multimodal wrapper, sharing its decoder and head (the vision tower is let go):
+    the class transformers has for the text config, so it is checked and served as that family, with text
+    prompts only."""
+    from transformers import AutoModelForCausalLM
+
+    text_config = wrapper.config.get_text_config()
+    with torch.device("meta"):  # its own weights are replaced at once: allocate none
+        causal = AutoModelForCausalLM.from_config(text_config)
+    causal.model, causal.lm_head = wrapper.model.language_model, wrapper.lm_head
+    causal.generation_config = wrapper.generation_config
+    return causal
+
+
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                trust_remote_code: bool = False):
     """Load (model, tokenizer) for a ModelSource in eval mode on the given device."""
@@ -263,7 +290,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, devic
         kwargs["gguf_file"] = source.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+        model = _load_causal_lm(source.path, dtype, kwargs)
     except OSError as error:
         raise ModelNotFoundError(
             f"could not load {source.name!r}: {error}. Without hub access, pass a local directory, "

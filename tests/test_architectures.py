@@ -118,3 +118,37 @@ def test_remote_code_under_a_verified_name_is_refused(tokenizer) -> None:
     model = LlamaForCausalLMRemote(tiny("llama").config).eval()
     with pytest.raises(UnsupportedModelError, match="not been verified"):
         LLMEngine(model, tokenizer, HeadSplit.uniform(2, 2, full=True), EngineConfig(kv_cache_memory=8 << 20))
+
+
+def test_a_multimodal_wrappers_text_decoder_is_served(tmp_path, tokenizer) -> None:
+    """Mistral-Small-3.1's kind of checkpoint (Mistral3ForConditionalGeneration): its text decoder loads as
+    the Mistral it is, equals the wrapper on text, and passes both oracles."""
+    from transformers import AutoModelForImageTextToText
+
+    from rheads.models import load_model
+
+    text = {**SHAPE, **FAMILIES["mistral"], "model_type": "mistral", "head_dim": 16}
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
+    torch.manual_seed(0)
+    wrapper = AutoModelForImageTextToText.from_config(AutoConfig.for_model("mistral3", text_config=text,
+                                                                           vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, param in wrapper.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(3.0)
+            elif "norm" in name and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+    wrapper.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(resolve_model(str(tmp_path)))
+    assert type(model).__name__ == "MistralForCausalLM"
+    ids = torch.tensor([random_prompt(20, 3, VOCAB)])
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, wrapper(input_ids=ids).logits, atol=1e-5)
+    kv = model.config.num_key_value_heads
+    for split in (HeadSplit.uniform(2, kv, full=True), HeadSplit(((0,), (kv - 1,)), kv)):
+        masked = split if sum(split.num_full) < 2 * kv else None
+        for res in serve(model, tokenizer, split).values():
+            reference = reference_logprobs(model, res.prompt_ids + res.token_ids, masked, SINK, WINDOW)
+            check_logprobs_against(reference, res, k=3)
