@@ -82,6 +82,20 @@ MUTANTS = [
     Mutant("a prefix hit covering the last prompt token", "rheads/engine/prefix_cache.py",
            "(seq.num_tokens - 1) // self.page_size)", "seq.num_tokens // self.page_size)",
            ("tests/test_prefix_cache.py", "-x", "-k", "same_prompt")),
+    Mutant("the model's logit scaling skipped (Granite)", "rheads/engine/logits.py",
+           "logits = logits / config.logits_scaling", "logits = logits",
+           ("tests/test_architectures.py", "-k", "granite")),
+    Mutant("q/k norms spanning the heads left in place by the permutation", "rheads/engine/heads.py",
+           "            _permute_norm(norm, order, head_dim)", "            pass",
+           ("tests/test_architectures.py", "-k", "olmo2 or cohere")),
+    Mutant("Phi-3's fused qkv rows left in place by the permutation", "rheads/engine/heads.py",
+           "blocks = [(part, order) for p in params for part, order in zip(p.split(sizes), orders)]", "blocks = []",
+           ("tests/test_architectures.py", "-k", "phi3")),
+    Mutant("logprobs reported after the penalties", "rheads/engine/sampler.py",
+           "logprobs = raw.log_softmax(-1)", "logprobs = logits.log_softmax(-1)", ("tests/test_penalties.py",)),
+    Mutant("min_tokens one short", "rheads/engine/sampler.py",
+           "if len(seq.output_ids) < params.min_tokens:", "if len(seq.output_ids) < params.min_tokens - 1:",
+           ("tests/test_penalties.py",)),
 ]
 
 
