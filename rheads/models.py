@@ -37,6 +37,7 @@ VERIFIED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
     "CohereForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "Starcoder2ForCausalLM", "Phi3ForCausalLM",
+    "SmolLM3ForCausalLM", "Glm4ForCausalLM", "Qwen2MoeForCausalLM",
 )
 # What stands in the way of those seen to fail (the rest are simply unverified)
 KNOWN_GAPS = {

@@ -42,6 +42,10 @@ FAMILIES = {  # model_type -> the config's extras
     "olmo2": {},
     "starcoder2": {"sliding_window": None},
     "phi3": {"sliding_window": None, "partial_rotary_factor": 0.75},
+    "smollm3": {"no_rope_layer_interval": 2},
+    "glm4": {"partial_rotary_factor": 0.5},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64, "sliding_window": 64, "use_sliding_window": False},
 }
 REFUSED = {"stablelm": {}, "helium": {}, "gpt_neox": {}}
 
