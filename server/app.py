@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rheads.engine import LLMEngine
@@ -19,7 +20,7 @@ from .engine_client import EngineClient, EngineDeadError
 from .errors import APIError, bad_request, install_error_handlers, unavailable
 from .guards import BodySizeLimit, StrictJSONRoute, api_key_check
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
 from .serving import OpenAIServingChat, OpenAIServingCompletion, check_model
 from .tokenizer import ServerTokenizer
 
@@ -44,6 +45,31 @@ def show_server_logs() -> None:
     if not ours.handlers and not logging.getLogger().handlers and uvicorn_log.handlers:
         ours.handlers, ours.propagate = list(uvicorn_log.handlers), False
         ours.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI entries for the statuses a route answers in OpenAI's error shape."""
+    said = {400: "bad request (the field at fault in `param`)", 401: "invalid or missing API key",
+            404: "unknown model", 413: "request body too large", 429: "server busy: retry after Retry-After",
+            503: "the engine has stopped"}
+    return {code: {"model": ErrorResponse, "description": said[code]} for code in codes}
+
+
+API_ERRORS = _errors(400, 401, 404, 413, 429, 503)
+EMPTY_OK = {200: {"description": "OK, with an empty body", "content": {}}}
+
+
+def _openapi_of(app: FastAPI) -> dict:
+    """The app's OpenAPI schema without FastAPI's 422: a request that fails validation is a 400 here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
@@ -81,21 +107,21 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         401, "invalid or missing API key (send Authorization: Bearer KEY)", "AuthenticationError")))]
     open_or_keyed = keyed if settings.protect_health_and_metrics else []
 
-    @app.post("/v1/completions", dependencies=keyed)
+    @app.post("/v1/completions", dependencies=keyed, responses=API_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         return await completion.create(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
+    @app.post("/v1/chat/completions", dependencies=keyed, responses=API_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 
-    @app.get("/v1/models", dependencies=keyed)
+    @app.get("/v1/models", dependencies=keyed, responses=_errors(401))
     async def models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "rheads", "root": engine.model_name,
              "max_model_len": engine.max_model_len} for name in names]}
 
-    @app.post("/tokenize", dependencies=keyed)
+    @app.post("/tokenize", dependencies=keyed, responses=_errors(400, 401, 404, 413))
     async def tokenize(body: TokenizeRequest):
         check_model(body.model, names)
         if body.messages is not None:
@@ -104,7 +130,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             ids = await tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize", dependencies=keyed)
+    @app.post("/detokenize", dependencies=keyed, responses=_errors(400, 401, 404, 413))
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model, names)
         vocab = engine.model.config.vocab_size
@@ -112,7 +138,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             raise bad_request(f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": await tokenizer.decode(body.tokens)}
 
-    @app.post("/reset_prefix_cache", dependencies=keyed)
+    @app.post("/reset_prefix_cache", dependencies=keyed, response_class=Response,
+              responses={**EMPTY_OK, **_errors(401, 503)})
     async def reset_prefix_cache():
         try:
             await client.reset_prefix_cache()
@@ -120,14 +147,18 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             raise unavailable(str(error)) from error
         return Response(status_code=200)
 
-    @app.get("/health", dependencies=open_or_keyed)
+    @app.get("/health", dependencies=open_or_keyed, response_class=Response,
+             responses={**EMPTY_OK, **_errors(401, 503)})
     async def health():
         if client.death is not None:
             raise unavailable(client.death)
         return Response(status_code=200)
 
-    @app.get("/metrics", dependencies=open_or_keyed)
+    @app.get("/metrics", dependencies=open_or_keyed, response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **_errors(401)})
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi_of(app)
     return app

@@ -399,6 +399,24 @@ def test_penalties_bias_and_min_tokens_are_served(http, client):
     assert penalized.choices[0].finish_reason in ("stop", "length") and penalized.usage.completion_tokens >= 1
 
 
+def test_the_openapi_schema_documents_what_the_server_answers(http):
+    """Errors in OpenAI's shape under their real statuses (no FastAPI 422), /metrics as Prometheus text,
+    /health and /reset_prefix_cache with empty bodies."""
+    schema = http.get("/openapi.json").json()
+    paths, error_ref = schema["paths"], "#/components/schemas/ErrorResponse"
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = paths[path]["post"]["responses"]
+        assert "422" not in responses
+        for status in ("400", "401", "404", "413", "429", "503"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"] == error_ref, (path, status)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    for path, method in (("/health", "get"), ("/reset_prefix_cache", "post")):
+        assert not paths[path][method]["responses"]["200"].get("content"), path
+    bad = http.post("/v1/completions", json={"prompt": "Hi", "temperature": -1})
+    assert bad.status_code == 400 and set(bad.json()) == set(schema["components"]["schemas"]["ErrorResponse"]["properties"])
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 INVALID = [
