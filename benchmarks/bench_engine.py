@@ -56,7 +56,7 @@ def footprint_table(config: LlamaConfig, budgets: list[float], contexts: list[in
                                                             max_num_seqs=max_num_seqs, dtype=torch.bfloat16, device="meta"))
         rows[budget] = {n: cache.footprint.bytes_for(n) for n in contexts}
         need = cache.pages_for(32768 + 128)
-        fits[budget] = min(cache.num_slots, cache.num_pages // need if need else cache.num_slots)
+        fits[budget] = min(cache.num_seq_slots, cache.num_pages // need if need else cache.num_seq_slots)
     return {"bytes_per_sequence": rows, "max_concurrent_32k": fits}
 
 
@@ -99,7 +99,7 @@ def fitting(config: LlamaConfig, split, context: int, memory: int, args: argpars
     cache = HeadSplitCache(split, head_dim, CacheConfig(sink=args.sink, window=args.window, memory_bytes=memory,
                                                         max_num_seqs=args.max_num_seqs, dtype=torch.bfloat16,
                                                         device="meta"))
-    for batch in range(min(cache.num_slots, args.max_num_seqs), 0, -1):
+    for batch in range(min(cache.num_seq_slots, args.max_num_seqs), 0, -1):
         tokens = context + args.steps + batch * (context // PREFILL_CHUNK + 1) + 1  # as decode_throughput asks
         if batch * cache.pages_for(tokens) <= cache.num_pages or not cache.has_full_heads:
             return batch

@@ -56,8 +56,9 @@ from bench_engine import SHAPES  # noqa: E402
 from load import make_prompt, run_load  # noqa: E402
 from servers import REPO, ServerProcess, rheads_command  # noqa: E402
 
-from rheads.engine.cache import CacheConfig, HeadSplitCache  # noqa: E402
+from rheads.engine.cache import HeadSplitCache  # noqa: E402
 from rheads.engine.heads import random_split  # noqa: E402
+from rheads.engine.llm import EngineConfig, cache_config_of  # noqa: E402
 from rheads.niah import haystack_files  # noqa: E402
 from rheads.profiling.profile import ModelIdentity, head_dim_of, synthetic_profile  # noqa: E402
 
@@ -99,12 +100,12 @@ def weights_read_per_step(config: LlamaConfig) -> int:
 def capacity(config: LlamaConfig, budget: float, tokens: int, args: argparse.Namespace) -> int:
     """How many sequences of `tokens` tokens rheads' cache holds at `budget` (its own allocator's sizes)."""
     split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
-    cache = HeadSplitCache(split, head_dim_of(config), CacheConfig(
-        page_size=16, sink=args.sink, window=args.window, memory_bytes=int(args.kv_cache_gib * GIB),
-        max_num_seqs=args.max_num_seqs, dtype=torch.bfloat16, device="meta"))
+    engine = EngineConfig(sink=args.sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=torch.bfloat16,
+                          device="meta")  # as `rheads serve` sets it up
+    cache = HeadSplitCache(split, head_dim_of(config), cache_config_of(engine, int(args.kv_cache_gib * GIB)))
     if not cache.has_full_heads:
-        return cache.num_slots
-    return min(cache.num_slots, cache.num_pages // cache.pages_for(tokens))
+        return cache.num_seq_slots
+    return min(cache.num_seq_slots, cache.num_pages // cache.pages_for(tokens))
 
 
 def hbm_bandwidth(device: str) -> float | None:

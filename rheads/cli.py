@@ -183,6 +183,9 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cache of prompt prefixes seen before (vLLM's automatic prefix caching); "
                         "on by default")
+    p.add_argument("--snapshot-slots", type=int, default=None,
+                   help="window slots kept for prefix-cache snapshots of the streaming heads alone, beside the "
+                        "--max-num-seqs slots of live requests (default: max-num-seqs / 8, at least 1)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None,
@@ -505,7 +508,8 @@ def run_serve(args: argparse.Namespace) -> int:
                           kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=batched_tokens,
                           max_model_len=args.max_model_len, device=device, dtype=dtype,
-                          async_decode=args.async_decode, enable_prefix_caching=args.enable_prefix_caching)
+                          async_decode=args.async_decode, enable_prefix_caching=args.enable_prefix_caching,
+                          snapshot_slots=args.snapshot_slots)
     model = args.model_flag or args.model
     engine = LLMEngine.from_model(model, profile, config, trust_remote_code=args.trust_remote_code)
     source = resolve_model(model)

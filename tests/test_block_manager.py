@@ -191,3 +191,20 @@ def test_cached_pages_are_evicted_least_recently_used_last_block_first() -> None
     blocks.reset_prefix_cache()
     assert blocks.num_free_pages == len(blocks.free_pages) == 4 and not blocks.prefix.page_of
     assert old.pages == new.pages == []
+
+
+def test_snapshot_slots_cost_their_bytes_and_never_hold_a_live_sequence() -> None:
+    probe = HeadSplitCache(SPLIT, HEAD_DIM, CacheConfig(page_size=PAGE, sink=SINK, window=WINDOW, memory_bytes=1 << 20))
+    memory = 48 * probe.bytes_per_page + 5 * probe.bytes_per_slot  # slots within half the memory
+    cache = HeadSplitCache(SPLIT, HEAD_DIM, CacheConfig(page_size=PAGE, sink=SINK, window=WINDOW, memory_bytes=memory,
+                                                        max_num_seqs=3, snapshot_slots=2))
+    assert (cache.num_pages, cache.num_seq_slots, cache.num_slots) == (48, 3, 5)  # the memory formula, to the byte
+    blocks = BlockManager(cache, prefix_caching=True)
+    live = [seq(f"s{i}", 4) for i in range(3)]
+    for s in live:
+        assert blocks.can_allocate(s)
+        blocks.allocate(s, 4)
+    assert len(blocks.free_slots) == 2 and not blocks.can_allocate(seq("fourth", 4))  # free, but not for it
+    assert blocks.usage().bytes_capacity == 48 * cache.bytes_per_page + 5 * cache.bytes_per_slot == memory
+    blocks.free(live[0])
+    assert blocks.can_allocate(seq("fourth", 4))

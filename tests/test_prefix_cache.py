@@ -220,7 +220,8 @@ def test_eviction_and_preemption_under_memory_pressure(llama, tokenizer, split) 
     params = SamplingParams(max_tokens=8, **GREEDY)
     roomy = run(engine_for(llama, tokenizer, split, enable_prefix_caching=False),
                 {0: [(f"q{i}", p, params) for i, p in enumerate(prompts)]})
-    engine = engine_for(llama, tokenizer, split, kv_cache_memory=memory, max_num_batched_tokens=8)
+    engine = engine_for(llama, tokenizer, split, kv_cache_memory=memory, max_num_batched_tokens=8,
+                        snapshot_slots=0)  # the memory above is sized for live slots and pages alone
     evicted = []
 
     def after_step(engine, step):
@@ -282,3 +283,31 @@ def test_cached_tokens_are_reported_per_request(llama, tokenizer, split) -> None
             for out in engine.step():
                 seen[out.request_id] = out.num_cached_tokens
     assert seen == {"first": 0, "second": 28}
+
+
+@pytest.mark.parametrize("snapshot_slots", [0, 1])
+def test_snapshot_slots_keep_prefixes_while_every_live_slot_is_taken(llama, tokenizer, snapshot_slots) -> None:
+    """Two questions over one document fill both live slots (max_num_seqs=2) as they prefill, so only the
+    slots kept for snapshots can hold the document's streaming heads: with one, a third question finds the
+    document; with none it computes it again. Live sequences never take a snapshot's own slot."""
+    split = SPLITS["budget-0.5"]
+    doc = prompt(24, 90)
+    first = [doc + prompt(6, 91), doc + prompt(6, 92)]
+    engine = engine_for(llama, tokenizer, split, max_num_seqs=2, snapshot_slots=snapshot_slots)
+    assert (engine.cache.num_seq_slots, engine.cache.num_slots) == (2, 2 + snapshot_slots)
+
+    def after_step(engine, step):
+        check_pools(engine, step)
+        assert len(engine.scheduler.running) <= 2
+
+    cold = run(engine_for(llama, tokenizer, split, enable_prefix_caching=False),
+               {0: [("third", doc + prompt(6, 93), PARAMS)]})["third"]
+    run(engine, {0: [(f"q{i}", p, PARAMS) for i, p in enumerate(first)]}, after_step)
+    before = engine.blocks.prefix.hits
+    third = run(engine, {0: [("third", doc + prompt(6, 93), PARAMS)]}, after_step)["third"]
+    found = engine.blocks.prefix.hits - before
+    assert third.token_ids == cold.token_ids
+    check_logprobs_against(oracles.reference_logprobs(llama, third.prompt_ids + third.token_ids, split, SINK, WINDOW),
+                           third, k=5)
+    assert_only_cached(engine)
+    assert found == (len(doc) // PAGE * PAGE if snapshot_slots else 0), found

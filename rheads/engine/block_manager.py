@@ -57,8 +57,9 @@ class BlockManager:
         needed = self.cache.pages_for(seq.num_tokens + 1 if num_tokens is None else num_tokens) - len(hit.pages)
         evictable = self.prefix.evictable if self.prefix else ()
         available = self.num_free_pages - sum(page in evictable for page in hit.pages)
-        slots = len(self.free_slots) + (len(self.prefix.snapshots) if self.prefix else 0)
-        return slots > 0 and needed <= available
+        cached = len(self.prefix.snapshots) if self.prefix else 0
+        live = self.cache.num_slots - len(self.free_slots) - cached
+        return live < self.cache.num_seq_slots and len(self.free_slots) + cached > 0 and needed <= available
 
     def allocate(self, seq: Sequence, num_tokens: int = 0) -> Hit:
         """A window slot for `seq`, its cached prefix (pages shared, the snapshot copied into its slot)

@@ -22,7 +22,8 @@ class CacheConfig:
     sink: int = 64
     window: int = 256
     memory_bytes: int = 512 << 20  # KV memory for both pools together
-    max_num_seqs: int = 64  # window slots (and so the most sequences resident at once)
+    max_num_seqs: int = 64  # window slots for sequences (and so the most sequences resident at once)
+    snapshot_slots: int = 0  # more window slots that only prefix-cache snapshots may hold
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
 
@@ -96,15 +97,18 @@ class HeadSplitCache:
         self.bytes_per_page, self.bytes_per_slot = footprint.bytes_per_page, footprint.bytes_per_slot
         self.bytes_per_token_full = footprint.bytes_per_token_full
         memory = config.memory_bytes
+        # Snapshots take free slots when they can; `snapshot_slots` more are theirs alone, so that a cache
+        # whose slots all hold live sequences (max_num_seqs of them) still keeps its prefixes' streaming
+        # heads. With full heads, slots take at most half the memory, live ones first.
+        slots, snapshots = config.max_num_seqs, 0
         if self.bytes_per_slot:
-            slots = min(config.max_num_seqs, memory // self.bytes_per_slot if not full_heads
-                        else (memory // 2) // self.bytes_per_slot)
-        else:
-            slots = config.max_num_seqs
-        pages = (memory - slots * self.bytes_per_slot) // self.bytes_per_page if full_heads else 0
+            cap = memory // self.bytes_per_slot if not full_heads else (memory // 2) // self.bytes_per_slot
+            slots = min(slots, cap)
+            snapshots = min(config.snapshot_slots, cap - slots) if full_heads else 0
+        pages = (memory - (slots + snapshots) * self.bytes_per_slot) // self.bytes_per_page if full_heads else 0
         if slots < 1 or (full_heads and pages < 1):
             raise ValueError(f"KV memory of {memory} bytes holds no sequence: raise it")
-        self.num_pages, self.num_slots = int(pages), int(slots)
+        self.num_pages, self.num_seq_slots, self.num_slots = int(pages), int(slots), int(slots + snapshots)
         # One more page and slot than the memory holds: never handed out, they take the writes of the
         # padding rows of a CUDA-graph decode batch (a few KiB, outside the accounting).
         self.scratch_page, self.scratch_slot = self.num_pages, self.num_slots

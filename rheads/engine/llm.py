@@ -47,6 +47,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay captured graphs for pure decode steps
     async_decode: bool | None = None  # pipelined decode steps (see LLMEngine.step); None: on for CUDA
     enable_prefix_caching: bool = True  # reuse cached prompt prefixes (prefix_cache.py), as vLLM by default
+    snapshot_slots: int | None = None  # window slots for prefix snapshots alone; None: max_num_seqs // 8
+                                       # (at least 1) with prefix caching and streaming heads, else 0
 
 
 DEFAULT_WINDOW = 256
@@ -72,13 +74,21 @@ class StepStats:
         return cls(scheduled.num_tokens == n, n, scheduled.num_tokens, seconds, kv_bytes)
 
 
+def cache_config_of(config: EngineConfig, memory: int) -> CacheConfig:
+    """The KV cache's settings for an engine's: `memory` bytes for both pools."""
+    snapshots = config.snapshot_slots
+    if snapshots is None:
+        snapshots = max(1, config.max_num_seqs // 8) if config.enable_prefix_caching else 0
+    return CacheConfig(page_size=config.page_size, sink=config.sink, window=config.window, memory_bytes=memory,
+                       max_num_seqs=config.max_num_seqs, snapshot_slots=snapshots, dtype=config.dtype,
+                       device=config.device)
+
+
 def _allocate_cache(split: HeadSplit, head_dim: int, config: EngineConfig) -> HeadSplitCache:
     memory = config.kv_cache_memory
     if isinstance(memory, float):  # a fraction of what is free now that the weights are on the device
         memory = int(torch.cuda.mem_get_info(torch.device(config.device))[0] * memory)
-    return HeadSplitCache(split, head_dim, CacheConfig(
-        page_size=config.page_size, sink=config.sink, window=config.window, memory_bytes=memory,
-        max_num_seqs=config.max_num_seqs, dtype=config.dtype, device=config.device))
+    return HeadSplitCache(split, head_dim, cache_config_of(config, memory))
 
 
 class LLMEngine:
@@ -101,7 +111,7 @@ class LLMEngine:
                                        eos_token_ids(model, tokenizer))
             self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len,
                                       config.cuda_graphs, self.scheduler.eos_ids)
-            self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_slots))
+            self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_seq_slots))
         except BaseException:
             self.integration.undo()
             raise
