@@ -376,8 +376,9 @@ def _eval_run(path: Path, window: int, configs: dict[str, tuple[str, int, list[b
               "length": length, "depth": i / 10, "needle": 0, "correct": ok}
              for name, (selection, full, oks) in configs.items() for length in lengths for i, ok in enumerate(oks)]
     (path / "cells.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells))
-    kv = lambda full: kv_bytes_per_sequence(HeadSplit(full=((0, 1)[:full // 2],) * 2, num_kv_heads=2), 8, 2, 16,  # noqa: E731
-                                            4, window, max(lengths))
+    def kv(full: int) -> int:
+        split = HeadSplit(full=((0, 1)[:full // 2],) * 2, num_kv_heads=2)
+        return kv_bytes_per_sequence(split, 8, 2, 16, 4, window, max(lengths))
     summary = {"lengths": list(lengths), "meta": {"window": window, "page_size": 16},
                "configs": [{"selection": "full", "total_heads": 4, "kv_bytes_per_seq": kv(4)},
                            {"selection": "window", "total_heads": 4, "kv_bytes_per_seq": kv(0)}]}

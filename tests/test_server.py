@@ -414,7 +414,8 @@ def test_the_openapi_schema_documents_what_the_server_answers(http):
     for path, method in (("/health", "get"), ("/reset_prefix_cache", "post")):
         assert not paths[path][method]["responses"]["200"].get("content"), path
     bad = http.post("/v1/completions", json={"prompt": "Hi", "temperature": -1})
-    assert bad.status_code == 400 and set(bad.json()) == set(schema["components"]["schemas"]["ErrorResponse"]["properties"])
+    error_model = schema["components"]["schemas"]["ErrorResponse"]
+    assert bad.status_code == 400 and set(bad.json()) == set(error_model["properties"])
 
 
 # --- errors ------------------------------------------------------------------------------------------
