@@ -96,8 +96,11 @@ MUTANTS = [
            ("tests/test_architectures.py", "-k", "phi3")),
     Mutant("logprobs reported after the penalties", "rheads/engine/sampler.py",
            "logprobs = raw.log_softmax(-1)", "logprobs = logits.log_softmax(-1)", ("tests/test_penalties.py",)),
+    Mutant("a penalized row pipelined before its last token reaches the host", "rheads/engine/runner.py",
+           "is_plain(s.params, s.generator) and not s.params.adjusts_logits", "is_plain(s.params, s.generator)",
+           ("tests/test_penalties.py", "-k", "pipelined")),
     Mutant("min_tokens one short", "rheads/engine/sampler.py",
-           "if len(seq.output_ids) < params.min_tokens:", "if len(seq.output_ids) < params.min_tokens - 1:",
+           "if len(s.output_ids) < p.min_tokens", "if len(s.output_ids) < p.min_tokens - 1",
            ("tests/test_penalties.py",)),
 ]
 

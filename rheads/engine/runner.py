@@ -62,7 +62,9 @@ class ModelRunner:
                       ", ".join(c.seq.request_id for c in output.chunks))
             raise
         seqs = output.sampling
-        if defer and output.decode_only and all(is_plain(s.params, s.generator) for s in seqs):
+        # a deferred step's tokens stay on the device, so no row of it may need its tokens so far
+        if defer and output.decode_only and all(is_plain(s.params, s.generator) and not s.params.adjusts_logits
+                                                for s in seqs):
             try:
                 return PendingOutput(seqs, draw_tokens(logits, [s.params for s in seqs]))
             except Exception as error:  # noqa: BLE001 - sampled on the host below

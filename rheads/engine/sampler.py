@@ -15,10 +15,8 @@ GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it 
 
 
 def is_plain(params: SamplingParams, generator: torch.Generator | None) -> bool:
-    """A row the device samples with the others: no logprobs, nothing that reads its tokens so far (a
-    pipelined step's last token is not on the host yet), and greedy or drawn without a seed."""
-    return params.logprobs is None and not params.adjusts_logits and (
-        params.temperature < GREEDY_BELOW or generator is None)
+    """A row the device samples with the others: no logprobs, and greedy or drawn without a seed."""
+    return params.logprobs is None and (params.temperature < GREEDY_BELOW or generator is None)
 
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> torch.Tensor:
@@ -27,29 +25,46 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int])
     its tokens; `repetition_penalty` divides the positive logits of tokens in the prompt or the output and
     multiplies the negative ones; `frequency_penalty` x a token's count in the output and
     `presence_penalty` for its being there at all are subtracted. Rows that ask for none come back as they
-    are (the tensor itself when no row asks)."""
+    are (the tensor itself when no row asks). The rows that ask are adjusted together, a few kernels for
+    all of them: only their token lists are gathered on the host."""
     rows = [row for row, seq in enumerate(seqs) if seq.params.adjusts_logits]
     if not rows:
         return logits
-    logits, vocab, device = logits.to(torch.float32, copy=True), logits.shape[-1], logits.device
-    for row in rows:
-        seq, params, line = seqs[row], seqs[row].params, logits[row]
-        if len(seq.output_ids) < params.min_tokens:
-            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
-            line[to_device(sorted(t for t in stops if t < vocab), device, torch.long)] = float("-inf")
-        if params.logit_bias:
-            ids, biases = zip(*params.logit_bias.items())
-            line[to_device(list(ids), device, torch.long)] += to_device(list(biases), device, line.dtype)
-        if params.repetition_penalty != 1.0:
-            seen = to_device(sorted(set(seq.prompt_ids) | set(seq.output_ids)), device, torch.long)
-            scores = line[seen]
-            line[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
-        if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
-            counts = torch.zeros(vocab, dtype=line.dtype, device=device)
-            counts.index_add_(0, to_device(seq.output_ids, device, torch.long),
-                              torch.ones(len(seq.output_ids), dtype=line.dtype, device=device))
-            line -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(line.dtype)
-    return logits
+    device, vocab = logits.device, logits.shape[-1]
+    asked = [seqs[row] for row in rows]
+    params = [seq.params for seq in asked]
+    index = to_device(rows, device, torch.long)
+    picked = logits[index].float()  # [asked rows, vocab]
+    held_back = [sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)) if len(s.output_ids) < p.min_tokens
+                 else [] for s, p in zip(asked, params)]
+    picked = picked.masked_fill(_per_row(held_back, 1.0, vocab, device) > 0, float("-inf"))
+    biases = [list(p.logit_bias.items()) for p in params]
+    picked += _per_row([[t for t, _ in b] for b in biases], [[v for _, v in b] for b in biases], vocab, device)
+    penalty = to_device([p.repetition_penalty for p in params], device, torch.float32)[:, None]
+    seen = _per_row([s.prompt_ids + s.output_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(asked, params)],
+                    1.0, vocab, device) > 0
+    picked = torch.where(seen, torch.where(picked > 0, picked / penalty, picked * penalty), picked)
+    counts = _per_row([s.output_ids for s in asked], 1.0, vocab, device)
+    frequency = to_device([p.frequency_penalty for p in params], device, torch.float32)[:, None]
+    presence = to_device([p.presence_penalty for p in params], device, torch.float32)[:, None]
+    picked -= frequency * counts + presence * (counts > 0)
+    return logits.float().index_copy(0, index, picked)
+
+
+def _per_row(ids: list[list[int]], values: float | list[list[float]], vocab: int, device) -> torch.Tensor:
+    """[len(ids), vocab] float32: each row's `values` summed at its token ids (a repeated id counts again),
+    zero elsewhere. Ids past the vocabulary are dropped (the API refuses them before)."""
+    width = max(1, max(map(len, ids)))
+    flat = torch.full((len(ids), width), vocab, dtype=torch.long)  # column `vocab` takes the padding
+    weights = torch.zeros(len(ids), width)
+    for row, row_ids in enumerate(ids):
+        if row_ids:
+            row_ids = torch.tensor(row_ids)
+            flat[row, :len(row_ids)] = torch.where((row_ids < 0) | (row_ids > vocab), vocab, row_ids)
+            weights[row, :len(row_ids)] = torch.tensor(values[row], dtype=torch.float32) if isinstance(values, list) \
+                else values
+    out = torch.zeros(len(ids), vocab + 1, device=device)
+    return out.scatter_add_(1, to_device(flat, device), to_device(weights, device))[:, :vocab]
 
 
 def draw_tokens(logits: torch.Tensor, params: list[SamplingParams], plain: list[bool] | None = None) -> torch.Tensor:
