@@ -80,7 +80,7 @@ next)
   reuse "$out/31k-long-copy-max" "$out/31k-long-copy-max-high" full window
   (rheads eval niah "$model" --lengths 8000,16000 --depths "$depths" --budgets 0.6,0.5 \
      --profile "$out/qwen-attention-max.json" "${engine[@]}" --out "$out/8k16k-attention-max" 2>&1 | tail -8
-   rheads eval niah "$model" --lengths 31000 --depths "$depths" --budgets 0.6,0.5 --window 1024 \
+   rheads eval niah "$model" --lengths 31000 --depths "$depths" --budgets 0.75,0.6,0.5 --window 1024 \
      --profile "$out/qwen-attention-max.json" "${engine[@]}" --out "$out/31k-attention-max-window1024" 2>&1 |
      tail -8) &
   rheads eval niah "$model" --lengths 31000 --depths "$depths" --budgets 0.9,0.85 \
