@@ -260,11 +260,12 @@ def _load_causal_lm(path, dtype: torch.dtype, kwargs: dict):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if not kwargs.get("gguf_file"):
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "text_config"):
-            return text_decoder(AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if kwargs.get("gguf_file"):  # a GGUF file's config is read from the file itself
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "text_config"):
+        return text_decoder(AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, **kwargs))
+    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
 
 
 def text_decoder(wrapper):

@@ -53,15 +53,19 @@ REFUSED = {"stablelm": {}, "helium": {}, "gpt_neox": {}}
 def tiny(model_type: str, **extras):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**SHAPE, **extras})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
-                param.mul_(3.0)  # peaky attention, so the window matters
-            elif "norm" in name and name.endswith("weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                param.normal_(0.0, 0.5)
+    return perturbed(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
+
+
+@torch.no_grad()
+def perturbed(model):
+    """Peaky attention (so the window matters), norm weights away from one, non-zero biases."""
+    for name, param in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+            param.mul_(3.0)
+        elif "norm" in name and name.endswith("weight"):
+            param.uniform_(0.5, 1.5)
+        elif name.endswith(".bias"):
+            param.normal_(0.0, 0.5)
     return model
 
 
@@ -135,14 +139,8 @@ def test_a_multimodal_wrappers_text_decoder_is_served(tmp_path, tokenizer) -> No
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
     torch.manual_seed(0)
-    wrapper = AutoModelForImageTextToText.from_config(AutoConfig.for_model("mistral3", text_config=text,
-                                                                           vision_config=vision)).eval()
-    with torch.no_grad():
-        for name, param in wrapper.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(3.0)
-            elif "norm" in name and name.endswith("weight"):
-                param.uniform_(0.5, 1.5)
+    wrapper = perturbed(AutoModelForImageTextToText.from_config(AutoConfig.for_model(
+        "mistral3", text_config=text, vision_config=vision)).eval())
     wrapper.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, _ = load_model(resolve_model(str(tmp_path)))

@@ -35,8 +35,8 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int])
     params = [seq.params for seq in asked]
     index = to_device(rows, device, torch.long)
     picked = logits[index].float()  # [asked rows, vocab]
-    held_back = [sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)) if len(s.output_ids) < p.min_tokens
-                 else [] for s, p in zip(asked, params)]
+    held_back = [sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids))
+                 if len(s.output_ids) < p.min_tokens else [] for s, p in zip(asked, params)]
     picked = picked.masked_fill(_per_row(held_back, 1.0, vocab, device) > 0, float("-inf"))
     biases = [list(p.logit_bias.items()) for p in params]
     picked += _per_row([[t for t, _ in b] for b in biases], [[v for _, v in b] for b in biases], vocab, device)

@@ -165,7 +165,9 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        stops = len(seq.output_ids) >= params.min_tokens  # the sampler keeps them out before (adjust_logits)
+        # the sampler keeps stops out of the first min_tokens tokens (adjust_logits); this token is number
+        # len(output_ids), counted from 1
+        stops = len(seq.output_ids) > params.min_tokens
         if stops and (token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)):
             return "stop"
         if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= (self.max_model_len or float("inf")):
