@@ -1,12 +1,14 @@
-"""End to end over HTTP on a GPU: rheads at several budgets against `transformers serve`, in one run.
+"""End to end over HTTP on a GPU: rheads at several budgets against vLLM and `transformers serve`, in one run.
 
 The model: random bf16 weights at the Llama-3.1-8B shape (speed and memory depend on shapes, not on
 trained values), saved once into --workdir with the tokenizer from --tokenizer and no EOS token (every
 request runs to its fixed output length), plus a synthetic profile. For each configuration in turn --
-rheads at each --budgets value, then the peer `transformers serve --continuous-batching` with the same KV
-bytes -- the script starts the server on 127.0.0.1, warms it up and, for each --contexts length, runs:
+rheads at each --budgets value, then each of --peers with the same KV bytes: `vllm serve` (its defaults:
+CUDA graphs, chunked prefill, prefix caching; `--kv-cache-memory-bytes`) and `transformers serve
+--continuous-batching` -- the script starts the server on 127.0.0.1, warms it up and, for each --contexts
+length, runs:
 
-  saturation  as many concurrent requests as rheads' cache holds at that budget (the peer gets budget
+  saturation  as many concurrent requests as rheads' cache holds at that budget (a peer gets budget
               1.0's number), each with a context-length prompt and --max-tokens outputs: output tokens/s,
               the most requests streaming at once, tokens/s while that many stream;
   rate        --rate-requests requests at a fixed rate: TTFT and inter-token latency p50/p99.
@@ -62,7 +64,8 @@ from rheads.engine.llm import EngineConfig, cache_config_of  # noqa: E402
 from rheads.niah import haystack_files  # noqa: E402
 from rheads.profiling.profile import ModelIdentity, head_dim_of, synthetic_profile  # noqa: E402
 
-PEER = "transformers serve"
+PEERS = {"vllm": "vllm", "transformers": "transformers serve"}  # --peers value: the configuration's name
+PEER = PEERS["transformers"]
 GIB = 1 << 30
 
 
@@ -216,17 +219,32 @@ def brief(summary: dict) -> dict:
 
 # --- one configuration ---------------------------------------------------------------------------
 
-def server_command(name: str, budget: float | None, model_dir: Path, profile: Path, args: argparse.Namespace,
-                   max_model_len: int, config: LlamaConfig):
-    """`command(port)` for one configuration: rheads at `budget`, or (budget None) the peer."""
-    if budget is None:  # the peer, with the same KV bytes as rheads (its blocks hold 256 tokens)
-        bytes_per_token = config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * 2 * 2  # K+V, bf16
-        blocks = int(args.kv_cache_gib * GIB) // (256 * bytes_per_token)
-        return lambda port: [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
-                             "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
-                             "--port", str(port), "--device", args.device, "--dtype", "bfloat16",
-                             "--cb-block-size", "256", "--cb-num-blocks", str(blocks),
-                             "--cb-max-batch-tokens", str(args.max_num_batched_tokens), "--log-level", "warning"]
+def kv_bytes_per_token(config: LlamaConfig) -> int:
+    """K and V of every layer's KV heads in bf16: a full cache's bytes per token."""
+    return config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * 2 * 2
+
+
+def peer_command(peer: str, name: str, model_dir: Path, args: argparse.Namespace, max_model_len: int,
+                 config: LlamaConfig):
+    """`command(port)` for a peer server with rheads' KV bytes, batch limits and context length."""
+    if peer == "vllm":
+        return lambda port: [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+                             "--served-model-name", name, "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * GIB)),
+                             "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(max_model_len),
+                             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                             "--uvicorn-log-level", "warning"]
+    blocks = int(args.kv_cache_gib * GIB) // (256 * kv_bytes_per_token(config))  # its blocks hold 256 tokens
+    return lambda port: [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
+                         "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
+                         "--port", str(port), "--device", args.device, "--dtype", "bfloat16",
+                         "--cb-block-size", "256", "--cb-num-blocks", str(blocks),
+                         "--cb-max-batch-tokens", str(args.max_num_batched_tokens), "--log-level", "warning"]
+
+
+def rheads_server_command(name: str, budget: float, model_dir: Path, profile: Path, args: argparse.Namespace,
+                          max_model_len: int):
+    """`command(port)` for rheads at `budget`."""
     flags = [str(model_dir), "--profile", str(profile) if budget < 1 else "none", "--budget", f"{budget:g}",
              "--kv-cache-memory", f"{args.kv_cache_gib}GiB", "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(max_model_len),
@@ -264,23 +282,29 @@ async def streams_with_arrivals(base: str, model: str, extra_body: dict | None, 
 
 
 def run_config(name: str, budget: float | None, setup: dict, args: argparse.Namespace, memory: GpuMemory,
-               logs: Path) -> dict:
+               logs: Path, peer: str | None = None) -> dict:
+    """One server: rheads at `budget`, or the --peers entry `peer` (budget None)."""
     config, contexts = setup["config"], setup["contexts"]
-    is_peer = budget is None
-    model = str(setup["model_dir"]) if is_peer else name
-    extra_body = {} if is_peer else None  # the peer refuses ignore_eos; its model dir has no EOS
+    if peer is None:
+        command = rheads_server_command(name, budget, setup["model_dir"], setup["profile"], args,
+                                        setup["max_model_len"])
+    else:
+        command = peer_command(peer, name, setup["model_dir"], args, setup["max_model_len"], config)
+    # transformers serve names its model by its path and refuses ignore_eos (its model dir has no EOS)
+    model = str(setup["model_dir"]) if peer == "transformers" else name
+    extra_body = {} if peer == "transformers" else None
+    env = {"PYTHONPATH": args.vllm_pythonpath, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"} \
+        if peer == "vllm" and args.vllm_pythonpath else None
     memory.reset()  # each context's peak counts from the server's start: start-up (graph capture) included
     print(f"[{name}] starting", file=sys.stderr, flush=True)
-    server = ServerProcess(name, server_command(name, budget, setup["model_dir"], setup["profile"], args,
-                                                setup["max_model_len"], config),
-                           args.startup_timeout, logs, ready_path="/health")
-    out: dict = {"budget": budget, "contexts": {}}
+    server = ServerProcess(name, command, args.startup_timeout, logs, ready_path="/health", env=env)
+    out: dict = {"budget": budget, "peer": peer, "contexts": {}}
     try:
         out["startup_s"], out["banner"] = server.startup_s, server.banner()
-        sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64) if s <= args.max_num_seqs] if not is_peer else [1, 4]
-        warm_up(server.base, model, extra_body or {}, sizes)
+        sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64) if s <= args.max_num_seqs]
+        warm_up(server.base, model, extra_body or {}, sizes if peer != "transformers" else [1, 4])
         for context in contexts:
-            n = capacity(config, 1.0 if is_peer else budget, context + args.max_tokens, args)
+            n = capacity(config, 1.0 if peer else budget, context + args.max_tokens, args)
             prompts = setup["prompts"][context]
             before = step_totals(server.base)
             saturation = asyncio.run(run_load(
@@ -411,6 +435,13 @@ def ratios(report: dict) -> dict:
                                         at(PEER, "saturation", "output_token_throughput")),
         "full_vs_peer_32k": ratio(at(full, "saturation", "output_token_throughput"),
                                   at(PEER, "saturation", "output_token_throughput")),
+        # issue 23's targets: budget 1.0 at least 0.9x vLLM's tok/s, budget 0.5 1.7x its tok/s and 1.9x its streams
+        "full_vs_vllm_32k": ratio(at(full, "saturation", "output_token_throughput"),
+                                  at(PEERS["vllm"], "saturation", "output_token_throughput")),
+        "throughput_vs_vllm_32k": ratio(at(half, "saturation", "output_token_throughput"),
+                                        at(PEERS["vllm"], "saturation", "output_token_throughput")),
+        "concurrency_vs_vllm_32k": ratio(at(half, "saturation", "decoding", "peak"),
+                                         at(PEERS["vllm"], "saturation", "decoding", "peak")),
         "decode_step_over_limit": step[0],
         "decode_step_over_limit_full": step[1],
     }
@@ -424,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workdir", type=Path, default=REPO / ".bench", help="model directory and profile go here")
     p.add_argument("--budgets", default="1.0,0.5,0.25", help="rheads configurations ('': the peer alone)")
-    p.add_argument("--no-peer", action="store_true", help="leave `transformers serve` out")
+    p.add_argument("--peers", default="transformers",
+                   help=f"peer servers after rheads, comma-separated, of: {', '.join(PEERS)} ('': none)")
+    p.add_argument("--no-peer", action="store_true", help="the same as --peers ''")
+    p.add_argument("--vllm-pythonpath", help="PYTHONPATH for `vllm serve` alone (where benchmarks/vllm_parts.py's "
+                   "wheels are installed), so that its pins do not meet rheads' packages")
     p.add_argument("--contexts", default="8192,32768", help="prompt lengths in tokens ('': the arrivals phase alone)")
     p.add_argument("--uneven", action="store_true",
                    help="prompts of lengths drawn from [context / 2, context] (concurrency as for context)")
@@ -480,9 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         setup["stream_prompts"] = make_prompts(args.tokenizer, args.arrival_stream_prompt_tokens, args.arrival_streams)
         setup["arrival_prompts"] = make_prompts(args.tokenizer, args.arrival_prompt_tokens,
                                                 int(args.arrivals * args.arrival_duration) + 1)
-    configs: list[tuple[str, float | None]] = [(f"rheads-{b}", b) for b in budgets]
-    if not args.no_peer:
-        configs.append((PEER, None))
+    peers = [] if args.no_peer else [name for name in args.peers.split(",") if name]
+    if unknown := set(peers) - set(PEERS):
+        p.error(f"--peers: unknown {sorted(unknown)}; choose from {', '.join(PEERS)}")
+    configs = [(f"rheads-{b}", b, None) for b in budgets] + [(PEERS[peer], None, peer) for peer in peers]
 
     whole, report = open_report(args.json, args.merge, args.section)
     command, ran = shlex.join(["python", *sys.argv]), {str(c) for c in contexts}  # each figure keeps its command
@@ -493,9 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     })
     with tempfile.TemporaryDirectory(prefix="rheads-gpu-serving-") as logs:
-        for name, budget in configs:
+        for name, budget, peer in configs:
             try:
-                result = run_config(name, budget, setup, args, memory, Path(logs))
+                result = run_config(name, budget, setup, args, memory, Path(logs), peer)
             except RuntimeError as error:  # a server that does not start: reported, the others still run
                 print(error, file=sys.stderr)
                 result = {"budget": budget, "contexts": {}, "error": str(error)[-2000:]}

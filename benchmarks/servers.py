@@ -1,6 +1,6 @@
 """A server under test as a subprocess on a free 127.0.0.1 port: started, waited for, stopped.
 
-Used by serve_compare.py (rheads at two budgets) and gpu_serving.py (rheads and `transformers serve`).
+Used by serve_compare.py (rheads at two budgets) and gpu_serving.py (rheads, vLLM and `transformers serve`).
 Output goes to a log file, so a server that fails to start says why.
 """
 
@@ -31,15 +31,15 @@ def rheads_command(flags: list[str], port: int) -> list[str]:
 
 
 class ServerProcess:
-    """`command(port)` in a subprocess; ready when GET `ready_path` answers 200; stopped with SIGINT, then
-    SIGKILL."""
+    """`command(port)` in a subprocess (with `env` added to this one's); ready when GET `ready_path` answers 200;
+    stopped with SIGINT, then SIGKILL."""
 
     def __init__(self, name: str, command, startup_timeout: float, log_dir: Path, threads: int | None = None,
-                 ready_path: str = "/health"):
+                 ready_path: str = "/health", env: dict[str, str] | None = None):
         self.name, self.port = name, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.cmd = command(self.port)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         if threads:
             env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log_path = log_dir / f"serve_{name.replace(' ', '_').replace('/', '_')}.log"
