@@ -293,8 +293,9 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
     # transformers serve names its model by its path and refuses ignore_eos (its model dir has no EOS)
     model = str(setup["model_dir"]) if peer == "transformers" else name
     extra_body = {} if peer == "transformers" else None
-    env = {"PYTHONPATH": args.vllm_pythonpath, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"} \
-        if peer == "vllm" and args.vllm_pythonpath else None
+    # vLLM's FlashInfer sampler is left out (greedy requests never reach it; vllm_parts.py does not carry it)
+    env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+           **({"PYTHONPATH": args.vllm_pythonpath} if args.vllm_pythonpath else {})} if peer == "vllm" else None
     memory.reset()  # each context's peak counts from the server's start: start-up (graph capture) included
     print(f"[{name}] starting", file=sys.stderr, flush=True)
     server = ServerProcess(name, command, args.startup_timeout, logs, ready_path="/health", env=env)

@@ -6,7 +6,7 @@ it declares ~70 dependencies, many of them kernels for other GPUs and features (
 CUTLASS DSL, video codecs). This script carries what `vllm serve` of a bf16 Llama needs beyond the image:
 
 - the vLLM wheel without the parts that model does not load on Hopper (`TRIM`: FlashAttention 2, which it
-  uses only before Hopper; the MoE kernels, imported only if present; the vendored DeepGEMM/FlashMLA/SM100
+  uses only before Hopper; the MoE kernels, imported only if present; the vendored DeepGEMM and SM100
   sources; the optional Rust front end), rewritten with its RECORD to match;
 - benchmarks/vllm_requirements.txt: the Python packages its front end and engine import on that path and
   the image lacks, found by importing vLLM's entry points, engine core, GPU worker and model runner, the
@@ -14,6 +14,8 @@ CUTLASS DSL, video codecs). This script carries what `vllm serve` of a bf16 Llam
   environment holding only the image's packages, adding each missing module until all import, and
   resolving the result with pip against vLLM's own pins. On the machine they are installed apart from
   rheads' (`SITE=/tmp/vsite`), and gpu_serving.py gives vLLM that PYTHONPATH alone (--vllm-pythonpath).
+  FlashInfer is not carried: its sampler is turned off (VLLM_USE_FLASHINFER_SAMPLER=0; vLLM imports it
+  unguarded otherwise), and attention takes vLLM's Hopper default, FlashAttention 3, which the wheel holds.
 
     python benchmarks/vllm_parts.py --out .vllmparts
 
@@ -34,8 +36,8 @@ from gpu_unpack import MIB, PartsError  # noqa: E402
 
 VLLM = "vllm==0.25.0"
 REQUIREMENTS = Path(__file__).resolve().parent / "vllm_requirements.txt"
-TRIM = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so", "vllm/third_party/",
-        "vllm/vllm-rs")
+TRIM = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so",
+        "vllm/third_party/deep_gemm/", "vllm/third_party/fmha_sm100/", "vllm/vllm-rs")  # its pynvml stays: CUDA needs it
 
 
 def trimmed(wheel: Path, out_dir: Path) -> Path:
