@@ -355,14 +355,26 @@ def build_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                    help="prefill tokens per engine step (default: %(default)s)")
     c.add_argument("--profile-batch-size", type=int, default=None,
                    help="samples per batch when profiling (default: 8 on a GPU, 1 on a CPU)")
+    c.add_argument("--from-runs", nargs="+", type=Path, metavar="DIR",
+                   help="choose from these `rheads eval niah` runs (their --out folders, made with this profile on "
+                   "one grid) instead of running the grid")
     _add_eval_runtime_arguments(c, "weights and KV dtype")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .evaluation.calibrate import CalibrationConfig, calibrate, format_calibration
+    from .evaluation.calibrate import CalibrationConfig, calibrate, calibrate_from_runs, format_calibration
     from .evaluation.niah_eval import EvalConfig
     from .models import resolve_model
     from .profiling.profile import find_profile
+
+    if args.from_runs:
+        if args.profile == "auto":
+            raise SystemExit("rheads: error: --from-runs needs --profile (the profile the runs were made with)")
+        profile, record = calibrate_from_runs(Path(args.profile), args.from_runs, args.max_model_len, args.tolerance)
+        print(format_calibration(record))
+        print(f"wrote {args.profile}: default_budget {profile.default_budget:g}, "
+              f"default_window {profile.default_window}")
+        return 0
 
     if args.threads:
         import torch

@@ -96,3 +96,25 @@ def test_calibrate_smollm2_cli(tmp_path: Path, capsys) -> None:
     assert profile.samples == Profile.load(SHIPPED_SMOLLM2).samples  # covered already: not profiled again
     assert profile.calibration["full_accuracy"] == 1.0  # SmolLM2 finds both needles with the full cache
     assert "<- chosen" in text and f"default_budget {profile.default_budget:g}" in text
+
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN_RUNS = REPO / "benchmarks" / "results" / "eval_qwen_h200"
+
+
+def test_the_shipped_qwen_defaults_follow_from_its_recorded_runs(tmp_path: Path, capsys) -> None:
+    """The shipped Qwen profile's default budget and window are what `calibrate --from-runs` chooses from the
+    H200 runs its record names; runs made with other head scores are refused."""
+    shipped = REPO / "profiles" / "Qwen2.5-Coder-0.5B-Instruct.json"
+    record = Profile.load(shipped).calibration
+    profile_path = tmp_path / "qwen.json"
+    shutil.copy(shipped, profile_path)
+    main(["calibrate", "qwen2.5-coder-0.5b-instruct", "--max-model-len", str(record["max_model_len"]), "--out",
+          str(tmp_path / "unused"), "--profile", str(profile_path), "--from-runs",
+          *[str(REPO / run) for run in record["runs"]]])
+    again = Profile.load(profile_path)
+    assert (again.default_budget, again.default_window) == (record["chosen"]["budget"], record["chosen"]["window"])
+    assert again.calibration["rows"] == record["rows"] and record["cells_per_config"] >= 100
+    assert main(["calibrate", "qwen2.5-coder-0.5b-instruct", "--max-model-len", "32768", "--out", str(tmp_path / "x"),
+                 "--profile", str(profile_path), "--from-runs", str(QWEN_RUNS / "31k-long-copy-max")]) != 0
+    assert "evaluated with other head scores" in capsys.readouterr().err

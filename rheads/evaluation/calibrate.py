@@ -76,6 +76,13 @@ def choose(rows: list[dict], tolerance: float) -> dict:
     return min(fits, key=lambda r: (r["kv_bytes_per_seq"], -r["accuracy"]))
 
 
+def rows_of(summary: dict, window: int) -> list[dict]:
+    """A grid run's configurations as calibration rows."""
+    return [{"window": window, "selection": c["selection"], "budget": c["budget"], "accuracy": c["accuracy"],
+             "cells": c["cells"], "kv_bytes_per_seq": c["kv_bytes_per_seq"],
+             "kv_fraction_of_full": c["kv_fraction_of_full"]} for c in summary["configs"]]
+
+
 def calibrate(model_spec: str, profile_path: Path, config: CalibrationConfig, out: Path,
               trust_remote_code: bool = False) -> tuple[Profile, dict]:
     """Profile at the served length if needed, evaluate every window x budget, write the choice into the
@@ -89,21 +96,47 @@ def calibrate(model_spec: str, profile_path: Path, config: CalibrationConfig, ou
         result = run_niah_eval(loaded.model, loaded.tokenizer, loaded.name, loaded.profile, run,
                                Path(out) / f"window-{window}", profile_path=str(profile_path))
         print(f"window {window}:\n{result.table}")
-        rows += [{"window": window, "selection": c["selection"], "budget": c["budget"],
-                  "accuracy": c["accuracy"], "cells": c["cells"], "kv_bytes_per_seq": c["kv_bytes_per_seq"],
-                  "kv_fraction_of_full": c["kv_fraction_of_full"]} for c in result.summary["configs"]]
+        rows += rows_of(result.summary, window)
+    grid = {"lengths": lengths, "depths": list(config.eval.depths), "task": config.eval.task,
+            "needles_file": str(config.eval.needles_path()) if config.eval.task == "niah" else None,
+            "dtype": str(config.eval.dtype).removeprefix("torch."), "device": config.eval.device}
+    return write_choice(profile_path, rows, grid, config.max_model_len, config.tolerance)
+
+
+def calibrate_from_runs(profile_path: Path, runs: list[Path], max_model_len: int,
+                        tolerance: float) -> tuple[Profile, dict]:
+    """The same choice from `rheads eval niah` runs already made (their --out folders) with this profile's
+    scores, on one grid (lengths, depths, task, needles, dtype), at any windows; written into the profile."""
+    from .grid import short_sha
+
+    profile = Profile.load(profile_path)
+    scores = short_sha(json.dumps(profile.kv_head_scores).encode())
+    rows, grids = [], {}
+    for run in map(Path, runs):
+        meta = json.loads((run / "meta.json").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+        if meta["profile_scores"] != scores:
+            raise ValueError(f"{run} was evaluated with other head scores than {profile_path}'s")
+        grids[run] = {"lengths": summary["lengths"], "depths": summary["depths"], "task": meta["task"],
+                      "needles_file": meta["needles_file"], "dtype": meta["dtype"], "device": meta["device"]}
+        rows += rows_of(summary, meta["window"])
+    if len({json.dumps(g, sort_keys=True) for g in grids.values()}) != 1:
+        raise ValueError(f"the runs were measured on different grids: {grids}")
+    return write_choice(profile_path, rows, next(iter(grids.values())) | {"runs": [str(r) for r in runs]},
+                        max_model_len, tolerance)
+
+
+def write_choice(profile_path: Path, rows: list[dict], grid: dict, max_model_len: int,
+                 tolerance: float) -> tuple[Profile, dict]:
+    """Choose among `rows` and write the choice and its record (`grid` describes what they were measured on)
+    into the profile; (the profile, the record)."""
     fulls = [r for r in rows if r["selection"] == "full"]
     best_full = max(fulls, key=lambda r: r["accuracy"])  # full ignores the window: the same cells each run
     rows = [r for r in rows if r["selection"] != "full"] + [best_full]
-    chosen = choose(rows, config.tolerance)
-    record = {
-        "date": datetime.date.today().isoformat(), "max_model_len": config.max_model_len, "lengths": lengths,
-        "depths": list(config.eval.depths), "task": config.eval.task,
-        "needles_file": str(config.eval.needles_path()) if config.eval.task == "niah" else None,
-        "cells_per_config": chosen["cells"], "dtype": str(config.eval.dtype).removeprefix("torch."),
-        "device": config.eval.device, "tolerance": config.tolerance, "full_accuracy": best_full["accuracy"],
-        "chosen": chosen, "rows": rows,
-    }
+    chosen = choose(rows, tolerance)
+    record = {"date": datetime.date.today().isoformat(), "max_model_len": max_model_len, **grid,
+              "cells_per_config": chosen["cells"], "tolerance": tolerance, "full_accuracy": best_full["accuracy"],
+              "chosen": chosen, "rows": rows}
     profile = Profile.load(profile_path)
     profile.default_budget = chosen["budget"]
     profile.default_window = None if chosen["selection"] == "full" else chosen["window"]
