@@ -159,9 +159,9 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="'auto' (the shipped profile for MODEL), a profile JSON, or 'none' (budget 1.0 or 0 only)")
     p.add_argument("--budget", type=float, default=None,
                    help="fraction of KV heads keeping a full cache, top by profile score (default: the "
-                   "profile's default_budget: 0.5 for both shipped profiles, which on Qwen2.5-Coder answers "
-                   "8-23 points below the full cache at 8k-31k, see benchmarks/RESULTS.md; 0.5 for imported "
-                   "ones; 1.0 with --profile none)")
+                   "profile's default_budget: 0.5 for SmolLM2; 0.75 for Qwen2.5-Coder, calibrated at 31k, where "
+                   "0.5 answers 8-23 points below the full cache at 8k-31k, see benchmarks/RESULTS.md; 0.5 for "
+                   "imported ones; 1.0 with --profile none)")
     p.add_argument("--threshold", type=float, default=None,
                    help="instead of --budget: every KV head scoring above this keeps a full cache")
     p.add_argument("--sink", type=int, default=64, help="attention-sink tokens kept by streaming heads")
