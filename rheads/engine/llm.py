@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..models import check_model_supported, eos_token_ids, load_model, resolve_model
-from ..profiling.profile import ModelIdentity, find_profile, head_dim_of
+from ..profiling.profile import ModelIdentity, find_profile, head_dim_of, layer_windows
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, choose_split
@@ -97,6 +97,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
         check_model_supported(model)
+        split = self.split = split.with_windows(layer_windows(model.config))  # its sliding layers windowed
         head_dim = head_dim_of(model.config)
         self.cache = _allocate_cache(split, head_dim, config)
         # The engine owns the model from here to `close` (the cache was allocated first, so a memory too
