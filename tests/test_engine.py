@@ -913,6 +913,8 @@ def test_random_split() -> None:
     assert all(list(h) == sorted(h) for h in a.full)
     assert random_split(6, 4, 0.0, seed=1) == HeadSplit.uniform(6, 4, False)
     assert random_split(6, 4, 1.0, seed=1) == HeadSplit.uniform(6, 4, True)
+    hybrid = random_split(3, 4, 0.5, seed=1, windows=[None, 64, None])  # as many as a budget of the full layers
+    assert hybrid.full[1] == () and sum(hybrid.num_full) == 4 and hybrid.windows == (None, 64, None)
 
 
 def test_head_split_order() -> None:

@@ -126,11 +126,14 @@ def choose_split(identity: ModelIdentity, profile_path, budget: float | None = N
     return split, profile.default_window
 
 
-def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int) -> HeadSplit:
-    """The same number of full heads as `budget` would give, chosen at random (the control)."""
+def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int,
+                 windows: list[int | None] | None = None) -> HeadSplit:
+    """The same number of full heads as `budget` would give, chosen at random (the control) among the
+    full-attention layers' heads (`windows`: the model's layer windows; None: every layer is one)."""
     ranked = [(l, h) for l in range(num_layers) for h in range(num_kv_heads)]
     random.Random(seed).shuffle(ranked)
-    return _from_ranking(ranked, round(budget * num_layers * num_kv_heads), num_layers, num_kv_heads)
+    choosable = sum(w is None for w in windows or [None] * num_layers) * num_kv_heads
+    return _from_ranking(ranked, round(budget * choosable), num_layers, num_kv_heads, windows)
 
 
 def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
