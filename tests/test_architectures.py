@@ -144,6 +144,16 @@ def test_long_chunks_through_the_banded_and_blocked_paths(name, tokenizer, monke
     check_both_oracles(tiny(model_type, **extras), tokenizer, chunk=16)
 
 
+def test_a_window_longer_than_any_sequence_takes_a_ring_of_the_longest(tokenizer) -> None:
+    """Mistral-7B-v0.1's 4096-token window served at a shorter max_model_len: every key a query there can
+    see fits a ring of max_model_len entries, so that is what the layer gets (and both oracles hold)."""
+    model = tiny("mistral", sliding_window=4096)
+    config = EngineConfig(sink=SINK, window=WINDOW, kv_cache_memory=1 << 20, max_model_len=40)
+    with LLMEngine(copy.deepcopy(model), tokenizer, HeadSplit.uniform(2, 2, full=True), config) as engine:
+        assert engine.cache.geometries == [(0, 40)] and engine.split.windows == (40, 40)
+    check_both_oracles(model, tokenizer)
+
+
 def test_hybrid_pools_hold_the_formulas_bytes(tokenizer) -> None:
     """Gemma 3's sliding layer lives in the window slot with the model's window and no sink, its full layer's
     streaming heads with the engine's sink + window: the tensors hold what the formula counts, and what a

@@ -82,7 +82,8 @@ def _from_ranking(ranked: list[tuple[int, int]], count: int, num_layers: int, nu
 
 
 def select_heads(profile: Profile, budget: float | None = None, threshold: float | None = None) -> HeadSplit:
-    """Retrieval KV heads by a global budget (fraction of all KV heads, top scores) or a score threshold.
+    """Retrieval KV heads by a global budget (fraction of the full-attention layers' KV heads, top scores) or
+    a score threshold.
 
     Ties are broken by (layer, head) so a profile and a budget always give the same split. Only the
     full-attention layers' heads are chosen from (the budget is a fraction of theirs): a sliding-window

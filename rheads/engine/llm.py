@@ -97,12 +97,14 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
         check_model_supported(model)
-        split = self.split = split.with_windows(layer_windows(model.config))  # its sliding layers windowed
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        # its sliding layers windowed; a window as long as a sequence can be needs no more ring than that
+        windows = [w and min(w, self.max_model_len) for w in layer_windows(model.config)]
+        split = self.split = split.with_windows(windows)
         head_dim = head_dim_of(model.config)
         self.cache = _allocate_cache(split, head_dim, config)
         # The engine owns the model from here to `close` (the cache was allocated first, so a memory too
         # small to hold a sequence fails before the model is touched).
-        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.integration = ModelIntegration(model, split, Kernels(
             config.device, config.dtype, head_dim, config.sink, config.window, config.max_num_batched_tokens,
             self.max_model_len))
