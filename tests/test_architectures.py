@@ -177,8 +177,12 @@ def test_hybrid_pools_hold_the_formulas_bytes(tokenizer) -> None:
 
         def after_step(engine, step):
             pages = sum(-(-seq.num_cached // 4) for seq in engine.scheduler.running)
-            seen.append(engine.usage().bytes_used)
-            assert seen[-1] == pages * per_page + len(engine.scheduler.running) * per_slot
+            usage, running = engine.usage(), engine.scheduler.running
+            seen.append(usage.bytes_used)
+            assert seen[-1] == pages * per_page + len(running) * per_slot
+            # a full cache of this model: its full layer's every head per token, its sliding layer's window
+            full = sum(-(-seq.num_cached // 4) * 4 for seq in running) * kv * 2 * dim * 4
+            assert usage.bytes_full_equivalent == full + len(running) * MODEL_WINDOW * kv * 2 * dim * 4
 
         params = SamplingParams(max_tokens=5, **GREEDY)
         run(engine, {0: [("a", random_prompt(30, 1, VOCAB), params)], 1: [("b", random_prompt(9, 2, VOCAB), params)]},

@@ -40,16 +40,21 @@ class Footprint:
     page_size: int
     bytes_per_page: int  # page_size tokens of every full head of every layer, K and V
     bytes_per_slot: int  # sink + window entries of every streaming head of every layer, K and V
-    bytes_per_token_full: int  # one token of every head: what a full cache holds per token
+    # what a full cache of the model (budget 1.0) holds: one token of every head of its full-attention layers,
+    # and per sequence its sliding layers' rings (a model's own window is no saving of the head split)
+    bytes_per_token_full: int
+    bytes_per_slot_sliding: int = 0
 
     @classmethod
     def of(cls, split: HeadSplit, head_dim: int, config: CacheConfig) -> "Footprint":
-        elt = torch.empty((), dtype=config.dtype).element_size()
+        elt, kv = torch.empty((), dtype=config.dtype).element_size(), split.num_kv_heads
         full_heads = sum(split.num_full)
-        ring_entries = sum(sum(layer_geometry(split, layer, config)) * (split.num_kv_heads - n)
+        ring_entries = sum(sum(layer_geometry(split, layer, config)) * (kv - n)
                            for layer, n in enumerate(split.num_full))  # sum over layers of ring x streaming heads
+        windows = [split.window_of(layer) for layer in range(split.num_layers)]
         return cls(config.page_size, config.page_size * full_heads * 2 * head_dim * elt,
-                   ring_entries * 2 * head_dim * elt, split.num_layers * split.num_kv_heads * 2 * head_dim * elt)
+                   ring_entries * 2 * head_dim * elt, sum(w is None for w in windows) * kv * 2 * head_dim * elt,
+                   sum(w or 0 for w in windows) * kv * 2 * head_dim * elt)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size) if self.bytes_per_page else 0
