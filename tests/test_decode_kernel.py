@@ -2,6 +2,7 @@
 PyTorch path write the pools where their layout says and attend as attention worked out here over each
 history does."""
 
+import dataclasses
 import os
 
 import pytest
@@ -249,14 +250,20 @@ def test_one_compiled_kernel_serves_every_split_and_head_count():
 
     # on the H100 / H200's 132 SMs: 27, 32, 16, 2 and 1 splits; 5, 1, 2, 4 and 1 full heads; tables 188, 126,
     # 64, 7 and 1 pages wide
-    cases = [([3000, 17, 700, 2], 5, 4), ([40, 2000], 1, 1), ([1023] * 3, 2, 16), ([100] * 16, 4, 2), ([7], 1, 64)]
+    # the last: a hybrid model's second ring geometry, whose row of the batch starts unaligned (3 x 4 bytes in)
+    cases = [([3000, 17, 700, 2], 5, 4, 0), ([40, 2000], 1, 1, 0), ([1023] * 3, 2, 16, 0), ([100] * 16, 4, 2, 0),
+             ([7], 1, 64, 0), ([40, 2000, 9], 1, 1, 1)]
     counts, sink, window = [], 64, 256
-    for positions, num_full, programs_per_sm in cases:
+    for positions, num_full, programs_per_sm, geometry in cases:
         q, k, v, batch, full, ring = _layer("cuda", torch.bfloat16, positions, num_full, kv_heads=8, dim=128,
                                             page=16, sink=sink, window=window)
+        if geometry:  # the same ring offsets and lengths as the batch's second row
+            batch = dataclasses.replace(batch, ring_offsets=batch.ring_offsets.repeat(2, 1),
+                                        ring_lengths=batch.ring_lengths.repeat(2, 1))
         want = _written((full, ring), batch, positions, k, v, sink, window)
         got = torch.zeros_like(q)
-        head_split_decode_triton(q, k, v, got, batch, full, ring, 128 ** -0.5, programs_per_sm=programs_per_sm)
+        head_split_decode_triton(q, k, v, got, batch, full, ring, 128 ** -0.5, geometry,
+                                 programs_per_sm=programs_per_sm)
         _check_decode(got, q, want, batch, positions, sink, window, 128 ** -0.5)
         counts.append(compiled())
     assert counts[1:] == counts[:1] * (len(cases) - 1), counts

@@ -235,7 +235,9 @@ if triton is not None:
             m = m_new
         return acc, m, l
 
-    @triton.jit(do_not_specialize=_VARYING)
+    # A geometry's row of the batch's ring offsets and lengths starts wherever the rows before it end: read
+    # once per program, they gain nothing from alignment, and a compile per alignment would stall serving
+    @triton.jit(do_not_specialize=_VARYING, do_not_specialize_on_alignment=["RLENS", "ROFFS"])
     def _head_split_decode_kernel(
         Q, KN, VN, ROWS, FK, FV, BT, LENS, PAGE_IDS, PAGE_OFFS, RK, RV, SLOTS, RLENS, ROFFS, OUT, PART, LSE,
         SINK_LOGITS, scale, softcap,
