@@ -73,7 +73,8 @@ def main() -> None:
     last = torch.full((batch,), args.context - 1)
     decode = DecodeBatch(rows=torch.arange(batch), page_table=table, page_ids=table[:, -1].long(),
                          page_offsets=last % page, lengths=(last + 1).to(torch.int32), slots=torch.arange(batch),
-                         ring_offsets=64 + (last - 64) % 256, ring_lengths=torch.full((batch,), ring, dtype=torch.int32),
+                         ring_offsets=(64 + (last - 64) % 256)[None],
+                         ring_lengths=torch.full((1, batch), ring, dtype=torch.int32),
                          max_length=args.context).to("cuda")
     q, out = make(batch, kv * group, dim), make(batch, kv * group, dim)
     k, v = make(batch, kv, dim), make(batch, kv, dim)
@@ -84,8 +85,9 @@ def main() -> None:
     for block, warps, stages, pps in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), per_sm):
         setting = {"block": block, "warps": warps, "stages": stages, "programs_per_sm": pps}
         try:
-            ms = timed(lambda: head_split_decode_triton(q, k, v, out, decode, full, rings, dim ** -0.5, sms,
-                                                        block, warps, stages, pps))
+            ms = timed(lambda: head_split_decode_triton(q, k, v, out, decode, full, rings, dim ** -0.5, num_sms=sms,
+                                                        block=block, num_warps=warps, num_stages=stages,
+                                                        programs_per_sm=pps))
         except Exception as error:  # noqa: BLE001 - a setting that does not compile is reported
             rows.append({**setting, "error": str(error)[:80]})
             continue

@@ -37,7 +37,8 @@ VERIFIED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
     "CohereForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "Starcoder2ForCausalLM", "Phi3ForCausalLM",
-    "SmolLM3ForCausalLM", "Glm4ForCausalLM", "Qwen2MoeForCausalLM",
+    "SmolLM3ForCausalLM", "Glm4ForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+    "GptOssForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM",
 )
 # What stands in the way of those seen to fail (the rest are simply unverified)
 KNOWN_GAPS = {
@@ -62,18 +63,17 @@ def check_model_supported(model) -> None:
 
 
 def check_attention_supported(config) -> None:
-    """Refuse models whose attention our kernels would silently get wrong (sliding windows, soft-capping)."""
+    """Refuse models whose attention our kernels would silently get wrong: layers of a kind other than full
+    causal or sliding-window attention (chunked, linear), and bidirectional attention."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(config, "layer_types", None) or []
-    windowed = any(kind != "full_attention" for kind in layer_types) or (
-        not layer_types and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-    problems = ["sliding-window attention layers"] if windowed else []
-    if getattr(config, "attn_logit_softcapping", None):
-        problems.append("attention logit soft-capping")
+    kinds = set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention"}
+    problems = [f"{kind} layers" for kind in sorted(kinds)]
+    if getattr(config, "use_bidirectional_attention", False):
+        problems.append("bidirectional attention")
     if problems:
         raise UnsupportedModelError(
-            f"{config.model_type} with {' and '.join(problems)} is not supported yet: rheads implements full "
-            "causal attention with a per-head sink + window cache (Llama, Mistral without a window, Qwen2/3)."
+            f"{config.model_type} with {' and '.join(problems)} is not supported: rheads implements causal "
+            "attention, full or in the model's own sliding window, with a per-head sink + window cache."
         )
 
 
@@ -255,15 +255,16 @@ def eos_token_ids(model, tokenizer=None) -> set[int]:
 
 
 def _load_causal_lm(path, dtype: torch.dtype, kwargs: dict):
-    """The checkpoint's causal LM; for a multimodal wrapper (a config with a text_config and no causal-LM
-    class of its own: Mistral-Small-3.1/3.2, LLaVA), its text decoder (`text_decoder`)."""
+    """The checkpoint's causal LM; for a multimodal wrapper (a config with a text_config whose own causal-LM
+    class is not the wrapper's: Mistral-Small-3.1/3.2, LLaVA, Gemma 3 4B-27B), its text decoder (`text_decoder`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM
 
     if kwargs.get("gguf_file"):  # a GGUF file's config is read from the file itself
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     config = AutoConfig.from_pretrained(path, **kwargs)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "text_config"):
+    text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+    if text_type in CAUSAL_LM and CAUSAL_LM[text_type] != CAUSAL_LM.get(config.model_type):
         return text_decoder(AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, **kwargs))
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
 

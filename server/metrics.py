@@ -27,7 +27,8 @@ class Metrics:
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of the KV cache (both pools) in use, 0-1.")
         self.kv_bytes = gauge("kv_cache_bytes_used", "Bytes of KV cache held by resident sequences.")
         self.kv_full = gauge("kv_cache_bytes_full_equivalent",
-                             "Bytes a full (every head, every token) cache would hold for the same tokens.")
+                             "Bytes a full (every head, every token; a sliding-window layer's window) cache "
+                             "would hold for the same tokens.")
         self.kv_pages = gauge("kv_cache_pages_used", "Pages of the full-head pool in use.")
         self.kv_slots = gauge("kv_cache_window_slots_used", "Streaming-head window slots in use.")
         self.preemptions = gauge("num_preemptions", "Sequences preempted (and recomputed) so far.")

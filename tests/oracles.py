@@ -4,7 +4,10 @@ Shared by tests/test_engine.py (tiny shapes on the CPU) and tests/test_served_or
 CUDA, bf16, graphs, cuDNN, FlexAttention and Triton). No reference here calls the engine's attention,
 cache or kernels: transformers runs the model with its own attention (`generate`, or one forward pass),
 or with `sink_window_reference`, plain softmax attention that applies the sink + window rule as written
-in MISSION.md (a streaming head's query at q sees key k iff k <= q and (k < sink or q - k < window)).
+in MISSION.md (a streaming head's query at q sees key k iff k <= q and (k < sink or q - k < window)) and
+the model's own attention as its modules describe it to an attention function: a sliding-window layer's
+window (`sliding_window`: every head sees k iff k <= q and q - k < window, and no split applies there),
+soft-capped scores (`softcap`) and learned sinks (`s_aux`, one logit per query head in the denominator).
 """
 
 from __future__ import annotations
@@ -103,29 +106,47 @@ REF_ATTENTION_CHUNKED = "rheads_test_sink_window_reference_chunked"
 
 
 def visible_keys(split: HeadSplit, layer: int, num_heads: int, group: int, q_pos: torch.Tensor,
-                 k_pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+                 k_pos: torch.Tensor, sink: int, window: int, model_window: int | None = None) -> torch.Tensor:
     """[heads, queries, keys]: which keys each query head sees (positions q_pos [queries, 1], k_pos [1, keys]):
-    every causal key for a full KV head's query heads, only the sink + window ones for a streaming head's."""
+    every causal key for a full KV head's query heads, only the sink + window ones for a streaming head's;
+    in a layer the model itself windows (`model_window`), the keys of that window for every head."""
     causal = k_pos <= q_pos
+    if model_window is not None:
+        return (causal & (q_pos - k_pos < model_window)).expand(num_heads, -1, -1)
     streaming = causal & ((k_pos < sink) | (q_pos - k_pos < window))
     full = set(split.full[layer])
     is_full = torch.tensor([head // group in full for head in range(num_heads)], device=q_pos.device)
     return torch.where(is_full[:, None, None], causal, streaming)
 
 
+def model_softmax(scores: torch.Tensor, mask: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """softmax over the keys of fp32 scores [1, heads, queries, keys] where `mask` allows, as the model's own
+    eager attention computes it: soft-capped first (Gemma 2), a learned sink logit per head in the
+    denominator (GPT-OSS), whose probability weighs no value."""
+    if cap := kwargs.get("softcap"):
+        scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        return scores.softmax(-1)
+    column = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, column], -1).softmax(-1)[..., :-1]
+
+
 def sink_window_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Softmax attention over one unpadded sequence in the inputs' precision as a fused kernel computes it
     (scores and softmax in fp32, the probabilities rounded to the inputs' dtype before they weigh the
-    values); streaming heads see sink + window only."""
+    values); streaming heads see sink + window only; the model's windows, soft-caps and sinks apply."""
     split, sink, window = kwargs["rheads_reference"]
     _, num_heads, n, _ = query.shape
     group = num_heads // key.shape[1]
     positions = torch.arange(n, device=query.device)
-    mask = visible_keys(split, module.layer_idx, num_heads, group, positions[:, None], positions[None, :], sink, window)
+    mask = visible_keys(split, module.layer_idx, num_heads, group, positions[:, None], positions[None, :], sink, window,
+                        kwargs.get("sliding_window"))
     keys = key.float().repeat_interleave(group, dim=1)
     values = value.float().repeat_interleave(group, dim=1)
     scores = (query.float() @ keys.transpose(-1, -2)) * scaling
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    weights = model_softmax(scores, mask, kwargs)
     return (weights.to(query.dtype).float() @ values).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -143,9 +164,10 @@ def sink_window_reference_chunked(module, query, key, value, attention_mask, sca
         end = min(start + block, n)
         q_pos = torch.arange(start, end, device=query.device)[:, None]
         k_pos = torch.arange(end, device=query.device)[None, :]
-        mask = visible_keys(split, module.layer_idx, num_heads, group, q_pos, k_pos, sink, window)
+        mask = visible_keys(split, module.layer_idx, num_heads, group, q_pos, k_pos, sink, window,
+                            kwargs.get("sliding_window"))
         scores = (query[:, :, start:end].float() @ keys[:, :, :end].transpose(-1, -2)) * scaling
-        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        weights = model_softmax(scores, mask, kwargs)
         out[:, :, start:end] = (weights.to(query.dtype).float() @ values[:, :, :end]).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 

@@ -2,6 +2,7 @@
 PyTorch path write the pools where their layout says and attend as attention worked out here over each
 history does."""
 
+import dataclasses
 import os
 
 import pytest
@@ -63,7 +64,8 @@ def _layer(device, dtype, positions, num_full, kv_heads=2, group=4, dim=64, page
     ring_index = torch.where(pos < sink, pos, sink + (pos - sink) % window)
     batch = DecodeBatch(rows=torch.arange(1, 2 * size, 2), page_table=order, page_ids=order.gather(1, (pos // page)[:, None])[:, 0].long(),
                         page_offsets=pos % page, lengths=(pos + 1).to(torch.int32), slots=torch.randperm(size, generator=g),
-                        ring_offsets=ring_index, ring_lengths=torch.clamp(pos + 1, max=ring).to(torch.int32),
+                        ring_offsets=ring_index[None],  # one ring geometry: the batch's row 0
+                        ring_lengths=torch.clamp(pos + 1, max=ring).to(torch.int32)[None],
                         max_length=int(pos.max()) + 1).to(device)
     tokens = 2 * size + 1
     q, k, v = rand(tokens, kv_heads * group, dim), rand(tokens, kv_heads, dim), rand(tokens, kv_heads, dim)
@@ -181,6 +183,47 @@ def test_fused_kernel_equals_torch(num_full, programs_per_sm, positions):
         _assert_pools_equal(torch_pools, expected)
 
 
+def _modified(q, keys, values, scale, softcap, sinks):
+    """Attention from its definition in float64 with the model's score changes: q [Hq, D] over keys, values
+    [n, Hkv, D], each score soft-capped, each query head's sink logit one more term of the denominator."""
+    group = q.shape[0] // keys.shape[1]
+    keys, values = (x.double().repeat_interleave(group, 1) for x in (keys, values))
+    scores = torch.einsum("hd,nhd->hn", q.double(), keys) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    weights = torch.cat([scores, sinks.double()[:, None]], 1).softmax(-1)[:, :-1]
+    return torch.einsum("hn,nhd->hd", weights, values)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not KERNEL, reason="needs Triton on CUDA (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("num_full", [0, 2, 4])
+@pytest.mark.parametrize("programs_per_sm", [1, 64])
+def test_fused_kernel_applies_softcap_and_sinks(num_full, programs_per_sm):
+    """Gemma 2's soft-capped scores and GPT-OSS's learned sinks, in both head groups, through one split or
+    many (the sink enters one split only): the kernel and the PyTorch path equal attention worked out here;
+    plain attention is far from it, so a change skipped would show."""
+    from rheads.engine.scores import ScoreMods
+
+    device, sink, window, positions, scale = "cuda" if CUDA else "cpu", 4, 12, [0, 5, 40, 99], 0.5
+    q, k, v, batch, full, ring = _layer(device, torch.float32, positions, num_full, kv_heads=4, sink=sink,
+                                        window=window)
+    mods = ScoreMods(softcap=2.0, sinks=torch.randn(q.shape[1], generator=torch.Generator().manual_seed(1)).to(device))
+    want_pools = _written((full, ring), batch, positions, k, v, sink, window)
+    torch_out, got_out = torch.zeros_like(q), torch.zeros_like(q)
+    _decode_torch(q, k, v, torch_out, batch, _clone(full), _clone(ring), scale, mods=mods)
+    head_split_decode_triton(q, k, v, got_out, batch, full, ring, scale, mods=mods, num_sms=4,
+                             programs_per_sm=programs_per_sm)
+    split_q = num_full * 4
+    heads = [h for h in (slice(0, split_q), slice(split_q, q.shape[1])) if h.stop > h.start]
+    for b, (row, pos) in enumerate(zip(batch.rows.tolist(), positions)):
+        for h, history in zip(heads, _history(want_pools, batch, b, pos, sink, window)):
+            want = _modified(q[row, h], *history, scale, mods.softcap, mods.sinks[h])
+            plain = _exact(q[row, h], *history, scale).double()
+            assert (plain - want).abs().max() > 1e-2  # the changes matter here
+            for got in (got_out, torch_out):
+                torch.testing.assert_close(got[row, h].double(), want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("group,dim", [(4, 128), (3, 64), (1, 128)])
 def test_fused_kernel_bfloat16(group, dim):
@@ -207,14 +250,20 @@ def test_one_compiled_kernel_serves_every_split_and_head_count():
 
     # on the H100 / H200's 132 SMs: 27, 32, 16, 2 and 1 splits; 5, 1, 2, 4 and 1 full heads; tables 188, 126,
     # 64, 7 and 1 pages wide
-    cases = [([3000, 17, 700, 2], 5, 4), ([40, 2000], 1, 1), ([1023] * 3, 2, 16), ([100] * 16, 4, 2), ([7], 1, 64)]
+    # the last: a hybrid model's second ring geometry, whose row of the batch starts unaligned (3 x 4 bytes in)
+    cases = [([3000, 17, 700, 2], 5, 4, 0), ([40, 2000], 1, 1, 0), ([1023] * 3, 2, 16, 0), ([100] * 16, 4, 2, 0),
+             ([7], 1, 64, 0), ([40, 2000, 9], 1, 1, 1)]
     counts, sink, window = [], 64, 256
-    for positions, num_full, programs_per_sm in cases:
+    for positions, num_full, programs_per_sm, geometry in cases:
         q, k, v, batch, full, ring = _layer("cuda", torch.bfloat16, positions, num_full, kv_heads=8, dim=128,
                                             page=16, sink=sink, window=window)
+        if geometry:  # the same ring offsets and lengths as the batch's second row
+            batch = dataclasses.replace(batch, ring_offsets=batch.ring_offsets.repeat(2, 1),
+                                        ring_lengths=batch.ring_lengths.repeat(2, 1))
         want = _written((full, ring), batch, positions, k, v, sink, window)
         got = torch.zeros_like(q)
-        head_split_decode_triton(q, k, v, got, batch, full, ring, 128 ** -0.5, programs_per_sm=programs_per_sm)
+        head_split_decode_triton(q, k, v, got, batch, full, ring, 128 ** -0.5, geometry,
+                                 programs_per_sm=programs_per_sm)
         _check_decode(got, q, want, batch, positions, sink, window, 128 ** -0.5)
         counts.append(compiled())
     assert counts[1:] == counts[:1] * (len(cases) - 1), counts

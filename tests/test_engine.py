@@ -891,6 +891,21 @@ def test_select_heads_ties_and_errors() -> None:
         select_heads(ties, budget=1.5)
 
 
+def test_select_heads_chooses_among_the_full_attention_layers_only() -> None:
+    """A sliding-window layer's heads are windowed by the model: no budget or threshold picks them, and the
+    budget is a fraction of the full layers' heads."""
+    profile = make_profile(SCORES)
+    profile.model.layer_windows = [None, 64, None]
+    split = select_heads(profile, budget=0.5)
+    assert split.full == ((1,), (), (1, 2, 3)) and split.windows == (None, 64, None)
+    assert split.fraction_full == 0.5 and split.window_of(1) == 64 and split.window_of(0) is None
+    assert select_heads(profile, threshold=0.75).full == ((1,), (), ())  # layer 1's 0.8 is no choice
+    assert select_heads(profile, budget=1.0).full == ((0, 1, 2, 3), (), (0, 1, 2, 3))
+    assert HeadSplit.uniform(3, 4, True).with_windows([None, 64, None]) == select_heads(profile, budget=1.0)
+    with pytest.raises(ValueError, match="sliding-window layer keeps no full heads"):
+        HeadSplit(((0,), (1,), ()), 4, (None, 64, None))
+
+
 def test_random_split() -> None:
     a, b = random_split(6, 4, 0.25, seed=1), random_split(6, 4, 0.25, seed=1)
     assert a == b and sum(a.num_full) == 6
@@ -898,6 +913,8 @@ def test_random_split() -> None:
     assert all(list(h) == sorted(h) for h in a.full)
     assert random_split(6, 4, 0.0, seed=1) == HeadSplit.uniform(6, 4, False)
     assert random_split(6, 4, 1.0, seed=1) == HeadSplit.uniform(6, 4, True)
+    hybrid = random_split(3, 4, 0.5, seed=1, windows=[None, 64, None])  # as many as a budget of the full layers
+    assert hybrid.full[1] == () and sum(hybrid.num_full) == 4 and hybrid.windows == (None, 64, None)
 
 
 def test_head_split_order() -> None:

@@ -12,6 +12,7 @@ import copy
 
 import oracles
 import pytest
+import torch
 from oracles import GREEDY, check_logprobs_against, run
 from transformers import AutoTokenizer
 
@@ -311,3 +312,23 @@ def test_snapshot_slots_keep_prefixes_while_every_live_slot_is_taken(llama, toke
                            third, k=5)
     assert_only_cached(engine)
     assert found == (len(doc) // PAGE * PAGE if snapshot_slots else 0), found
+
+
+def test_a_hybrid_models_sliding_layer_is_reused_through_its_snapshot(tokenizer) -> None:
+    """Gemma 2's sliding layer lives in the window slot, so a cached prefix brings it back with the streaming
+    heads' snapshot: the same prompt again hits past the model's window and gives the cold result."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma2", num_hidden_layers=2, sliding_window=6, attn_logit_softcapping=2.0,
+                                  layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=20,
+                                  initializer_range=0.2, **SHAPE)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    split, ids = HeadSplit(((), (1,)), 2), prompt(29, 1)
+    engine = engine_for(model, tokenizer, split)
+    (first, second), hits = serve_in_turn(engine, [ids, ids])
+    assert hits == [0, 28] and engine.usage().slots_cached == 1
+    [cold] = cold_results(model, tokenizer, split, [ids])
+    check_same(cold, first, model, split)
+    check_same(cold, second, model, split)
+    assert_only_cached(engine)

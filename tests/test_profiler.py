@@ -47,12 +47,22 @@ def test_copy_hits_hand_built() -> None:
 
 # --- the profiling attention against transformers' attention -----------------------------------
 
+# hybrid models: a sliding-window layer, then a full one; Gemma 2's soft-capped scores, GPT-OSS's sinks
+HYBRID = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"], "head_dim": 16}
+EXTRAS = {"llama": {}, "qwen2": {}, "gemma2": {**HYBRID, "attn_logit_softcapping": 2.0},
+          "gpt_oss": {**HYBRID, "num_local_experts": 2, "num_experts_per_tok": 1}}
+
+
 def _tiny_model(kind: str, vocab_size: int = 128, seed: int = 0):
-    """A tiny random Llama or Qwen2 in fp32, eval mode, with peaky attention (large init)."""
+    """A tiny random model of the family in fp32, eval mode, with peaky attention (large init)."""
     torch.manual_seed(seed)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
-    config = cls(vocab_size=vocab_size, initializer_range=0.2, **TINY)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, initializer_range=0.2, **TINY, **EXTRAS[kind])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".sinks"):
+                param.normal_(0.0, 2.0)
+    return model
 
 
 @torch.inference_mode()
@@ -70,23 +80,23 @@ def _decode_argmaxes(model, ids: torch.Tensor, tokens: list[int]) -> list[torch.
     return out
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", list(EXTRAS))
 def test_profiling_attention_matches_transformers(kind: str) -> None:
     model = _tiny_model(kind, vocab_size=16)  # a small vocabulary, so that some heads do copy
     torch.manual_seed(1)
     ids = torch.randint(0, 16, (48,))
     n, span = 12, (0, 48)
     greedy = {}
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager") if kind in ("llama", "qwen2") else ("eager",):  # sdpa takes no sinks or caps
         model.config._attn_implementation = impl
         out = model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
                              max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         greedy[impl] = out[0, ids.numel():].tolist()
-    assert greedy["sdpa"] == greedy["eager"] and len(greedy["sdpa"]) == n
+    assert greedy.get("sdpa", greedy["eager"]) == greedy["eager"] and len(greedy["eager"]) == n
 
     model.config._attn_implementation = ATTENTION_NAME
     result = run_sample(model, NiahPrompt(ids.tolist(), span, span), n, set(), span)
-    assert result.response_ids == greedy["sdpa"]
+    assert result.response_ids == greedy["eager"]
     ours = _decode_argmaxes(model, ids, result.response_ids)
 
     model.config._attn_implementation = "eager"
@@ -257,6 +267,26 @@ def test_profile_deterministic(tiny_model_dir: Path, tmp_path: Path) -> None:
     config.batch_size = 2
     batched = profile_model(str(tiny_model_dir), config, tmp_path / "c.json")
     assert batched == Profile.load(tmp_path / "a.json") and batched.method.params["dtype"] == "float32"
+
+
+def test_a_hybrid_model_is_profiled_with_its_layer_kinds(tmp_path: Path, tokenizer) -> None:
+    """Gemma 2 (a sliding layer with soft-capped scores, then a full one): the profile records which layer is
+    which, the split chooses only in the full layer, and a profile of the same shape without the windows
+    does not fit it."""
+    from rheads.engine import select_heads
+
+    path = tmp_path / "tiny-gemma2"
+    model = _tiny_model("gemma2", vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    needles = _needles_file(tmp_path / "needles.jsonl", 1)
+    profile = profile_model(str(path), ProfileConfig(lengths=[150], depths=[0.5], needles_file=needles),
+                            tmp_path / "p.json")
+    assert profile.samples_total == 1 and Profile.load(tmp_path / "p.json").model.layer_windows == [8, None]
+    assert select_heads(profile, budget=1.0).full == ((), (0, 1))
+    plain = profile.model.model_copy(update={"layer_windows": None})
+    with pytest.raises(ProfileError, match="windows: profile has"):
+        Profile.model_validate({**profile.model_dump(), "model": plain.model_dump()}).check_fits(profile.model)
 
 
 # --- a profile on the wrong model --------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,20 @@ def test_heatmap_is_png(profile: Profile, tmp_path: Path) -> None:
     png = tmp_path / "sub" / "heads.png"
     write_heatmap(profile, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hybrid_layers_are_told_apart(profile: Profile, tmp_path: Path) -> None:
+    """A sliding-window layer is named in the report and drawn apart; a profile written before models had
+    them (no `layer_windows`) reads as all full attention."""
+    assert "sliding window" not in format_report(profile)
+    hybrid = profile.model_copy(update={"model": profile.model.model_copy(update={"layer_windows": [None, 512, None]})})
+    text = format_report(Profile.model_validate_json(hybrid.model_dump_json()))
+    assert "2 full attention, 1 sliding window (window 512; layers 1)" in text
+    write_heatmap(hybrid, tmp_path / "hybrid.png")
+    assert (tmp_path / "hybrid.png").read_bytes()[:4] == b"\x89PNG"
+    legacy = json.loads(profile.model_dump_json())
+    del legacy["model"]["layer_windows"]
+    assert Profile.model_validate(legacy).model.windows == [None, None, None]
 
 
 def test_cli_show(profile: Profile, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

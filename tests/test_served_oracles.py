@@ -98,6 +98,9 @@ class PathCounter:
                    when=lambda args, kwargs: "attend" not in kwargs)  # the kernel, not a test's plain one
         self._wrap(monkeypatch, attention, "band_attention", "FlexAttention bands")
         self._wrap(monkeypatch, decode, "head_split_decode_triton", "Triton decode")
+        # soft-capped scores or learned sinks: prefill takes the plain PyTorch path (scores.py), not cuDNN or Flex
+        self.score_mods = any(getattr(m, "sinks", None) is not None or getattr(m, "attn_logit_softcapping", None)
+                              for m in engine.model.modules())
 
     def _wrap(self, monkeypatch, owner, name, counter, counted=lambda out: True, when=lambda args, kwargs: True):
         original = getattr(owner, name)
@@ -114,9 +117,9 @@ class PathCounter:
         if device != "cuda":
             return
         expected = ["graph replays", "pipelined launches", "Triton decode"]
-        if dtype is torch.bfloat16 and any(split.num_full):
+        if dtype is torch.bfloat16 and any(split.num_full) and not self.score_mods:
             expected.append("cuDNN chunks")
-        if min(split.num_full) < split.num_kv_heads:
+        if min(split.num_full) < split.num_kv_heads and not self.score_mods:
             expected.append("FlexAttention bands")
         missing = [name for name in expected if not self.counts[name]]
         assert not missing, f"the served path's {missing} never ran: {self.counts}"
@@ -172,7 +175,7 @@ def check_served(model, tokenizer, split: HeadSplit, prompts: list[list[int]], t
     # the mask must matter by more than the bound, or a wrong one could pass
     assert not masked or mask_moves > 2, f"the mask moves no logprob by twice the bound ({mask_moves:.2f})"
     assert decided >= MIN_DECIDED[dtype] * total, f"only {decided} of {total} tokens were clear enough to check"
-    paths.check(device, dtype, split)
+    paths.check(device, dtype, engine.split)  # the engine's: a hybrid model's sliding layers windowed
 
 
 @pytest.mark.parametrize("kind, target", cases([(k,) for k in ("llama", "mistral", "qwen2", "qwen3")],
@@ -212,6 +215,48 @@ def test_compressed_equals_masked_reference(kind, split_name, target, tokenizer,
     assert split_name == "streaming" or 0 < sum(split.num_full) < 3 * kv
     prompts = [oracles.random_prompt(n, seed=n + 7, vocab=VOCAB) for n in PROMPT_LENGTHS]
     check_served(model, tokenizer, split, prompts, target, monkeypatch, masked=True)
+
+
+# hybrid models at the served shape: windowed layers around a full one, a window shorter than the chunks
+HYBRID_WINDOW = 128
+HYBRID = {"mistral_window": ("mistral", {}), "gemma2": ("gemma2", {"attn_logit_softcapping": 5.0}),
+          "gemma3": ("gemma3_text", {}), "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2})}
+
+
+@lru_cache(maxsize=None)
+def tiny_hybrid(kind: str):
+    """The family's small random model in fp32 on the CPU, weights as `tiny`'s, learned sinks of order one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extras = HYBRID[kind]
+    layers = {} if model_type == "mistral" else {
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, num_hidden_layers=3, initializer_range=0.05,
+                                  sliding_window=HYBRID_WINDOW, **SHAPE, **layers, **extras)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(2.0)
+            elif name.endswith(".sinks"):
+                param.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("kind, budget, target", cases(
+    [(k, b) for k in HYBRID for b in (1.0, 0.5) if (k, b) != ("mistral_window", 0.5)], []))
+def test_hybrid_models_on_the_served_path(kind, budget, target, tokenizer, monkeypatch) -> None:
+    """Sliding-window layers in the window pool (FlexAttention's band with the model's window and no sink,
+    the decode kernel's ring of that geometry, CUDA graphs over both geometries), soft-capped scores and
+    sinks (prefill in plain PyTorch, decode in the kernel): at budget 1.0 the model's own attention, at 0.5
+    (the full layer's heads split) the masked reference, both within the dtype's error."""
+    model = tiny_hybrid(kind)
+    kv = model.config.num_key_value_heads
+    split = HeadSplit.uniform(3, kv, full=True) if budget == 1.0 else HeadSplit(((), (kv - 1,), ()), kv)
+    prompts = [oracles.random_prompt(n, seed=n + 11, vocab=VOCAB) for n in PROMPT_LENGTHS]
+    check_served(model, tokenizer, split, prompts, target, monkeypatch,
+                 masked=budget < 1.0)
 
 
 # --- the real SmolLM2 -----------------------------------------------------------------------------------

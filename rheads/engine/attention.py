@@ -10,11 +10,16 @@ otherwise through SDPA with a lower-right causal mask; streaming heads over thei
 FlexAttention (`band.py`), elsewhere through SDPA by blocks of queries (it runs anywhere torch does).
 Sequences that decode one token this step are handled together instead, by `decode.decode_attention`
 (one Triton launch per layer on CUDA) reading both pools in place.
+
+A sliding-window layer is a layer of streaming heads with the model's window and no sink (`cache.py`):
+the same path, with that layer's geometry. A layer whose softmax the model changes (soft-capping, learned
+sinks: `scores.py`) prefills through `scores.masked_attention` by blocks of queries, on every device:
+cuDNN, SDPA and the band's FlexAttention call take neither change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +31,14 @@ from transformers import AttentionInterface
 
 from . import cudnn_prefill
 from .band import band_attention, band_block_mask
-from .cache import HeadSplitCache, held_positions
+from .cache import HeadSplitCache, held_positions, ring_index
 from .decode import DecodeBatch, decode_attention
+from .scores import ScoreMods, masked_attention
 
 ATTENTION_NAME = "rheads_head_split"
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 BAND_BLOCK = 256  # queries per block of the banded streaming-head attention (longer chunks take that path)
+DENSE_SCORES = 1 << 24  # scores per block of queries in a layer with score changes (64 MiB in fp32)
 
 
 @dataclass
@@ -45,7 +52,7 @@ class SeqSlice:
     page_table: torch.Tensor  # page ids covering positions 0..start+n-1
     shared: dict[str, Any] = field(default_factory=dict)  # what every layer computes alike: see `once`
 
-    def once(self, name: str, build: Callable[[], Any]) -> Any:
+    def once(self, name: Hashable, build: Callable[[], Any]) -> Any:
         """`build()` the first time a layer asks for `name` this step, then the same object. The cache
         indices and the band mask are the same at every layer, and a step with a short chunk is bound
         by the host's launches: built once, a 512-token chunk beside 8 decode rows makes 6-9% fewer
@@ -75,7 +82,8 @@ class BatchMeta:
     residual: Residual = field(default_factory=Residual)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: float,
+          mods: ScoreMods | None = None) -> torch.Tensor:
     """q [B, n, Hq, D]; k, v [B, m, Hkv, D]; mask broadcastable to [B, 1, n, m] (or a CausalBias) -> [B, n, Hq, D].
 
     Inputs go to SDPA as 4-D [B, H, tokens, D]: its fused (flash / memory-efficient) kernels take only
@@ -86,7 +94,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: floa
     and would otherwise hand over to the math kernel, which materialises every score.
     cuDNN is left out here: with a lower-right mask over a long history it is slower than flash (15.4
     against 11.8 ms for 8k queries over 32k keys); `cudnn_prefill` splits the chunk so that it is not.
+    A layer with score changes (`mods`, a boolean mask then) goes to `masked_attention`, which applies them.
     """
+    if mods is not None:
+        return masked_attention(q, k, v, mask, scaling, mods)
     gqa = isinstance(mask, CausalBias) and (q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda)
     if not gqa:
         groups = q.shape[2] // k.shape[2]
@@ -98,12 +109,21 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: floa
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
             k_pos: torch.Tensor | None, scaling: float, sink: int | None = None,
-            window: int | None = None) -> torch.Tensor:
+            window: int | None = None, mods: ScoreMods | None = None) -> torch.Tensor:
     """q: [n, Hq, D]; k, v: [m, Hkv, D] -> [n, Hq, D], causal by position, optionally sink + window.
 
     Without positions, the queries are the last n of the m keys: a lower-right causal mask, which
-    lets SDPA use its fused kernels instead of materialising the mask.
+    lets SDPA use its fused kernels instead of materialising the mask. With score changes (`mods`) the
+    scores are formed, by blocks of queries that hold about DENSE_SCORES of them.
     """
+    if mods is not None:
+        n, m = q.shape[0], k.shape[0]
+        if q_pos is None:
+            q_pos, k_pos = torch.arange(m - n, m, device=q.device), torch.arange(m, device=q.device)
+        block = max(1, DENSE_SCORES // (q.shape[1] * m))
+        return torch.cat([_sdpa(q[None, i:i + block], k[None], v[None],
+                                _visible(q_pos[i:i + block, None], k_pos[None, :], sink, window), scaling, mods)[0]
+                          for i in range(0, n, block)])
     if q_pos is None:
         visible = causal_lower_right(q.shape[0], k.shape[0])
     else:
@@ -119,7 +139,7 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None, window:
 
 
 def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                 start: int, scaling: float, sink: int, window: int) -> torch.Tensor:
+                 start: int, scaling: float, sink: int, window: int, mods: ScoreMods | None = None) -> torch.Tensor:
     """Streaming-head attention for a long chunk, by blocks of queries: a block sees the sinks and the
     keys from `window` - 1 before its first query to its last, so the work is O(n (sink + window + block))
     instead of O(n m) and the mask stays small.
@@ -143,7 +163,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
     index = torch.cat([torch.arange(num_sinks, device=q.device).expand(blocks, -1), index.clamp(max=k.shape[0] - 1)], 1)
     real = torch.cat([torch.ones(blocks, num_sinks, dtype=torch.bool, device=q.device), real], 1)
     visible = _visible(qpb[:, :, None], k_pos[index][:, None, :], sink, window) & real[:, None, :]
-    out = _sdpa(qb, k[index], v[index], visible[:, None], scaling)
+    out = _sdpa(qb, k[index], v[index], visible[:, None], scaling, mods)
     return out.reshape(blocks * block, *q.shape[1:])[:n]
 
 
@@ -154,54 +174,63 @@ def _page_rows(page_table: torch.Tensor, length: int, page: int) -> torch.Tensor
 
 
 def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling,
-                plans: cudnn_prefill.CudnnPlans | None) -> torch.Tensor:
+                plans: cudnn_prefill.CudnnPlans | None, mods: ScoreMods | None) -> torch.Tensor:
     rows = seq.once("page_rows", lambda: _page_rows(seq.page_table, seq.start + len(pos), cache.config.page_size))
     keys, values = (pool.flatten(0, 1) for pool in (cache.full_k[layer], cache.full_v[layer]))
     keys.index_copy_(0, rows[seq.start:], k)
     values.index_copy_(0, rows[seq.start:], v)
-    queries = plans.planned_queries(q, k.shape[1], seq.start) if plans and cudnn_prefill.usable(q) else None
+    cudnn = plans and mods is None and cudnn_prefill.usable(q)
+    queries = plans.planned_queries(q, k.shape[1], seq.start) if cudnn else None
     if queries:  # through cuDNN the chunk's own keys come from k, v: only the history comes from the pages
         history = rows[:seq.start]
         return cudnn_prefill.chunk_attention(q, k, v, keys.index_select(0, history), values.index_select(0, history),
                                              scaling, queries=queries)
-    return _attend(q, keys.index_select(0, rows), values.index_select(0, rows), None, None, scaling)
+    return _attend(q, keys.index_select(0, rows), values.index_select(0, rows), None, None, scaling, mods=mods)
 
 
-def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling) -> torch.Tensor:
-    sink, window = cache.config.sink, cache.config.window
+def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling,
+                     mods: ScoreMods | None) -> torch.Tensor:
+    """The layer's streaming heads over their sink + window, in its geometry (`cache.geometry`): the
+    indices each geometry needs are built once per step, shared by the layers that have it."""
+    geometry = cache.geometry(layer)
+    sink, window = geometry
     ring_k, ring_v = cache.ring_k[layer][seq.slot], cache.ring_v[layer][seq.slot]
     device, n = pos.device, pos.shape[0]
-    held = seq.once("held", lambda: held_positions(seq.start, sink, window, device))
-    held_slots = seq.once("held_slots", lambda: cache.ring_index(held))
+    held = seq.once(("held", geometry), lambda: held_positions(seq.start, sink, window, device))
+    held_slots = seq.once(("held_slots", geometry), lambda: ring_index(held, sink, window))
     held_k, held_v = ring_k.index_select(0, held_slots), ring_v.index_select(0, held_slots)
-    if q.is_cuda:
-        mask = seq.once("band_mask", lambda: band_block_mask(held, seq.start, n, sink, window))
+    if q.is_cuda and mods is None:
+        mask = seq.once(("band_mask", geometry), lambda: band_block_mask(held, seq.start, n, sink, window))
         out = band_attention(q, held_k, held_v, k, v, mask, scaling)
     else:
         keys, values, key_pos = torch.cat([held_k, k]), torch.cat([held_v, v]), torch.cat([held, pos])
         if n > BAND_BLOCK:
-            out = attend_band(q, keys, values, pos, key_pos, seq.start, scaling, sink, window)
+            out = attend_band(q, keys, values, pos, key_pos, seq.start, scaling, sink, window, mods)
         else:
-            out = _attend(q, keys, values, pos, key_pos, scaling, sink, window)
-    keep, keep_slots = seq.once("kept", lambda: _kept(cache, pos, seq.start))
+            out = _attend(q, keys, values, pos, key_pos, scaling, sink, window, mods)
+    keep, keep_slots = seq.once(("kept", geometry), lambda: _kept(pos, seq.start, sink, window))
     ring_k.index_copy_(0, keep_slots, k.index_select(0, keep))
     ring_v.index_copy_(0, keep_slots, v.index_select(0, keep))
     return out
 
 
-def _kept(cache: HeadSplitCache, pos: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kept(pos: torch.Tensor, start: int, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of a chunk's tokens survive in a streaming slot (its new sinks and its last `window`, so no
     slot is written twice) and the slots they go to; chosen by host arithmetic, not a boolean mask,
     which would make the step wait for the device."""
-    sink, window, n = cache.config.sink, cache.config.window, pos.shape[0]
+    n = pos.shape[0]
     sinks_end = min(max(sink - start, 0), n)
     keep = torch.cat([torch.arange(sinks_end, device=pos.device), torch.arange(max(sinks_end, n - window), n, device=pos.device)])
-    return keep, cache.ring_index(pos[keep])
+    return keep, ring_index(pos[keep], sink, window)
 
 
 def head_split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: query [1, H, N, D], key/value [1, Hkv, N, D] -> [1, N, H, D]."""
+    """transformers attention interface: query [1, H, N, D], key/value [1, Hkv, N, D] -> [1, N, H, D].
+
+    The layer's window comes from the cache (the model's config, read once); its score changes from the
+    keyword arguments its module passes (`ScoreMods.of`)."""
     meta: BatchMeta = kwargs["rheads_batch"]
+    mods = ScoreMods.of(kwargs)
     cache, layer = meta.cache, module.layer_idx
     num_full = cache.split.num_full[layer]
     groups = query.shape[1] // key.shape[1]
@@ -209,16 +238,18 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     out = torch.empty_like(q)
     if meta.decode is not None:
-        decode_attention(cache, layer, meta.decode, q, k, v, out, scaling)
+        decode_attention(cache, layer, meta.decode, q, k, v, out, scaling, mods)
     for seq in meta.seqs:
         rows = slice(seq.begin, seq.end)
         pos = meta.positions[rows]
         if num_full:
             out[rows, :split_q] = _full_heads(cache, layer, seq, q[rows, :split_q], k[rows, :num_full],
-                                              v[rows, :num_full], pos, scaling, meta.plans)
+                                              v[rows, :num_full], pos, scaling, meta.plans,
+                                              mods and mods.heads(slice(None, split_q)))
         if num_full < key.shape[1]:
             out[rows, split_q:] = _streaming_heads(cache, layer, seq, q[rows, split_q:], k[rows, num_full:],
-                                                   v[rows, num_full:], pos, scaling)
+                                                   v[rows, num_full:], pos, scaling,
+                                                   mods and mods.heads(slice(split_q, None)))
     return out[None], None
 
 

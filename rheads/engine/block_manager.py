@@ -199,7 +199,8 @@ class BlockManager:
 
     def usage(self) -> CacheUsage:
         cache, page = self.cache, self.cache.config.page_size
-        full_equivalent = sum(-(-n // page) * page for n in self.tokens.values()) * cache.bytes_per_token_full
+        full_equivalent = (sum(-(-n // page) * page for n in self.tokens.values()) * cache.bytes_per_token_full
+                           + len(self.tokens) * cache.footprint.bytes_per_slot_sliding)
         pages, slots = self._cached()
         return CacheUsage(
             pages_total=cache.num_pages, pages_used=cache.num_pages - len(self.free_pages) - pages,

@@ -3,6 +3,10 @@
 Full (retrieval) heads of every layer share one page numbering: page p holds `page_size` tokens of
 every full head of every layer, so a sequence needs one block table. Streaming heads get one slot per
 running sequence: `sink` first tokens plus a ring of the last `window` tokens, which never grows.
+A sliding-window layer (the model's own window, every head of it) is a layer of streaming heads only,
+whose ring has the model's window and no sink: its KV is bounded per sequence like theirs, so it lives in
+the same slot, one way to store, index and attend to a window. A layer's (sink, window) is its
+*geometry*; the ring index, the held positions and the decode batch's ring offsets are per geometry.
 All storage is allocated up front from a number of bytes; the accounting below is exact. Which sequence
 holds which page and slot is the block manager's (`block_manager.py`).
 """
@@ -36,16 +40,21 @@ class Footprint:
     page_size: int
     bytes_per_page: int  # page_size tokens of every full head of every layer, K and V
     bytes_per_slot: int  # sink + window entries of every streaming head of every layer, K and V
-    bytes_per_token_full: int  # one token of every head: what a full cache holds per token
+    # what a full cache of the model (budget 1.0) holds: one token of every head of its full-attention layers,
+    # and per sequence its sliding layers' rings (a model's own window is no saving of the head split)
+    bytes_per_token_full: int
+    bytes_per_slot_sliding: int = 0
 
     @classmethod
     def of(cls, split: HeadSplit, head_dim: int, config: CacheConfig) -> "Footprint":
-        elt = torch.empty((), dtype=config.dtype).element_size()
+        elt, kv = torch.empty((), dtype=config.dtype).element_size(), split.num_kv_heads
         full_heads = sum(split.num_full)
-        stream_heads = split.num_layers * split.num_kv_heads - full_heads
+        ring_entries = sum(sum(layer_geometry(split, layer, config)) * (kv - n)
+                           for layer, n in enumerate(split.num_full))  # sum over layers of ring x streaming heads
+        windows = [split.window_of(layer) for layer in range(split.num_layers)]
         return cls(config.page_size, config.page_size * full_heads * 2 * head_dim * elt,
-                   (config.sink + config.window) * stream_heads * 2 * head_dim * elt,
-                   split.num_layers * split.num_kv_heads * 2 * head_dim * elt)
+                   ring_entries * 2 * head_dim * elt, sum(w is None for w in windows) * kv * 2 * head_dim * elt,
+                   sum(w or 0 for w in windows) * kv * 2 * head_dim * elt)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size) if self.bytes_per_page else 0
@@ -53,6 +62,18 @@ class Footprint:
     def bytes_for(self, num_tokens: int) -> int:
         """Bytes one sequence of num_tokens tokens holds: its full-head pages plus its window slot."""
         return self.pages_for(num_tokens) * self.bytes_per_page + self.bytes_per_slot
+
+
+def layer_geometry(split: HeadSplit, layer: int, config) -> tuple[int, int]:
+    """(sink, window) of a layer's streaming heads: the model's own window and no sink in a sliding-window
+    layer, the configured sink and window elsewhere (`config`: a CacheConfig, or the integration's Kernels)."""
+    window = split.window_of(layer)
+    return (0, window) if window else (config.sink, config.window)
+
+
+def ring_index(positions: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """Where each token position lives in a streaming slot of this geometry: sinks in place, the rest in a ring."""
+    return torch.where(positions < sink, positions, sink + (positions - sink) % window)
 
 
 def held_positions(start: int, sink: int, window: int, device: torch.device | str) -> torch.Tensor:
@@ -93,7 +114,10 @@ class HeadSplitCache:
         self.split, self.config, self.head_dim = split, config, head_dim
         self.footprint = footprint = Footprint.of(split, head_dim, config)
         full_heads = sum(split.num_full)
-        self.window_slots = config.sink + config.window
+        # the distinct (sink, window) of the layers, and which one each layer's streaming heads have
+        geometry = [layer_geometry(split, layer, config) for layer in range(split.num_layers)]
+        self.geometries = sorted(set(geometry))
+        self.layer_geometry = [self.geometries.index(g) for g in geometry]
         self.bytes_per_page, self.bytes_per_slot = footprint.bytes_per_page, footprint.bytes_per_slot
         self.bytes_per_token_full = footprint.bytes_per_token_full
         memory = config.memory_bytes
@@ -113,13 +137,13 @@ class HeadSplitCache:
         # padding rows of a CUDA-graph decode batch (a few KiB, outside the accounting).
         self.scratch_page, self.scratch_slot = self.num_pages, self.num_slots
         shape_full = lambda n: (self.num_pages + 1, config.page_size, n, head_dim)  # noqa: E731
-        shape_ring = lambda n: (self.num_slots + 1, self.window_slots, n, head_dim)  # noqa: E731
+        shape_ring = lambda n, g: (self.num_slots + 1, sum(g), n, head_dim)  # noqa: E731
         make = lambda shape: torch.zeros(shape, dtype=config.dtype, device=config.device)  # noqa: E731
         self.full_k = [make(shape_full(n)) if n else None for n in split.num_full]
         self.full_v = [make(shape_full(n)) if n else None for n in split.num_full]
-        stream = [split.num_kv_heads - n for n in split.num_full]
-        self.ring_k = [make(shape_ring(n)) if n else None for n in stream]
-        self.ring_v = [make(shape_ring(n)) if n else None for n in stream]
+        stream = [(split.num_kv_heads - n, g) for n, g in zip(split.num_full, geometry)]
+        self.ring_k = [make(shape_ring(n, g)) if n else None for n, g in stream]
+        self.ring_v = [make(shape_ring(n, g)) if n else None for n, g in stream]
 
     @property
     def has_full_heads(self) -> bool:
@@ -140,7 +164,6 @@ class HeadSplitCache:
             if pool is not None:
                 pool[target].copy_(pool[source])
 
-    def ring_index(self, positions: torch.Tensor) -> torch.Tensor:
-        """Where each token position lives in a streaming slot: sinks in place, the rest in a ring."""
-        sink, window = self.config.sink, self.config.window
-        return torch.where(positions < sink, positions, sink + (positions - sink) % window)
+    def geometry(self, layer: int) -> tuple[int, int]:
+        """(sink, window) of the layer's streaming heads."""
+        return self.geometries[self.layer_geometry[layer]]

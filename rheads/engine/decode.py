@@ -11,6 +11,13 @@ itself. The same program writes the new token's K/V into its pool and reads that
 not from the cache, so no write has to land before the reads start. A second small launch merges the
 full heads' splits by log-sum-exp into the layer's output rows. Elsewhere (CPU) the writes and a
 PyTorch gather + SDPA compute the same.
+
+A layer's streaming heads have its geometry's ring (`cache.py`: a sliding-window layer's is the model's
+window, without sinks), so the batch carries the ring offsets and lengths of every geometry. The
+model's score changes (`scores.py`) enter the kernel as a soft-cap of each score and, for learned sinks,
+as a starting point of the online softmax: split 0 of each head begins with the sink's logit as its
+running maximum and a denominator of one, a key of value zero, which the log-sum-exp merge then weighs
+like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import HeadSplitCache
+from .scores import ScoreMods, masked_attention
 from .transfer import to_device
 
 try:
@@ -48,8 +56,8 @@ class DecodeBatch:
     page_offsets: torch.Tensor  # [B] its place in that page
     lengths: torch.Tensor  # [B] int32 tokens in the full-head cache after this token
     slots: torch.Tensor  # [B] streaming slot of each sequence
-    ring_offsets: torch.Tensor  # [B] ring index of the new token
-    ring_lengths: torch.Tensor  # [B] int32 valid ring entries after this token
+    ring_offsets: torch.Tensor  # [geometries, B] ring index of the new token, per ring geometry
+    ring_lengths: torch.Tensor  # [geometries, B] int32 valid ring entries after this token
     max_length: int  # an upper bound of `lengths` known on the host (sizes the kernel's splits)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -60,13 +68,15 @@ class DecodeBatch:
 
 
 def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
-                           lengths: torch.Tensor, scale: float) -> torch.Tensor:
+                           lengths: torch.Tensor, scale: float, mods: ScoreMods | None = None) -> torch.Tensor:
     """q [B, Hq, D]; k, v [pages, page_len, Hkv, D]; block_table [B, max_pages]; lengths [B] -> [B, Hq, D]."""
     batch, heads, dim = q.shape
     kv_heads = k.shape[2]
     keys = k[block_table].reshape(batch, -1, kv_heads, dim)  # [B, max_pages * page_len, Hkv, D]
     values = v[block_table].reshape(batch, -1, kv_heads, dim)
     visible = torch.arange(keys.shape[1], device=q.device)[None, :] < lengths[:, None]
+    if mods is not None:
+        return masked_attention(q[:, None], keys, values, visible[:, None, None], scale, mods)[:, 0]
     out = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=visible[:, None, None], scale=scale,
                                          enable_gqa=heads != kv_heads)
@@ -74,17 +84,18 @@ def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
 
 def decode_attention(cache: HeadSplitCache, layer: int, batch: DecodeBatch, q: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+                     v: torch.Tensor, out: torch.Tensor, scale: float, mods: ScoreMods | None = None) -> None:
     """Write the decoding rows' new K/V into the layer's pools and their attention into `out`.
 
     q, out: the packed batch's [tokens, Hq, D]; k, v: [tokens, Hkv, D], heads in cache order.
     """
     full = (cache.full_k[layer], cache.full_v[layer]) if cache.full_k[layer] is not None else None
     ring = (cache.ring_k[layer], cache.ring_v[layer]) if cache.ring_k[layer] is not None else None
+    geometry = cache.layer_geometry[layer]
     if _use_triton(q):
-        head_split_decode_triton(q, k, v, out, batch, full, ring, scale)
+        head_split_decode_triton(q, k, v, out, batch, full, ring, scale, geometry, mods)
     else:
-        _decode_torch(q, k, v, out, batch, full, ring, scale)
+        _decode_torch(q, k, v, out, batch, full, ring, scale, geometry, mods)
 
 
 def kernels_on(tensor: torch.Tensor) -> bool:
@@ -97,8 +108,10 @@ def _use_triton(q: torch.Tensor) -> bool:
     return q.shape[-1] in (16, 32, 64, 128, 256) and kernels_on(q)
 
 
-def _decode_torch(q, k, v, out, batch: DecodeBatch, full, ring, scale: float) -> None:
+def _decode_torch(q, k, v, out, batch: DecodeBatch, full, ring, scale: float, geometry: int = 0,
+                  mods: ScoreMods | None = None) -> None:
     rows = batch.rows
+    ring_offsets, ring_lengths = batch.ring_offsets[geometry], batch.ring_lengths[geometry]
     num_full = full[0].shape[2] if full else 0
     split_q = num_full * (q.shape[1] // k.shape[1])
     q, k, v = q[rows], k[rows], v[rows]
@@ -106,12 +119,13 @@ def _decode_torch(q, k, v, out, batch: DecodeBatch, full, ring, scale: float) ->
     if full:
         full[0][batch.page_ids, batch.page_offsets] = k[:, :num_full]
         full[1][batch.page_ids, batch.page_offsets] = v[:, :num_full]
-        result[:, :split_q] = paged_decode_reference(q[:, :split_q], *full, batch.page_table, batch.lengths, scale)
+        result[:, :split_q] = paged_decode_reference(q[:, :split_q], *full, batch.page_table, batch.lengths, scale,
+                                                     mods and mods.heads(slice(None, split_q)))
     if ring:
-        ring[0][batch.slots, batch.ring_offsets] = k[:, num_full:]
-        ring[1][batch.slots, batch.ring_offsets] = v[:, num_full:]
-        result[:, split_q:] = paged_decode_reference(q[:, split_q:], *ring, batch.slots[:, None],
-                                                     batch.ring_lengths, scale)
+        ring[0][batch.slots, ring_offsets] = k[:, num_full:]
+        ring[1][batch.slots, ring_offsets] = v[:, num_full:]
+        result[:, split_q:] = paged_decode_reference(q[:, split_q:], *ring, batch.slots[:, None], ring_lengths, scale,
+                                                     mods and mods.heads(slice(split_q, None)))
     out[rows] = result
 
 
@@ -129,9 +143,11 @@ def decode_splits(batch: int, num_full: int, max_length: int, num_sms: int, bloc
 def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              batch: DecodeBatch, full: tuple[torch.Tensor, torch.Tensor] | None,
                              ring: tuple[torch.Tensor, torch.Tensor] | None, scale: float,
-                             num_sms: int | None = None, block: int = BLOCK_N, num_warps: int = 4,
+                             geometry: int = 0, mods: ScoreMods | None = None, num_sms: int | None = None,
+                             block: int = BLOCK_N, num_warps: int = 4,
                              num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM) -> None:
     """The fused kernel, free of host syncs (so a CUDA graph can capture it); see the module docstring.
+    `geometry`: the batch's row of ring offsets and lengths this layer's ring has.
 
     The split count, the number of full heads and the strides that follow them are runtime arguments
     that Triton does not specialise on (`_VARYING`): mixed prefill + decode steps vary them, and each
@@ -156,9 +172,12 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         lse = torch.empty(size, split_q, splits, dtype=torch.float32, device=q.device)
     else:  # unused (the kernel stores straight into `out`), but fp32 as when used: one compiled kernel for both
         partial = lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
+    softcap = mods.softcap if mods else None
+    sinks = mods.sinks if mods and mods.sinks is not None else None
     _head_split_decode_kernel[(size, num_full * splits + kv_heads - num_full)](
         q, k, v, batch.rows, full_k, full_v, table, batch.lengths, batch.page_ids, batch.page_offsets,
-        ring_k, ring_v, batch.slots, batch.ring_lengths, batch.ring_offsets, out, partial, lse, scale,
+        ring_k, ring_v, batch.slots, batch.ring_lengths[geometry], batch.ring_offsets[geometry], out, partial, lse,
+        q if sinks is None else sinks, scale, softcap or 1.0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         full_k.stride(0), full_k.stride(1), full_k.stride(2), table.stride(0),
         ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
@@ -166,7 +185,7 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         lse.stride(0), lse.stride(1),
         num_full, splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
         PAGE=full_k.shape[1], RING=ring_k.shape[1], BLOCK=block, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=bool(softcap), SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(size, split_q)](
@@ -184,9 +203,10 @@ if triton is not None:
 
     @triton.jit
     def _attend_range(acc, m, l, q, K, V, k_new, v_new, table, stride_p, stride_s, head_offset, start, end,
-                      new_index, scale, PAGE: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                      IEEE: tl.constexpr):
-        """Online softmax over tokens [start, end) of one head; token `new_index` comes from k_new/v_new."""
+                      new_index, scale, softcap, PAGE: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                      IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+        """Online softmax over tokens [start, end) of one head; token `new_index` comes from k_new/v_new.
+        With SOFTCAP each score becomes softcap * tanh(score / softcap) (tanh(x) = 2 sigmoid(2x) - 1)."""
         offs_d = tl.arange(0, DIM)
         for n0 in range(start, end, BLOCK):
             offs_n = n0 + tl.arange(0, BLOCK)
@@ -199,7 +219,10 @@ if triton is not None:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            scores = scores * scale
+            if SOFTCAP:
+                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+            scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
@@ -212,14 +235,18 @@ if triton is not None:
             m = m_new
         return acc, m, l
 
-    @triton.jit(do_not_specialize=_VARYING)
+    # A geometry's row of the batch's ring offsets and lengths starts wherever the rows before it end: read
+    # once per program, they gain nothing from alignment, and a compile per alignment would stall serving
+    @triton.jit(do_not_specialize=_VARYING, do_not_specialize_on_alignment=["RLENS", "ROFFS"])
     def _head_split_decode_kernel(
-        Q, KN, VN, ROWS, FK, FV, BT, LENS, PAGE_IDS, PAGE_OFFS, RK, RV, SLOTS, RLENS, ROFFS, OUT, PART, LSE, scale,
+        Q, KN, VN, ROWS, FK, FV, BT, LENS, PAGE_IDS, PAGE_OFFS, RK, RV, SLOTS, RLENS, ROFFS, OUT, PART, LSE,
+        SINK_LOGITS, scale, softcap,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         stride_fp, stride_fs, stride_fh, stride_bt, stride_rp, stride_rs, stride_rh,
         stride_on, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
         NUM_FULL, SPLITS, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
         PAGE: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
+        SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
     ):
         b = tl.program_id(0)
         p = tl.program_id(1)  # the full heads' NUM_FULL x SPLITS programs, then one per streaming head
@@ -240,13 +267,18 @@ if triton is not None:
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
+        if SINKS:
+            if s == 0:  # the sink: a key of value zero at each query head's learned logit, in one split only
+                m = tl.load(SINK_LOGITS + q_heads, mask=offs_g < GROUP, other=float("-inf")).to(tl.float32)
+                l = tl.where(offs_g < GROUP, 1.0, 0.0)
         if h < NUM_FULL:  # a retrieval head: its pages, split evenly over this sequence's length
             length = tl.load(LENS + b)
             per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
             start = s * per_split
             end = tl.minimum(start + per_split, length)
             acc, m, l = _attend_range(acc, m, l, q, FK, FV, k_new, v_new, BT + b * stride_bt, stride_fp, stride_fs,
-                                      h * stride_fh, start, end, length - 1, scale, PAGE, DIM, BLOCK, IEEE)
+                                      h * stride_fh, start, end, length - 1, scale, softcap, PAGE, DIM, BLOCK, IEEE,
+                                      SOFTCAP)
             if s == 0:
                 at = tl.load(PAGE_IDS + b).to(tl.int64) * stride_fp + tl.load(PAGE_OFFS + b) * stride_fs + h * stride_fh
                 tl.store(FK + at + offs_d, k_new)
@@ -255,8 +287,8 @@ if triton is not None:
             ring_head = h - NUM_FULL
             ring_offset = tl.load(ROFFS + b)
             acc, m, l = _attend_range(acc, m, l, q, RK, RV, k_new, v_new, SLOTS + b, stride_rp, stride_rs,
-                                      ring_head * stride_rh, 0, tl.load(RLENS + b), ring_offset, scale,
-                                      RING, DIM, BLOCK, IEEE)
+                                      ring_head * stride_rh, 0, tl.load(RLENS + b), ring_offset, scale, softcap,
+                                      RING, DIM, BLOCK, IEEE, SOFTCAP)
             at = tl.load(SLOTS + b).to(tl.int64) * stride_rp + ring_offset * stride_rs + ring_head * stride_rh
             tl.store(RK + at + offs_d, k_new)
             tl.store(RV + at + offs_d, v_new)

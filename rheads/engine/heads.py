@@ -21,10 +21,29 @@ DEFAULT_BUDGET = 0.5  # with a profile that carries no measured default_budget (
 
 @dataclass(frozen=True)
 class HeadSplit:
-    """Per layer, the original indices of the KV heads that keep a full cache."""
+    """Per layer, the original indices of the KV heads that keep a full cache, and the model's own window of
+    each sliding-window layer (`windows`, None per full-attention layer; empty: none is sliding). A sliding
+    layer keeps no full head: the model itself lets every head of it see only its window."""
 
     full: tuple[tuple[int, ...], ...]
     num_kv_heads: int
+    windows: tuple[int | None, ...] = ()
+
+    def __post_init__(self):
+        if self.windows and (len(self.windows) != len(self.full)
+                             or any(w and heads for w, heads in zip(self.windows, self.full))):
+            raise ValueError("a sliding-window layer keeps no full heads, and every layer has a window entry")
+
+    def window_of(self, layer: int) -> int | None:
+        """The model's own window of a sliding-window layer; None for a full-attention layer."""
+        return self.windows[layer] if self.windows else None
+
+    def with_windows(self, windows: list[int | None]) -> "HeadSplit":
+        """This split on a model with these layer windows: a sliding layer's full heads (a uniform split's,
+        made without knowing the model's layers) become windowed, as the model attends with them."""
+        windows = tuple(windows) if any(windows) else ()
+        full = tuple(() if w else heads for w, heads in zip(windows or [None] * self.num_layers, self.full))
+        return HeadSplit(full, self.num_kv_heads, windows)
 
     @property
     def num_layers(self) -> int:
@@ -36,7 +55,10 @@ class HeadSplit:
 
     @property
     def fraction_full(self) -> float:
-        return sum(self.num_full) / (self.num_layers * self.num_kv_heads)
+        """The share of the full-attention layers' KV heads that keep a full cache (sliding layers have no
+        choice to make)."""
+        choosable = sum(self.window_of(layer) is None for layer in range(self.num_layers)) * self.num_kv_heads
+        return sum(self.num_full) / choosable if choosable else 0.0
 
     def order(self, layer: int) -> list[int]:
         """KV heads of a layer in cache order: full heads first, then streaming heads."""
@@ -49,29 +71,37 @@ class HeadSplit:
         return cls(tuple(heads for _ in range(num_layers)), num_kv_heads)
 
 
-def _from_ranking(ranked: list[tuple[int, int]], count: int, num_layers: int, num_kv_heads: int) -> HeadSplit:
-    chosen = sorted(ranked[:count])
+def _from_ranking(ranked: list[tuple[int, int]], count: int, num_layers: int, num_kv_heads: int,
+                  windows: list[int | None] | None = None) -> HeadSplit:
+    """The first `count` of the ranked (layer, head) pairs of the full-attention layers (`windows`: the
+    model's layer windows; the sliding layers' heads are no choice)."""
+    windows = windows or [None] * num_layers
+    chosen = sorted([(l, h) for l, h in ranked if windows[l] is None][:count])
     return HeadSplit(tuple(tuple(h for l, h in chosen if l == layer) for layer in range(num_layers)),
-                     num_kv_heads)
+                     num_kv_heads).with_windows(windows)
 
 
 def select_heads(profile: Profile, budget: float | None = None, threshold: float | None = None) -> HeadSplit:
-    """Retrieval KV heads by a global budget (fraction of all KV heads, top scores) or a score threshold.
+    """Retrieval KV heads by a global budget (fraction of the full-attention layers' KV heads, top scores) or
+    a score threshold.
 
-    Ties are broken by (layer, head) so a profile and a budget always give the same split.
+    Ties are broken by (layer, head) so a profile and a budget always give the same split. Only the
+    full-attention layers' heads are chosen from (the budget is a fraction of theirs): a sliding-window
+    layer's heads are windowed by the model itself.
     """
     if (budget is None) == (threshold is None):
         raise ValueError("give exactly one of budget or threshold")
-    scores = profile.kv_head_scores
+    scores, windows = profile.kv_head_scores, profile.model.windows
     layers, kv = len(scores), len(scores[0])
-    ranked = sorted(((l, h) for l in range(layers) for h in range(kv)), key=lambda lh: (-scores[lh[0]][lh[1]], lh))
+    ranked = sorted(((l, h) for l in range(layers) for h in range(kv) if windows[l] is None),
+                    key=lambda lh: (-scores[lh[0]][lh[1]], lh))
     if threshold is not None:
         count = sum(scores[l][h] > threshold for l, h in ranked)
     else:
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"budget must be in [0, 1], got {budget}")
-        count = round(budget * layers * kv)
-    return _from_ranking(ranked, count, layers, kv)
+        count = round(budget * len(ranked))
+    return _from_ranking(ranked, count, layers, kv, windows)
 
 
 def choose_split(identity: ModelIdentity, profile_path, budget: float | None = None, threshold: float | None = None,
@@ -84,7 +114,8 @@ def choose_split(identity: ModelIdentity, profile_path, budget: float | None = N
         budget = 1.0 if budget is None else budget
         if budget not in (0.0, 1.0) or threshold is not None:
             raise ValueError("a budget between 0 and 1 or a threshold needs a profile")
-        return HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, budget == 1.0), None
+        split = HeadSplit.uniform(identity.num_layers, identity.num_key_value_heads, budget == 1.0)
+        return split.with_windows(identity.windows), None
     profile = Profile.load(profile_path)
     profile.check_fits(identity)
     if budget is None:
@@ -96,11 +127,14 @@ def choose_split(identity: ModelIdentity, profile_path, budget: float | None = N
     return split, profile.default_window
 
 
-def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int) -> HeadSplit:
-    """The same number of full heads as `budget` would give, chosen at random (the control)."""
+def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int,
+                 windows: list[int | None] | None = None) -> HeadSplit:
+    """The same number of full heads as `budget` would give, chosen at random (the control) among the
+    full-attention layers' heads (`windows`: the model's layer windows; None: every layer is one)."""
     ranked = [(l, h) for l in range(num_layers) for h in range(num_kv_heads)]
     random.Random(seed).shuffle(ranked)
-    return _from_ranking(ranked, round(budget * num_layers * num_kv_heads), num_layers, num_kv_heads)
+    choosable = sum(w is None for w in windows or [None] * num_layers) * num_kv_heads
+    return _from_ranking(ranked, round(budget * choosable), num_layers, num_kv_heads, windows)
 
 
 def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
@@ -130,6 +164,8 @@ def _permute(model, orders: list[list[int]]) -> None:
             param.copy_(_rows(param, order, head_dim))
         o = attn.o_proj.weight  # [hidden, heads * head_dim]: permute input columns
         o.copy_(_rows(o.t().contiguous(), q_order, head_dim).t())
+        if getattr(attn, "sinks", None) is not None:  # GPT-OSS: a learned sink logit per query head
+            attn.sinks.copy_(attn.sinks[q_order])
         for norm, order in ((getattr(attn, "q_norm", None), q_order), (getattr(attn, "k_norm", None), kv_order)):
             _permute_norm(norm, order, head_dim)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from . import band
 from .cudnn_prefill import CudnnPlans
 from .attention import register_attention
+from .cache import layer_geometry
 from .fused import fuse_modules, unfuse_modules
 from .heads import HeadSplit, permute_attention_heads, restore_attention_heads
 
@@ -48,9 +49,10 @@ class ModelIntegration:
             fuse_modules(model)  # one q/k/v and one gate/up product; on CUDA one kernel per norm, RoPE, SiLU
             if kernels.device.startswith("cuda") and min(split.num_full) < split.num_kv_heads:  # streaming heads
                 groups = model.config.num_attention_heads // split.num_kv_heads
+                geometries = {layer_geometry(split, layer, kernels) for layer in range(split.num_layers)}
                 for scaling in {m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}:
-                    band.warm_up(groups, kernels.head_dim, kernels.dtype, kernels.device, kernels.sink, kernels.window,
-                                 scaling)
+                    for sink, window in geometries:  # a sliding layer's: the model's window, no sink
+                        band.warm_up(groups, kernels.head_dim, kernels.dtype, kernels.device, sink, window, scaling)
         except BaseException:
             self.undo()
             raise

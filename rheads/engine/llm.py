@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..models import check_model_supported, eos_token_ids, load_model, resolve_model
-from ..profiling.profile import ModelIdentity, find_profile, head_dim_of
+from ..profiling.profile import ModelIdentity, find_profile, head_dim_of, layer_windows
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .heads import HeadSplit, choose_split
@@ -97,11 +97,14 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
         check_model_supported(model)
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        # its sliding layers windowed; a window as long as a sequence can be needs no more ring than that
+        windows = [w and min(w, self.max_model_len) for w in layer_windows(model.config)]
+        split = self.split = split.with_windows(windows)
         head_dim = head_dim_of(model.config)
         self.cache = _allocate_cache(split, head_dim, config)
         # The engine owns the model from here to `close` (the cache was allocated first, so a memory too
         # small to hold a sequence fails before the model is touched).
-        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.integration = ModelIntegration(model, split, Kernels(
             config.device, config.dtype, head_dim, config.sink, config.window, config.max_num_batched_tokens,
             self.max_model_len))

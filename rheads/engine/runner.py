@@ -13,7 +13,7 @@ import logging
 import torch
 
 from .attention import BatchMeta, SeqSlice
-from .cache import HeadSplitCache
+from .cache import HeadSplitCache, ring_index
 from .cudnn_prefill import CudnnPlans
 from .decode import DecodeBatch
 from .logits import model_logits
@@ -125,8 +125,9 @@ class ModelRunner:
             page_offsets=pos % page,
             lengths=(pos + 1).to(torch.int32),
             slots=slots,
-            ring_offsets=cache.ring_index(pos),
-            ring_lengths=torch.clamp(pos + 1, max=cache.window_slots).to(torch.int32),
+            ring_offsets=torch.stack([ring_index(pos, sink, window) for sink, window in cache.geometries]),
+            ring_lengths=torch.stack([torch.clamp(pos + 1, max=sink + window) for sink, window in cache.geometries]
+                                     ).to(torch.int32),
             max_length=max(positions) + 1,
         )
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..engine.heads import HeadSplit, random_split, select_heads
 from ..niah import data_path, haystack_files
-from ..profiling.profile import Profile, ProfileError
+from ..profiling.profile import Profile, ProfileError, layer_windows
 from .grid import (
     Answer, Cell, answer_tokens, cell_key, check_resumable, eval_needles, format_mean_std, grid, grid_prompts,
     haystack_sha, load_cells, mean, save_cells, score, short_sha, std, write_atomic,
@@ -72,18 +72,21 @@ def cache_settings(budgets: list[float], seeds: list[int]) -> list[CacheSetting]
     return out
 
 
-def split_for(setting: CacheSetting, profile: Profile | None, num_layers: int, num_kv_heads: int) -> HeadSplit:
-    """The HeadSplit of a configuration: select_heads for retrieval, random_split for random."""
+def split_for(setting: CacheSetting, profile: Profile | None, num_layers: int, num_kv_heads: int,
+              windows: list[int | None] | None = None) -> HeadSplit:
+    """The HeadSplit of a configuration: select_heads for retrieval, random_split for random; `windows`, the
+    model's layer windows (a hybrid model's sliding layers are windowed in every configuration)."""
+    windows = windows or [None] * num_layers
     if setting.selection == "full":
-        return HeadSplit.uniform(num_layers, num_kv_heads, True)
+        return HeadSplit.uniform(num_layers, num_kv_heads, True).with_windows(windows)
     if setting.selection == "window":
-        return HeadSplit.uniform(num_layers, num_kv_heads, False)
+        return HeadSplit.uniform(num_layers, num_kv_heads, False).with_windows(windows)
     if setting.selection == "retrieval":
         if profile is None:
             raise ProfileError("retrieval configurations need a profile")
         return select_heads(profile, budget=setting.budget)
     if setting.selection == "random":
-        return random_split(num_layers, num_kv_heads, setting.budget, setting.seed)
+        return random_split(num_layers, num_kv_heads, setting.budget, setting.seed, windows)
     raise ValueError(f"unknown selection {setting.selection!r}")
 
 
@@ -210,7 +213,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
               all(answer_hidden(span, len(prompts[c].input_ids), config.sink, config.window)
                   for span in prompts[c].answer_spans or (prompts[c].answer_span,))
               for c in cells_grid}
-    full_split = HeadSplit.uniform(layers, kv_heads, True)
+    full_split = HeadSplit.uniform(layers, kv_heads, True).with_windows(layer_windows(model.config))
     need = kv_bytes_per_sequence(full_split, head_dim, element_size, config.page_size, config.sink,
                                  config.window, max(lengths) + extra + config.page_size)
     memory = config.kv_cache_memory or max(512 * MIB, need)
@@ -219,7 +222,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
     done = {cell_key(c["config"], c["length"], c["depth"], c["needle"]) for c in cells}
     todo = {s.name: [c for c in cells_grid if cell_key(s.name, c.length, c.depth, c.needle) not in done]
             for s in settings}
-    splits = {s.name: split_for(s, profile, layers, kv_heads) for s in settings}
+    splits = {s.name: split_for(s, profile, layers, kv_heads, layer_windows(model.config)) for s in settings}
     bar = tqdm(total=sum(map(len, todo.values())), desc=f"evaluating {model_name}", unit="cell",
                disable=not progress)
     evaluated = 0

@@ -42,12 +42,22 @@ class ModelIdentity(BaseModel):
     head_dim: int = Field(gt=0)
     config_fingerprint: str | None = None  # None for imported profiles, whose configs we only know by shape
     config_fields: dict[str, Any] = Field(default_factory=dict)
+    # per layer, the model's own sliding window (None: full attention); None for a model without sliding
+    # layers, and in profiles written before hybrid models were served
+    layer_windows: list[int | None] | None = None
 
     @model_validator(mode="after")
     def _groups_divide(self) -> "ModelIdentity":
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.layer_windows is not None and len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"layer_windows must have one entry per layer ({self.num_layers})")
         return self
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Per layer, its sliding window or None (full attention), for every layer."""
+        return self.layer_windows or [None] * self.num_layers
 
     @classmethod
     def from_config(cls, config: Any, name: str) -> "ModelIdentity":
@@ -55,6 +65,7 @@ class ModelIdentity(BaseModel):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         fields = {key: _config_value(config, key) for key in FINGERPRINT_FIELDS}
         architectures = getattr(config, "architectures", None) or [type(config).__name__]
+        windows = layer_windows(config)
         return cls(
             name=name,
             architecture=architectures[0],
@@ -64,6 +75,7 @@ class ModelIdentity(BaseModel):
             head_dim=fields["head_dim"],
             config_fingerprint=fingerprint(fields),
             config_fields=fields,
+            layer_windows=windows if any(windows) else None,
         )
 
     @property
@@ -74,6 +86,19 @@ class ModelIdentity(BaseModel):
 def head_dim_of(config: Any) -> int:
     """Per-head width: the config's head_dim where it has one, else hidden_size / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per layer, the window of a sliding-window layer (a query at q sees keys k with q - k < window, as
+    transformers masks it), None for a full-attention one: from `layer_types` where the config has them,
+    else Mistral's and Qwen2's global `sliding_window` (with `use_sliding_window`, where it exists)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    every = window if getattr(config, "use_sliding_window", True) else None
+    return [every or None] * config.num_hidden_layers
 
 
 def _config_value(config: Any, key: str) -> Any:
@@ -188,7 +213,7 @@ class Profile(BaseModel):
         mine = self.model
         diffs = [
             f"{key}: profile has {getattr(mine, key)}, model has {getattr(identity, key)}"
-            for key in ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+            for key in ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "windows")
             if getattr(mine, key) != getattr(identity, key)
         ]
         if not diffs and mine.config_fingerprint and identity.config_fingerprint \

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
+from ..engine.scores import ScoreMods, attention_weights, masked_attention
 from ..models import check_attention_supported, eos_token_ids, load_model, resolve_model
 from ..niah import Needle, NiahPrompt, build_prompt, haystack_files, load_needles, unigram_recall
 from .profile import (
@@ -28,6 +29,7 @@ from .profile import (
 )
 
 ATTENTION_NAME = "rheads_profiler"
+PREFILL_BLOCK = 512  # queries per block of a prefill whose scores are formed (sliding windows, changed scores)
 
 
 @dataclass
@@ -78,21 +80,34 @@ def _profiling_attention(module, query, key, value, attention_mask, scaling=None
     store: _KVStore = kwargs["rheads_store"]
     key, value = store.append(module.layer_idx, key, value)
     batch, heads, q_len, dim = query.shape
-    groups = heads // key.shape[1]
+    groups, length = heads // key.shape[1], key.shape[2]
+    window, mods = kwargs.get("sliding_window"), ScoreMods.of(kwargs)  # the model's own attention: `scores.py`
     if q_len == 1:
         q = query.view(batch, key.shape[1], groups, dim)
-        scores = torch.einsum("bkgd,bktd->bkgt", q, key).float() * scaling
-        store.argmax[module.layer_idx] = scores.argmax(-1).reshape(batch, heads)
-        probs = scores.softmax(-1)
+        scores = torch.einsum("bkgd,bktd->bkgt", q, key).float().reshape(batch, heads, 1, length) * scaling
+        visible = torch.arange(length, device=key.device) > length - 1 - window if window else None
+        masked = scores if visible is None else scores.masked_fill(~visible, float("-inf"))
+        store.argmax[module.layer_idx] = masked.argmax(-1).reshape(batch, heads)
+        probs = attention_weights(scores, visible, mods).view(batch, key.shape[1], groups, length)
         if store.span_mask is not None:
             on_span = store.span_mask[:, None, None, :probs.shape[-1]]
             store.mass[module.layer_idx] = (probs * on_span).sum(-1).reshape(batch, heads)
         out = torch.einsum("bkgt,bktd->bkgd", probs.to(value.dtype), value)
         return out.reshape(batch, 1, heads, dim), None
-    if key.shape[2] != q_len:
+    if length != q_len:
         raise RuntimeError("the profiler prefills a prompt in one pass")
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
-    return out.transpose(1, 2), None
+    if window is None and mods is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        return out.transpose(1, 2), None
+    # a sliding-window layer or changed scores: by blocks of PREFILL_BLOCK queries, the scores formed
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    positions = torch.arange(length, device=key.device)
+    out = []
+    for start in range(0, q_len, PREFILL_BLOCK):
+        q_pos = positions[start:start + PREFILL_BLOCK, None]
+        visible = (positions[None, :] <= q_pos) & (q_pos - positions[None, :] < (window or length))
+        out.append(masked_attention(q[:, start:start + PREFILL_BLOCK], k, v, visible, scaling, mods or ScoreMods()))
+    return torch.cat(out, 1), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _profiling_attention)

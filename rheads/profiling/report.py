@@ -1,7 +1,9 @@
 """Reading a profile: sparsity figures, top heads and a layer x head heatmap.
 
 The sparsity figures say how much KV cache the profile would save: only heads above the cut-off keep
-a full cache, so the share above 0.1 / 0.5 is roughly the share of the cache that stays full.
+a full cache, so the share above 0.1 / 0.5 is roughly the share of the cache that stays full. A hybrid
+model's sliding-window layers have no choice to make (the model windows every head of them): their
+scores are measured and shown, marked apart, and no budget counts them.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def format_report(profile: Profile, top: int = 10) -> str:
         f"{m.num_key_value_heads} KV heads)",
         f"method   {method.name} (KV aggregate: {method.kv_aggregate})" + (f", source {source}" if source else ""),
         f"samples  {samples}",
+        *_layer_kinds(profile),
         "",
         f"{'heads':<8}{'total':>7}{'> 0.1':>16}{'> 0.5':>16}{'= 0':>16}",
     ]
@@ -65,11 +68,27 @@ def format_report(profile: Profile, top: int = 10) -> str:
     return "\n".join(lines)
 
 
+def sliding_layers(profile: Profile) -> dict[int, int]:
+    """The profile's sliding-window layers and their windows (none for a profile of full layers only)."""
+    return {layer: window for layer, window in enumerate(profile.model.windows) if window}
+
+
+def _layer_kinds(profile: Profile) -> list[str]:
+    sliding = sliding_layers(profile)
+    if not sliding:
+        return []
+    windows = ", ".join(str(w) for w in sorted(set(sliding.values())))
+    return [f"layers   {profile.model.num_layers - len(sliding)} full attention, {len(sliding)} sliding window "
+            f"(window {windows}; layers {', '.join(map(str, sliding))}): budgets divide the full layers' KV heads"]
+
+
 def write_heatmap(profile: Profile, png_path: str | Path) -> None:
-    """Layer x query-head heatmap PNG, plus a KV-head panel when heads are grouped (GQA)."""
+    """Layer x query-head heatmap PNG, plus a KV-head panel when heads are grouped (GQA); a sliding-window
+    layer's row is hatched over, its label marked `w`."""
+    from matplotlib.patches import Patch
     from matplotlib.figure import Figure  # the object API renders with Agg and touches no global backend
 
-    m = profile.model
+    m, sliding = profile.model, sliding_layers(profile)
     panels = [(profile.query_head_scores, "query head")]
     if m.group_size > 1:
         panels.append((profile.kv_head_scores, f"KV head (group of {m.group_size} query heads)"))
@@ -87,6 +106,13 @@ def write_heatmap(profile: Profile, png_path: str | Path) -> None:
         ax.set_xticks(range(0, len(rows[0]), step_x))
         ax.set_yticks(range(0, m.num_layers, step_y))
         ax.tick_params(labelsize=7)
+        for layer in sliding:
+            ax.axhspan(layer - 0.5, layer + 0.5, facecolor="lightgrey", alpha=0.7, hatch="///", edgecolor="dimgrey")
+    if sliding:
+        axes[0].set_yticklabels([f"{y} w" if y in sliding else str(y) for y in range(0, m.num_layers, step_y)])
+        fig.legend(handles=[Patch(facecolor="lightgrey", hatch="///", edgecolor="dimgrey",
+                                  label="sliding-window layer (w): no retrieval-head choice")],
+                   loc="outside lower center", fontsize=7)
     samples = f"{profile.samples_kept} samples kept" if profile.samples_total else "imported, no samples"
     fig.suptitle(f"{m.name}: {profile.method.name} ({samples})", fontsize=10)
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="score")
