@@ -62,6 +62,29 @@ def check_model_supported(model) -> None:
         "from that list, or add the architecture with its oracle test.")
 
 
+def attention_modifiers(model) -> list[str]:
+    """What the model adds to softmax attention beyond its windows: soft-capped scores (Gemma 2), learned
+    sink logits (GPT-OSS)."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    found = ["attention logit soft-capping"] if getattr(config, "attn_logit_softcapping", None) else []
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        found.append("learned attention sinks")
+    return found
+
+
+def check_device_supported(model, device: str) -> None:
+    """Refuse on CUDA what has passed the oracles only on the CPU: soft-capped or sink attention, whose GPU
+    path (the decode kernel's soft-cap and sink terms, graph capture of the sink logits) failed
+    `scripts/test-gpu` on the H200 (benchmarks/RESULTS.md, "GPU tests", 2026-12-04)."""
+    if str(device).startswith("cuda") and (found := attention_modifiers(model)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} with {' and '.join(found)} is served on the CPU only for now: on CUDA its "
+            "attention does not yet pass the engine's GPU oracles. Serve it with --device cpu, or serve a model "
+            "without them (README, \"Supported architectures\").")
+
+
 def check_attention_supported(config) -> None:
     """Refuse models whose attention our kernels would silently get wrong: layers of a kind other than full
     causal or sliding-window attention (chunked, linear), and bidirectional attention."""

@@ -264,3 +264,20 @@ def test_a_multimodal_wrappers_text_decoder_is_served(wrapper_type, tmp_path, to
     with torch.inference_mode():
         assert torch.allclose(model(ids).logits, wrapper(input_ids=ids).logits, atol=1e-5)
     check_both_oracles(model, tokenizer)
+
+
+@pytest.mark.parametrize("name, refused", [("gemma2", True), ("gpt_oss", True), ("gemma3_text", False),
+                                           ("mistral_window", False)])
+def test_soft_caps_and_sinks_are_refused_on_cuda_until_their_gpu_path_passes(name, refused) -> None:
+    """Soft-capped and sink attention passed the oracles here but not on the H200: CUDA refuses them at load
+    with what to do; the CPU serves them, and the other hybrid families are served on both."""
+    from rheads.models import UnsupportedModelError, check_device_supported
+
+    model_type, extras = HYBRID[name]
+    model = tiny(model_type, **extras)
+    check_device_supported(model, "cpu")
+    if refused:
+        with pytest.raises(UnsupportedModelError, match="served on the CPU only for now.*--device cpu"):
+            check_device_supported(model, "cuda")
+    else:
+        check_device_supported(model, "cuda:0")

@@ -25,7 +25,7 @@ from oracles import GREEDY, Result, check_within, logprob_errors, precision_boun
 from transformers import AutoTokenizer
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
-from rheads.models import load_model, resolve_model
+from rheads.models import UnsupportedModelError, load_model, resolve_model
 from rheads.niah import build_prompt, load_needles
 from rheads.profiling.profile import Profile, find_profile
 
@@ -219,6 +219,7 @@ def test_compressed_equals_masked_reference(kind, split_name, target, tokenizer,
 
 # hybrid models at the served shape: windowed layers around a full one, a window shorter than the chunks
 HYBRID_WINDOW = 128
+CPU_ONLY = ("gemma2", "gpt_oss")  # models.check_device_supported: soft-caps and sinks failed this test on the H200
 HYBRID = {"mistral_window": ("mistral", {}), "gemma2": ("gemma2", {"attn_logit_softcapping": 5.0}),
           "gemma3": ("gemma3_text", {}), "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2})}
 
@@ -252,6 +253,11 @@ def test_hybrid_models_on_the_served_path(kind, budget, target, tokenizer, monke
     sinks (prefill in plain PyTorch, decode in the kernel): at budget 1.0 the model's own attention, at 0.5
     (the full layer's heads split) the masked reference, both within the dtype's error."""
     model = tiny_hybrid(kind)
+    if kind in CPU_ONLY and target[0] == "cuda":  # refused there until its GPU path passes this test
+        with pytest.raises(UnsupportedModelError, match="served on the CPU only"):
+            served_engine(model, tokenizer, HeadSplit.uniform(3, model.config.num_key_value_heads, full=True),
+                          *target)
+        return
     kv = model.config.num_key_value_heads
     split = HeadSplit.uniform(3, kv, full=True) if budget == 1.0 else HeadSplit(((), (kv - 1,), ()), kv)
     prompts = [oracles.random_prompt(n, seed=n + 11, vocab=VOCAB) for n in PROMPT_LENGTHS]

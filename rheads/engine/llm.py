@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import check_model_supported, eos_token_ids, load_model, resolve_model
+from ..models import check_device_supported, check_model_supported, eos_token_ids, load_model, resolve_model
 from ..profiling.profile import ModelIdentity, find_profile, head_dim_of, layer_windows
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
@@ -97,6 +97,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
         self.model_name = model_name
         check_model_supported(model)
+        check_device_supported(model, config.device)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         # its sliding layers windowed; a window as long as a sequence can be needs no more ring than that
         windows = [w and min(w, self.max_model_len) for w in layer_windows(model.config)]
