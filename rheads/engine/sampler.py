@@ -1,5 +1,5 @@
 """Turning one row of logits into the next token, per request settings (penalties, logit bias, min_tokens,
-greedy, temperature, top-k/p, seed)."""
+grammars, greedy, temperature, top-k/p, seed)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .grammar import mask_rows
 from .sequence import SamplingParams, Sequence, TokenLogprob
 from .transfer import to_device
 
@@ -24,7 +25,8 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int])
     `min_tokens` are out, EOS (unless ignored) and the stop token ids cannot be drawn; `logit_bias` adds to
     its tokens; `repetition_penalty` divides the positive logits of tokens in the prompt or the output and
     multiplies the negative ones; `frequency_penalty` x a token's count in the output and
-    `presence_penalty` for its being there at all are subtracted. Rows that ask for none come back as they
+    `presence_penalty` for its being there at all are subtracted; a grammar's matcher forbids what it
+    cannot take next (`grammar.mask_rows`). Rows that ask for none come back as they
     are (the tensor itself when no row asks). The rows that ask are adjusted together, a few kernels for
     all of them: only their token lists are gathered on the host."""
     rows = [row for row, seq in enumerate(seqs) if seq.params.adjusts_logits]
@@ -48,6 +50,7 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int])
     frequency = to_device([p.frequency_penalty for p in params], device, torch.float32)[:, None]
     presence = to_device([p.presence_penalty for p in params], device, torch.float32)[:, None]
     picked -= frequency * counts + presence * (counts > 0)
+    picked = mask_rows(picked, [s.matcher for s in asked])
     return logits.float().index_copy(0, index, picked)
 
 

@@ -27,6 +27,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides (positive) or multiplies (negative) every prompt or output token's
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # no EOS or stop token id before this many tokens
+    grammar: str | None = None  # an llguidance grammar the output must follow (grammar.py); complete: "stop"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -49,7 +50,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.grammar is not None)
 
 
 class Status(enum.Enum):
@@ -87,6 +88,7 @@ class Sequence:
     blocks_registered: int = 0  # its first blocks the prefix cache has been offered (`PrefixCache.register`)
     snapshot_at: list[int] = field(default_factory=list)  # cached-token counts at which to keep its window
     num_cached_prompt: int | None = None  # prompt tokens its first admission found in the prefix cache
+    matcher: object | None = None  # its grammar's llguidance matcher, advanced by the output processor
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without joining the two lists (a decode step asks

@@ -1,0 +1,77 @@
+"""Grammar rows in the engine's batches (CPU, the SmolLM2 preset): a grammar row follows its grammar and
+ends when it is complete, and the rows beside it come out as they would without it."""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import pytest
+import torch
+
+from rheads.engine import SamplingParams
+from rheads.engine.grammar import mask_rows
+
+from serving import build_engine
+
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer",
+          "minimum": 0, "maximum": 99}}, "required": ["answer", "count"], "additionalProperties": False}
+
+
+def json_grammar(schema: dict) -> str:
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = build_engine(async_decode=True)  # pipelined decode on the CPU too: grammar rows must leave it
+    yield engine
+    engine.close()
+
+
+def run(engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, tuple[list[int], str, str]]:
+    for request_id, (ids, params) in requests.items():
+        engine.add_request(request_id, ids, params)
+    got = {request_id: ([], "", None) for request_id in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids, text, _ = got[out.request_id]
+            got[out.request_id] = (ids + out.new_token_ids, text + out.new_text, out.finish_reason)
+    return got
+
+
+def prompt(engine, text: str) -> list[int]:
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=False)
+    return engine.tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+
+def test_grammar_row_beside_free_rows(engine) -> None:
+    free = {f"free-{i}": (prompt(engine, text), SamplingParams(max_tokens=12, temperature=0.0))
+            for i, text in enumerate(["Name three colours.", "Count to five."])}
+    alone = run(engine, free)
+    constrained = SamplingParams(max_tokens=30, temperature=0.0, grammar=json_grammar(SCHEMA))
+    together = run(engine, {**free, "json": (prompt(engine, "Is the sky blue? Answer in JSON."), constrained)})
+    for request_id in free:
+        assert together[request_id] == alone[request_id]
+    _, text, finish = together["json"]
+    assert finish == "stop"  # the grammar completed (not the length limit)
+    answer = json.loads(text)
+    assert answer["answer"] in ("yes", "no") and 0 <= answer["count"] <= 99 and set(answer) == {"answer", "count"}
+    assert engine.usage().bytes_used == 0
+
+
+def test_sampled_grammar_rows_follow_the_grammar(engine) -> None:
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=7, grammar=json_grammar(SCHEMA))
+    got = run(engine, {f"s{i}": (prompt(engine, "Reply in JSON."), params) for i in range(2)})
+    for _, text, finish in got.values():
+        assert finish == "stop" and set(json.loads(text)) == {"answer", "count"}
+
+
+def test_mask_rows_leaves_free_rows_alone(engine) -> None:
+    matcher = engine.grammars.matcher(llguidance.LLMatcher.grammar_from_regex("ab"))
+    logits = torch.randn(3, engine.model.config.vocab_size)
+    masked = mask_rows(logits, [None, matcher, None])
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    allowed = torch.isfinite(masked[1]).nonzero()[:, 0].tolist()
+    assert allowed and all(engine.tokenizer.decode([t]) in ("a", "ab") for t in allowed)
