@@ -36,6 +36,7 @@ class ServerSettings:
     max_tokens_limit: int | None = None  # the largest max_tokens a request may ask for (None: max model len)
     allowed_origins: list[str] = field(default_factory=list)  # CORS origins; empty: no CORS at all
     engine_start_timeout: float = 600.0  # seconds the engine thread may take to get ready before start-up fails
+    chat_template: str | None = None  # a Jinja chat template over the model's own (e.g. one that takes tools)
 
 
 def show_server_logs() -> None:
@@ -77,7 +78,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     names = settings.served_model_names
     metrics = Metrics(names[0])
     client = EngineClient(engine, metrics, settings.max_waiting)
-    tokenizer = ServerTokenizer(engine.tokenizer)
+    tokenizer = ServerTokenizer(engine.tokenizer, settings.chat_template)
     serving = {"client": client, "tokenizer": tokenizer, "served_model_names": names,
                "max_tokens_limit": settings.max_tokens_limit or engine.max_model_len,
                "max_choices": settings.max_waiting, "retry_after_seconds": settings.retry_after_seconds}
