@@ -58,6 +58,8 @@ def _errors(*codes: int) -> dict:
 
 API_ERRORS = _errors(400, 401, 404, 413, 429, 503)
 EMPTY_OK = {200: {"description": "OK, with an empty body", "content": {}}}
+GENERATED = {200: {"description": "the response; with `stream`, its chunks as server-sent events",
+                   "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 def _openapi_of(app: FastAPI) -> dict:
@@ -108,11 +110,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         401, "invalid or missing API key (send Authorization: Bearer KEY)", "AuthenticationError")))]
     open_or_keyed = keyed if settings.protect_health_and_metrics else []
 
-    @app.post("/v1/completions", dependencies=keyed, responses=API_ERRORS)
+    @app.post("/v1/completions", dependencies=keyed, responses={**GENERATED, **API_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         return await completion.create(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=keyed, responses=API_ERRORS)
+    @app.post("/v1/chat/completions", dependencies=keyed, responses={**GENERATED, **API_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 

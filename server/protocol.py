@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rheads.engine import SamplingParams
+from rheads.engine.sequence import MIN_REPETITION_PENALTY
 
 from . import structured
 
@@ -93,7 +94,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     presence_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: FiniteFloat = Field(default=1.0, gt=0.0, le=2.0)  # vLLM's extension, as min_tokens
+    repetition_penalty: FiniteFloat = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=2.0)  # vLLM's extension, as min_tokens
     min_tokens: int = Field(default=0, ge=0)
     logit_bias: dict[str, FiniteFloat] | None = None  # token id (as a string, OpenAI's JSON) -> bias
     # what the output must be: OpenAI's response_format, or one of vLLM's guided_* extensions (in this order)
@@ -368,7 +369,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True  # with messages, as in a chat request
 

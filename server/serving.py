@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -353,9 +354,10 @@ class OpenAIServingChat(OpenAIServing):
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
     prompt_param, choices_param = "messages", "n"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tools = family_of(self.tokenizer.own())  # the chat template's tool-call format, if it has one
+    @functools.cached_property
+    def tools(self) -> ToolFamily | None:
+        """The chat template's tool-call format, if it has one."""
+        return family_of(self.tokenizer.own())
 
     def check(self, body: ChatCompletionRequest) -> None:
         self.check_limits(body, 1)

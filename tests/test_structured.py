@@ -7,6 +7,7 @@ Greedy decoding throughout; the grammar decides the shape, so a tiny model's ans
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -80,20 +81,28 @@ def ask(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-@pytest.mark.parametrize("name", list(SCHEMAS))
-def test_json_schema_answers_parse_and_validate(client, name):
-    schema = SCHEMAS[name]
-    response_format = {"type": "json_schema", "json_schema": {"name": name.replace(" ", "_"), "schema": schema,
-                                                              "strict": True}}
-    whole = client.chat.completions.create(model=PRESET, messages=ask(f"Describe something ({name}) in JSON."),
-                                           max_tokens=48, temperature=0, response_format=response_format)
-    assert whole.choices[0].finish_reason == "stop"
-    assert conforms(json.loads(whole.choices[0].message.content), schema)
-    chunks = client.chat.completions.create(model=PRESET, messages=ask(f"Describe something ({name}) in JSON."),
+def schema_answer(client, name: str, stream: bool) -> tuple[str, str]:
+    """(content, finish_reason) of a greedy chat answer in SCHEMAS[name]'s shape."""
+    response_format = {"type": "json_schema", "json_schema": {"name": name.replace(" ", "_"), "strict": True,
+                                                              "schema": SCHEMAS[name]}}
+    answer = client.chat.completions.create(model=PRESET, messages=ask(f"Describe something ({name}) in JSON."),
                                             max_tokens=48, temperature=0, response_format=response_format,
-                                            stream=True)
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert streamed == whole.choices[0].message.content
+                                            stream=stream)
+    if not stream:
+        return answer.choices[0].message.content, answer.choices[0].finish_reason
+    chunks = list(answer)
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+
+def test_json_schema_answers_parse_and_validate(client):
+    """Every schema, streamed and not, in one batch (the engine serves them together)."""
+    asks = [(name, stream) for name in SCHEMAS for stream in (False, True)]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = dict(zip(asks, pool.map(lambda a: schema_answer(client, *a), asks)))
+    for (name, stream), (content, finish) in answers.items():
+        assert finish == "stop", (name, content)
+        assert conforms(json.loads(content), SCHEMAS[name]), (name, content)
+        assert content == answers[name, False][0]  # greedy: streamed as answered whole
 
 
 def test_json_object_mode_and_completions(client):
@@ -146,11 +155,13 @@ def test_agent_loop_with_a_named_tool(client, served):
 def test_required_tool_call_streamed(client):
     kwargs = dict(model=PRESET, messages=ask("What time is it in UTC?"), max_tokens=64, temperature=0,
                   tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
-    whole = client.chat.completions.create(**kwargs).choices[0]
+    with ThreadPoolExecutor(2) as pool:  # served in one batch
+        streaming = pool.submit(lambda: list(client.chat.completions.create(**kwargs, stream=True)))
+        whole = client.chat.completions.create(**kwargs).choices[0]
+        chunks = streaming.result()
     assert whole.finish_reason == "tool_calls" and whole.message.tool_calls
     names = [c.function.name for c in whole.message.tool_calls]
     assert set(names) <= {"get_weather", "get_time"}
-    chunks = list(client.chat.completions.create(**kwargs, stream=True))
     deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
     assert [d.function.name for d in deltas] == names
     assert [json.loads(d.function.arguments) for d in deltas] == [tool_arguments(c) for c in whole.message.tool_calls]
@@ -190,16 +201,3 @@ def test_bad_schemas_and_tools_are_400_naming_the_field(served, extra, param):
     body = {"model": PRESET, "messages": ask("hi"), "max_tokens": 4, **extra}
     assert_error(httpx.post(f"{served.base}/v1/chat/completions", json=body, timeout=30), 400, "BadRequestError",
                  param)
-
-
-def test_tools_for_a_template_without_them_are_400(one_thread_module):
-    srv = Served(create_app(build_engine(), ServerSettings(served_model_names=NAMES)))
-    try:
-        body = {"model": PRESET, "messages": ask("hi"), "max_tokens": 4, "tools": [WEATHER]}
-        error = assert_error(httpx.post(f"{srv.base}/v1/chat/completions", json=body, timeout=30), 400,
-                             "BadRequestError", "tools")
-        assert "chat template" in error["message"]
-        plain = httpx.post(f"{srv.base}/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=30)
-        assert plain.status_code == 200
-    finally:
-        srv.stop()

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MIN_REPETITION_PENALTY = 0.01  # dividing a logit by much less may overflow float32 to inf (and sampling to nan)
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling, in vLLM's terms. temperature 0 means greedy."""
@@ -40,8 +43,8 @@ class SamplingParams:
             raise ValueError("logprobs must be between 0 and 20")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
-        if not 0 < self.repetition_penalty <= 2:
-            raise ValueError("repetition_penalty must be in (0, 2]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2]")
         if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
             raise ValueError("logit_bias values must be between -100 and 100")
         if not 0 <= self.min_tokens <= self.max_tokens:
