@@ -259,8 +259,6 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _tool_fields(self) -> "ChatMessage":
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id of the call it answers")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
         return self
