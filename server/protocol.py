@@ -94,7 +94,8 @@ class SamplingFields(BaseModel):
     user: str | None = None
     presence_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: FiniteFloat = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=2.0)  # vLLM's extension, as min_tokens
+    # vLLM's extensions, as min_tokens
+    repetition_penalty: FiniteFloat = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=2.0)
     min_tokens: int = Field(default=0, ge=0)
     logit_bias: dict[str, FiniteFloat] | None = None  # token id (as a string, OpenAI's JSON) -> bias
     # what the output must be: OpenAI's response_format, or one of vLLM's guided_* extensions (in this order)
