@@ -24,7 +24,7 @@ def checked(grammar: str) -> str:
     return grammar
 
 
-def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
+def json_schema_grammar(schema: dict[str, Any]) -> str:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except ValueError as error:
@@ -40,7 +40,7 @@ def json_text_schema(text: str | dict[str, Any]) -> dict[str, Any]:
         schema = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not JSON: {error}") from error
-    if not isinstance(schema, (dict, bool)):
+    if not isinstance(schema, dict):
         raise ValueError("a JSON schema is an object")
     return schema
 

@@ -66,6 +66,15 @@ def test_grammar_rows_beside_free_rows(engine) -> None:
     assert engine.usage().bytes_used == 0
 
 
+def test_min_tokens_yields_to_a_grammar_that_takes_only_eos(engine) -> None:
+    """An empty regex is complete at once: its only token is EOS, which min_tokens would hold back."""
+    empty = llguidance.LLMatcher.grammar_from_regex("")
+    params = {name: SamplingParams(max_tokens=4, min_tokens=2, temperature=t, grammar=empty)
+              for name, t in (("greedy", 0.0), ("drawn", 1.0))}
+    got = run(engine, {name: (prompt(engine, "Hi"), p) for name, p in params.items()})
+    assert {name: (text, finish) for name, (_, text, finish) in got.items()} == {name: ("", "stop") for name in params}
+
+
 def test_mask_rows_leaves_free_rows_alone(engine) -> None:
     matcher = engine.grammars.matcher(llguidance.LLMatcher.grammar_from_regex("ab"))
     logits = torch.randn(3, engine.model.config.vocab_size)
