@@ -72,7 +72,7 @@ def main() -> None:
     shape = SHAPES[args.shape]  # at least the tokenizer's vocabulary, for the grammar's sake
     config = LlamaConfig(**{**shape, "vocab_size": max(shape["vocab_size"], len(tokenizer))})
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     split = random_split(config.num_hidden_layers, config.num_key_value_heads, args.budget, seed=0)
     engine = LLMEngine(model, tokenizer, split, EngineConfig(
         budget=None, kv_cache_memory=2 << 30 if args.device.startswith("cuda") else 256 << 20,
