@@ -43,13 +43,12 @@ def run_batch(engine: LLMEngine, batch: int, tokens: int, grammar: str | None, p
                                                         grammar=grammar))
     produced, start, counted = 0, None, 0
     while engine.has_unfinished():
-        outputs = engine.step()
-        if start is None and engine.all_decoding:
-            start = time.perf_counter()  # every prompt is in: decode steps from here
-            continue
+        new = sum(len(o.new_token_ids) for o in engine.step())
+        produced += new
         if start is not None:
-            counted += sum(len(o.new_token_ids) for o in outputs)
-        produced += sum(len(o.new_token_ids) for o in outputs)
+            counted += new
+        elif engine.all_decoding:
+            start = time.perf_counter()  # every prompt is in: decode steps from here
     seconds = time.perf_counter() - start if start is not None else float("nan")
     return {"batch": batch, "output_tokens": produced, "timed_tokens": counted, "seconds": seconds,
             "tokens_per_s": counted / seconds if seconds > 0 else None}
