@@ -202,3 +202,22 @@ def test_bad_schemas_and_tools_are_400_naming_the_field(served, extra, param):
     body = {"model": PRESET, "messages": ask("hi"), "max_tokens": 4, **extra}
     assert_error(httpx.post(f"{served.base}/v1/chat/completions", json=body, timeout=30), 400, "BadRequestError",
                  param)
+
+
+ODD = [  # valid but unusual uses of tools, on a template that takes them: served, never a 5xx
+    {"tools": [{"type": "function", "function": {"name": "ping"}}], "tool_choice": "required"},  # no parameters
+    {"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "n": 2,
+     "stream": True},
+    {"tools": [WEATHER], "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+     {"role": "tool", "content": [{"type": "text", "text": "sunny"}]}]},  # no tool_call_id
+    {"tools": [WEATHER], "tool_choice": "auto", "response_format": {"type": "json_object"}},
+    {"tools": [WEATHER], "tool_choice": "none", "guided_choice": ["a", "b"]},
+]
+
+
+@pytest.mark.parametrize("extra", ODD)
+def test_odd_tool_requests_are_served(served, extra):
+    body = {"model": PRESET, "messages": ask("hi"), "max_tokens": 3, **extra}
+    response = httpx.post(f"{served.base}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
