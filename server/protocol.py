@@ -163,6 +163,11 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def guide(self) -> str | None:
+        """The field that constrains the output, if one does."""
+        return next((name for name in GUIDES if constrains(getattr(self, name))), None)
+
     def grammar(self) -> str | None:
         """The llguidance grammar the output must follow, if any (`structured`)."""
         if self.response_format is not None:

@@ -186,9 +186,20 @@ class OpenAIServing(abc.ABC):
     @abc.abstractmethod
     async def rendering(self, body, prompts: list[list[int]]) -> Rendering: ...
 
-    def grammar(self, body) -> str | None:
-        """The grammar the output must follow (validated with the request)."""
-        return body.grammar()
+    def grammar(self, body) -> tuple[str | None, str | None]:
+        """The grammar the output must follow (validated with the request), and the field it comes from."""
+        return body.grammar(), body.guide
+
+    async def checked_grammar(self, body) -> str | None:
+        """The grammar, checked over the model's tokenizer on the tokenizing worker (where the first
+        grammar's tokenizer wrapping happens too, not in the engine thread)."""
+        grammar, param = self.grammar(body)
+        if grammar is not None:
+            try:
+                await self.tokenizer.run(lambda _: self.client.check_grammar(grammar))
+            except RequestError as error:
+                raise bad_request(str(error), param) from error
+        return grammar
 
     def check_limits(self, body, num_prompts: int) -> None:
         """Refuse what can never be served: another model, too many tokens or more choices than may wait."""
@@ -225,7 +236,8 @@ class OpenAIServing(abc.ABC):
     async def create(self, body: SamplingFields, request: Request):
         self.check(body)
         prompts = await self.prompt_ids(body)
-        params = body.to_sampling_params(self.max_tokens(body, max(map(len, prompts))), self.grammar(body))
+        params = body.to_sampling_params(self.max_tokens(body, max(map(len, prompts))),
+                                         await self.checked_grammar(body))
         rendering = await self.rendering(body, prompts)
         rid = new_id(self.id_prefix)
         gen = self.start(prompts, params, body.n, rid)
@@ -365,14 +377,14 @@ class OpenAIServingChat(OpenAIServing):
             raise bad_request("this model's chat template takes no tools (serve it with a chat template that "
                               "does: rheads serve --chat-template)", "tools")
 
-    def grammar(self, body: ChatCompletionRequest) -> str | None:
+    def grammar(self, body: ChatCompletionRequest) -> tuple[str | None, str | None]:
         forced = body.forced_tools
         if forced is None:
-            return body.grammar()
+            return super().grammar(body)
         tools = [(tool.function.name, tool.function.parameters) for tool in forced]
         try:
             one = body.tool_choice != "required" or not body.parallel_tool_calls
-            return lark_grammar(self.tools.grammar(tools, one=one))
+            return lark_grammar(self.tools.grammar(tools, one=one)), "tools"
         except ValueError as error:
             raise bad_request(f"no grammar for these tools: {error}", "tools") from error
 

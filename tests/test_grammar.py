@@ -9,7 +9,7 @@ import llguidance
 import pytest
 import torch
 
-from rheads.engine import SamplingParams
+from rheads.engine import RequestError, SamplingParams
 from rheads.engine.grammar import mask_rows
 
 from serving import build_engine
@@ -73,6 +73,16 @@ def test_min_tokens_yields_to_a_grammar_that_takes_only_eos(engine) -> None:
               for name, t in (("greedy", 0.0), ("drawn", 1.0))}
     got = run(engine, {name: (prompt(engine, "Hi"), p) for name, p in params.items()})
     assert {name: (text, finish) for name, (_, text, finish) in got.items()} == {name: ("", "stop") for name in params}
+
+
+def test_a_grammar_checked_over_the_tokenizer(engine) -> None:
+    """What compiles without a tokenizer may not with it (a token id past the vocabulary)."""
+    engine.grammars.check(json_grammar(SCHEMA))
+    beyond = llguidance.LLMatcher.grammar_from_lark(f"start: <[{engine.model.config.vocab_size + 5}]>")
+    with pytest.raises(RequestError, match="does not compile"):
+        engine.grammars.check(beyond)
+    with pytest.raises(RequestError, match="does not compile"):
+        engine.grammars.matcher(beyond)
 
 
 def test_mask_rows_leaves_free_rows_alone(engine) -> None:

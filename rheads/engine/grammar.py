@@ -30,13 +30,22 @@ class Grammars:
         return llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
                                             eos_token=self.eos_ids or None)
 
+    def check(self, grammar: str) -> None:
+        """RequestError unless the grammar compiles over this tokenizer (any thread may ask: the server's
+        handlers do, so the first grammar's tokenizer wrapping happens outside the engine thread)."""
+        import llguidance
+
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            raise RequestError(f"the grammar does not compile: {messages[0] if messages else 'invalid'}")
+
     def matcher(self, grammar: str):
         """A fresh matcher at the grammar's start; RequestError if the grammar does not compile."""
         import llguidance
 
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise RequestError(f"the grammar does not compile: {matcher.get_error()}", "response_format")
+            raise RequestError(f"the grammar does not compile: {matcher.get_error()}")
         return matcher
 
 
