@@ -143,6 +143,18 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+
+def chat_template_text(value: str) -> str:
+    """--chat-template: a file's text, or a shipped template's by name."""
+    path = Path(value) if Path(value).is_file() else CHAT_TEMPLATES / f"{value}.jinja"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
+        raise argparse.ArgumentTypeError(f"no chat template file {value!r} (shipped ones: {shipped})")
+    return path.read_text()
+
+
 def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     from .models import DEFAULT_MODEL
 
@@ -200,6 +212,9 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="origins allowed by CORS, e.g. https://app.example.com (default: no CORS headers)")
     p.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
                    help="on SIGTERM or Ctrl-C, how long in-flight requests may take to finish before being cut")
+    p.add_argument("--chat-template", type=chat_template_text, default=None, metavar="FILE_OR_NAME",
+                   help="a Jinja chat template file, or a shipped one by name (hermes_tools: ChatML with tool "
+                        "calls), over the model's own (default: the model's)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model names the API accepts (default: the model's Hugging Face id and the preset name)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -533,7 +548,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("RHEADS_API_KEY"),
                               max_waiting=args.max_waiting, protect_health_and_metrics=args.protect_health_and_metrics,
                               max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
-                              allowed_origins=args.allowed_origins or [])
+                              allowed_origins=args.allowed_origins or [], chat_template=args.chat_template)
     app = create_app(engine, settings)
     # On SIGTERM or SIGINT uvicorn stops accepting connections, lets in-flight requests finish (up to the
     # grace period; the engine thread serves them until the app shuts down), then raises the signal again

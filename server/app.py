@@ -36,6 +36,7 @@ class ServerSettings:
     max_tokens_limit: int | None = None  # the largest max_tokens a request may ask for (None: max model len)
     allowed_origins: list[str] = field(default_factory=list)  # CORS origins; empty: no CORS at all
     engine_start_timeout: float = 600.0  # seconds the engine thread may take to get ready before start-up fails
+    chat_template: str | None = None  # a Jinja chat template over the model's own (e.g. one that takes tools)
 
 
 def show_server_logs() -> None:
@@ -57,6 +58,8 @@ def _errors(*codes: int) -> dict:
 
 API_ERRORS = _errors(400, 401, 404, 413, 429, 503)
 EMPTY_OK = {200: {"description": "OK, with an empty body", "content": {}}}
+GENERATED = {200: {"description": "the response; with `stream`, its chunks as server-sent events",
+                   "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 def _openapi_of(app: FastAPI) -> dict:
@@ -77,7 +80,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     names = settings.served_model_names
     metrics = Metrics(names[0])
     client = EngineClient(engine, metrics, settings.max_waiting)
-    tokenizer = ServerTokenizer(engine.tokenizer)
+    tokenizer = ServerTokenizer(engine.tokenizer, settings.chat_template)
     serving = {"client": client, "tokenizer": tokenizer, "served_model_names": names,
                "max_tokens_limit": settings.max_tokens_limit or engine.max_model_len,
                "max_choices": settings.max_waiting, "retry_after_seconds": settings.retry_after_seconds}
@@ -107,11 +110,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         401, "invalid or missing API key (send Authorization: Bearer KEY)", "AuthenticationError")))]
     open_or_keyed = keyed if settings.protect_health_and_metrics else []
 
-    @app.post("/v1/completions", dependencies=keyed, responses=API_ERRORS)
+    @app.post("/v1/completions", dependencies=keyed, responses={**GENERATED, **API_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         return await completion.create(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=keyed, responses=API_ERRORS)
+    @app.post("/v1/chat/completions", dependencies=keyed, responses={**GENERATED, **API_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 

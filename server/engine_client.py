@@ -100,6 +100,9 @@ class EngineClient:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine.limits.validate(prompt_ids, params)
 
+    def check_grammar(self, grammar: str) -> None:
+        self.engine.grammars.check(grammar)
+
     def output_room(self, num_prompt_tokens: int) -> int:
         return self.engine.limits.output_room(num_prompt_tokens)
 

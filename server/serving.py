@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from .protocol import (
     ChatCompletionRequest, ChatMessage, CompletionRequest, PromptTokensDetails, SamplingFields, Usage,
     completion_logprobs, error_body, new_id, now,
 )
+from .structured import lark_grammar
 from .tokenizer import ServerTokenizer
+from .tools import ToolFamily, ToolStream, family_of
 
 
 class Generation:
@@ -183,6 +186,21 @@ class OpenAIServing(abc.ABC):
     @abc.abstractmethod
     async def rendering(self, body, prompts: list[list[int]]) -> Rendering: ...
 
+    def grammar(self, body) -> tuple[str | None, str | None]:
+        """The grammar the output must follow (validated with the request), and the field it comes from."""
+        return body.grammar(), body.guide
+
+    async def checked_grammar(self, body) -> str | None:
+        """The grammar, checked over the model's tokenizer on the tokenizing worker (where the first
+        grammar's tokenizer wrapping happens too, not in the engine thread)."""
+        grammar, param = self.grammar(body)
+        if grammar is not None:
+            try:
+                await self.tokenizer.run(lambda _: self.client.check_grammar(grammar))
+            except RequestError as error:
+                raise bad_request(str(error), param) from error
+        return grammar
+
     def check_limits(self, body, num_prompts: int) -> None:
         """Refuse what can never be served: another model, too many tokens or more choices than may wait."""
         check_model(body.model, self.served_model_names)
@@ -218,7 +236,8 @@ class OpenAIServing(abc.ABC):
     async def create(self, body: SamplingFields, request: Request):
         self.check(body)
         prompts = await self.prompt_ids(body)
-        params = body.to_sampling_params(self.max_tokens(body, max(map(len, prompts))))
+        params = body.to_sampling_params(self.max_tokens(body, max(map(len, prompts))),
+                                         await self.checked_grammar(body))
         rendering = await self.rendering(body, prompts)
         rid = new_id(self.id_prefix)
         gen = self.start(prompts, params, body.n, rid)
@@ -294,8 +313,12 @@ class OpenAIServingCompletion(OpenAIServing):
 
 # -- chat -----------------------------------------------------------------------------------------
 class ChatRendering(Rendering):
-    def __init__(self, body: ChatCompletionRequest, token_text: Callable[[int], str]):
-        self.body, self.token_text = body, token_text
+    """Chat choices; with tools offered, each choice's tool calls are read out of its text (`tools`), and a
+    stream holds back what may be a call until the choice ends."""
+
+    def __init__(self, body: ChatCompletionRequest, token_text: Callable[[int], str], tools: ToolFamily | None):
+        self.body, self.token_text, self.tools = body, token_text, tools
+        self.streams: dict[int, ToolStream] = {}
 
     def logprobs(self, outs: list) -> dict | None:
         if not self.body.logprobs:
@@ -313,38 +336,76 @@ class ChatRendering(Rendering):
                 for i in range(self.body.n)]
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
-        delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+        text, calls = out.new_text, []
+        if self.tools is not None:
+            stream = self.streams.setdefault(index, ToolStream(self.tools))
+            text = stream.feed(text)
+            if out.finished:
+                rest, calls = stream.finish()
+                text += rest
+        delta = {"content": text} if text or not out.finished else {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
         return {"index": index, "delta": delta, "logprobs": self.logprobs(out.new_logprobs),
-                "finish_reason": out.finish_reason}
+                "finish_reason": finish_reason(out.finish_reason, calls)}
 
     def choice(self, index: int, choice: Choice) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": choice.text},
-                "logprobs": self.logprobs(choice.logprobs), "finish_reason": choice.finish_reason}
+        content, calls = self.tools.parse(choice.text) if self.tools is not None else (choice.text, [])
+        message = {"role": "assistant", "content": content.strip() or None if calls else content}
+        if calls:
+            message["tool_calls"] = calls
+        return {"index": index, "message": message, "logprobs": self.logprobs(choice.logprobs),
+                "finish_reason": finish_reason(choice.finish_reason, calls)}
+
+
+def finish_reason(reason: str | None, calls: list[dict]) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 class OpenAIServingChat(OpenAIServing):
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
     prompt_param, choices_param = "messages", "n"
 
+    @functools.cached_property
+    def tools(self) -> ToolFamily | None:
+        """The chat template's tool-call format, if it has one."""
+        return family_of(self.tokenizer.own())
+
     def check(self, body: ChatCompletionRequest) -> None:
         self.check_limits(body, 1)
+        if body.calls_tools and self.tools is None:
+            raise bad_request("this model's chat template takes no tools (serve it with a chat template that "
+                              "does: rheads serve --chat-template)", "tools")
+
+    def grammar(self, body: ChatCompletionRequest) -> tuple[str | None, str | None]:
+        forced = body.forced_tools
+        if forced is None:
+            return super().grammar(body)
+        tools = [(tool.function.name, tool.function.parameters) for tool in forced]
+        try:
+            one = body.tool_choice != "required" or not body.parallel_tool_calls
+            return lark_grammar(self.tools.grammar(tools, one=one)), "tools"
+        except ValueError as error:
+            raise bad_request(f"no grammar for these tools: {error}", "tools") from error
 
     async def prompt_ids(self, body: ChatCompletionRequest) -> list[list[int]]:
-        return [await self.chat_prompt(body.messages, body.add_generation_prompt)]
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.calls_tools else None
+        return [await self.chat_prompt(body.messages, body.add_generation_prompt, tools)]
 
     async def rendering(self, body: ChatCompletionRequest, prompts: list[list[int]]) -> Rendering:
-        return ChatRendering(body, self.tokenizer.token_text)
+        return ChatRendering(body, self.tokenizer.token_text, self.tools if body.calls_tools else None)
 
-    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        """The model's chat template over the messages, the assistant's turn opened unless the client
-        continues a message of its own (vLLM's `add_generation_prompt`)."""
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          tools: list[dict] | None = None) -> list[int]:
+        """The model's chat template over the messages (and the tools offered), the assistant's turn opened
+        unless the client continues a message of its own (vLLM's `add_generation_prompt`)."""
+        conversation = [m.for_template() for m in messages]
 
         def render(tokenizer) -> list[int]:
             if not tokenizer.chat_template:
                 raise bad_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
             try:
-                text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
                                                      add_generation_prompt=add_generation_prompt)
             except jinja2.TemplateError as error:  # a template may refuse a conversation (roles out of order)
                 raise bad_request(f"the chat template refused these messages: {error}", "messages") from error

@@ -20,8 +20,10 @@ T = TypeVar("T")
 
 
 class ServerTokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, chat_template: str | None = None):
         self._template = copy.deepcopy(tokenizer)  # only ever read (copied), so shared by every thread
+        if chat_template is not None:  # the server's own (`rheads serve --chat-template`), over the model's
+            self._template.chat_template = chat_template
         self._local = threading.local()
         # One worker: prompts are encoded in arrival order, and the CPU is left to the engine thread.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="rheads-tokenizer")

@@ -126,6 +126,13 @@ MUTANTS = [
     Mutant("min_tokens one short", "rheads/engine/sampler.py",
            "if len(s.output_ids) < p.min_tokens", "if len(s.output_ids) < p.min_tokens - 1",
            ("tests/test_penalties.py",)),
+    Mutant("a grammar row pipelined before its matcher takes its token", "rheads/engine/sequence.py",
+           "or self.min_tokens or self.grammar is not None)", "or self.min_tokens)", ("tests/test_grammar.py",)),
+    Mutant("a grammar's mask left off its row", "rheads/engine/grammar.py",
+           'return logits.masked_fill(~allowed, float("-inf"))', "return logits", ("tests/test_grammar.py",)),
+    Mutant("min_tokens holding back a grammar's only token", "rheads/engine/sampler.py",
+           "held &= (torch.isfinite(picked) & ~held).any(-1, keepdim=True)", "held = held",
+           ("tests/test_grammar.py", "-k", "min_tokens")),
 ]
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import httpx
 import jinja2
@@ -333,6 +333,18 @@ def mix(*options: st.SearchStrategy) -> st.SearchStrategy:
     return st.sampled_from(options).flatmap(lambda option: option)
 
 
+# JSON schemas (response_format, guided_json, tools' parameters): enforceable ones, and some that are not
+SCHEMA_LEAVES = st.sampled_from([{"type": "object"}, {"type": "string", "maxLength": 3}, {"enum": ["a", 1]},
+                                 {"type": "integer", "minimum": 0, "maximum": 9}, {"type": "objectx"},
+                                 {"$ref": "#/nope"}, {"type": "string", "pattern": "a("}, {"type": "boolean"}])
+SCHEMAS = st.recursive(SCHEMA_LEAVES, lambda inner: mix(
+    st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(st.text(max_size=3), inner,
+                                                                                     max_size=2)},
+                          optional={"required": st.lists(st.text(max_size=3), max_size=2)}),
+    st.fixed_dictionaries({"type": st.just("array"), "items": inner}, optional={"maxItems": st.integers(-1, 3)})),
+    max_leaves=4)
+
+
 def shaped(annotation, junk: bool) -> st.SearchStrategy:
     """Values of a pydantic field's type, recursively; with `junk`, any level may be junk instead."""
     origin, args = get_origin(annotation), get_args(annotation)
@@ -346,12 +358,14 @@ def shaped(annotation, junk: bool) -> st.SearchStrategy:
         values = st.sampled_from(args)
     elif origin is list:
         values = st.lists(shaped(args[0], junk), min_size=1, max_size=3)
+    elif origin is dict and args[1] is Any:  # the API's free-form objects are JSON schemas
+        values = SCHEMAS
     elif origin is dict:
         values = st.dictionaries(shaped(args[0], False), shaped(args[1], junk), max_size=3)  # JSON keys: strings
     elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
         values = model_bodies(annotation, junk)
     else:
-        values = {int: INTS, float: FLOATS, str: TEXT, bool: st.booleans()}[annotation]
+        values = {int: INTS, float: FLOATS, str: TEXT, bool: st.booleans(), Any: JUNK}[annotation]
     return mix(values, values, values, JUNK) if junk else values
 
 

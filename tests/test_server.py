@@ -399,6 +399,15 @@ def test_penalties_bias_and_min_tokens_are_served(http, client):
     assert penalized.choices[0].finish_reason in ("stop", "length") and penalized.usage.completion_tokens >= 1
 
 
+def test_tools_for_a_template_without_them_are_400(http):
+    """SmolLM2's own chat template takes no tools (tests/test_structured.py serves it with one that does)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": [tool]}
+    error = assert_error(http.post("/v1/chat/completions", json=body), 400, "BadRequestError", "tools")
+    assert "chat template" in error["message"]
+    assert http.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).status_code == 200
+
+
 def test_the_openapi_schema_documents_what_the_server_answers(http):
     """Errors in OpenAI's shape under their real statuses (no FastAPI 422), /metrics as Prometheus text,
     /health and /reset_prefix_cache with empty bodies."""
@@ -409,6 +418,7 @@ def test_the_openapi_schema_documents_what_the_server_answers(http):
         assert "422" not in responses
         for status in ("400", "401", "404", "413", "429", "503"):
             assert responses[status]["content"]["application/json"]["schema"]["$ref"] == error_ref, (path, status)
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     for path, method in (("/health", "get"), ("/reset_prefix_cache", "post")):
@@ -437,6 +447,7 @@ INVALID = [
     ("/v1/completions", {"prompt": "Hi", "presence_penalty": 2.5}, "presence_penalty"),
     ("/v1/completions", {"prompt": "Hi", "frequency_penalty": -3}, "frequency_penalty"),
     ("/v1/completions", {"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "repetition_penalty": 5e-324}, "repetition_penalty"),  # would overflow
     ("/v1/completions", {"prompt": "Hi", "min_tokens": -1}, "min_tokens"),
     ("/v1/completions", {"prompt": "Hi", "min_tokens": 5, "max_tokens": 2}, None),  # None: a check across fields
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"x": 1}}, "logit_bias"),
@@ -463,6 +474,7 @@ INVALID = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
     ("/tokenize", {}, None),
+    ("/tokenize", {"messages": []}, "messages"),
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, None),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/detokenize", {"tokens": [10**9]}, "tokens"),

@@ -16,6 +16,7 @@ from ..models import check_device_supported, check_model_supported, eos_token_id
 from ..profiling.profile import ModelIdentity, find_profile, head_dim_of, layer_windows
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
+from .grammar import Grammars
 from .heads import HeadSplit, choose_split
 from .integration import Kernels, ModelIntegration
 from .messages import RunnerOutput, SchedulerOutput
@@ -122,6 +123,7 @@ class LLMEngine:
         self.pipeline = PipelinedDecode(self.scheduler, self.runner)
         self.async_decode = config.device.startswith("cuda") if config.async_decode is None else config.async_decode
         self.limits = RequestLimits(model.config.vocab_size, self.max_model_len, self.cache.token_capacity)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.scheduler.eos_ids)
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self._arrivals = itertools.count()
@@ -165,7 +167,9 @@ class LLMEngine:
         if not validated:
             self.limits.validate(prompt_ids, params)
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), generator=generator)
+        matcher = None if params.grammar is None else self.grammars.matcher(params.grammar)
+        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), generator=generator,
+                       matcher=matcher)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 

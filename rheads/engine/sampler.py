@@ -1,5 +1,5 @@
 """Turning one row of logits into the next token, per request settings (penalties, logit bias, min_tokens,
-greedy, temperature, top-k/p, seed)."""
+grammars, greedy, temperature, top-k/p, seed)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .grammar import mask_rows
 from .sequence import SamplingParams, Sequence, TokenLogprob
 from .transfer import to_device
 
@@ -24,9 +25,10 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int])
     `min_tokens` are out, EOS (unless ignored) and the stop token ids cannot be drawn; `logit_bias` adds to
     its tokens; `repetition_penalty` divides the positive logits of tokens in the prompt or the output and
     multiplies the negative ones; `frequency_penalty` x a token's count in the output and
-    `presence_penalty` for its being there at all are subtracted. Rows that ask for none come back as they
-    are (the tensor itself when no row asks). The rows that ask are adjusted together, a few kernels for
-    all of them: only their token lists are gathered on the host."""
+    `presence_penalty` for its being there at all are subtracted; a grammar's matcher forbids what it
+    cannot take next (`grammar.mask_rows`), and min_tokens never forbids the last tokens left. Rows that
+    ask for none come back as they are (the tensor itself when no row asks). The rows that ask are
+    adjusted together, a few kernels for all of them: only their token lists are gathered on the host."""
     rows = [row for row, seq in enumerate(seqs) if seq.params.adjusts_logits]
     if not rows:
         return logits
@@ -34,10 +36,14 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int])
     asked = [seqs[row] for row in rows]
     params = [seq.params for seq in asked]
     index = to_device(rows, device, torch.long)
-    picked = logits[index].float()  # [asked rows, vocab]
+    picked = mask_rows(logits[index].float(), [s.matcher for s in asked])  # [asked rows, vocab]
     held_back = [sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids))
                  if len(s.output_ids) < p.min_tokens else [] for s, p in zip(asked, params)]
-    picked = picked.masked_fill(_per_row(held_back, 1.0, vocab, device) > 0, float("-inf"))
+    held = _per_row(held_back, 1.0, vocab, device) > 0
+    # min_tokens yields where it would leave nothing to draw: a grammar that takes only EOS now, or a row
+    # whose stop token ids are all its grammar allows
+    held &= (torch.isfinite(picked) & ~held).any(-1, keepdim=True)
+    picked = picked.masked_fill(held, float("-inf"))
     biases = [list(p.logit_bias.items()) for p in params]
     picked += _per_row([[t for t, _ in b] for b in biases], [[v for _, v in b] for b in biases], vocab, device)
     penalty = to_device([p.repetition_penalty for p in params], device, torch.float32)[:, None]

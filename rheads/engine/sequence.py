@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MIN_REPETITION_PENALTY = 0.01  # dividing a logit by much less may overflow float32 to inf (and sampling to nan)
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling, in vLLM's terms. temperature 0 means greedy."""
@@ -27,6 +30,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides (positive) or multiplies (negative) every prompt or output token's
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # no EOS or stop token id before this many tokens
+    grammar: str | None = None  # an llguidance grammar the output must follow (grammar.py); complete: "stop"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -39,8 +43,8 @@ class SamplingParams:
             raise ValueError("logprobs must be between 0 and 20")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
-        if not 0 < self.repetition_penalty <= 2:
-            raise ValueError("repetition_penalty must be in (0, 2]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2]")
         if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
             raise ValueError("logit_bias values must be between -100 and 100")
         if not 0 <= self.min_tokens <= self.max_tokens:
@@ -49,7 +53,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.grammar is not None)
 
 
 class Status(enum.Enum):
@@ -87,6 +91,7 @@ class Sequence:
     blocks_registered: int = 0  # its first blocks the prefix cache has been offered (`PrefixCache.register`)
     snapshot_at: list[int] = field(default_factory=list)  # cached-token counts at which to keep its window
     num_cached_prompt: int | None = None  # prompt tokens its first admission found in the prefix cache
+    matcher: object | None = None  # its grammar's llguidance matcher, advanced by the output processor
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without joining the two lists (a decode step asks
