@@ -234,12 +234,7 @@ class FunctionCall(BaseModel):
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"arguments must be a JSON object's text: {error}") from error
-        if not isinstance(parsed, dict):
-            raise ValueError("arguments must be a JSON object's text")
+        structured.json_object(value, "arguments")
         return value
 
 

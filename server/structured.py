@@ -32,17 +32,20 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return checked(grammar)
 
 
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """`text` parsed as a JSON object, or a ValueError saying that `what` must be one."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} must be a JSON object's text: {error}") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{what} must be a JSON object's text")
+    return parsed
+
+
 def json_text_schema(text: str | dict[str, Any]) -> dict[str, Any]:
     """vLLM's guided_json: a schema, or its JSON text."""
-    if isinstance(text, dict):
-        return text
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not JSON: {error}") from error
-    if not isinstance(schema, dict):
-        raise ValueError("a JSON schema is an object")
-    return schema
+    return text if isinstance(text, dict) else json_object(text, "a JSON schema")
 
 
 def regex_grammar(regex: str) -> str:
