@@ -1,18 +1,28 @@
 """Prefix caching end to end over HTTP: the time to first token of requests that repeat a prefix.
 
-Two workloads, each against `rheads serve` at budgets 0.5 (the shipped profile) and 1.0 (`--profile none`),
-with prefix caching on and off (`--no-enable-prefix-caching`), in one run:
+Workloads, each against `rheads serve` at --budgets (0.5: the profile; 1.0: `--profile none`) and, with
+--peers vllm, `vllm serve`, with prefix caching on and off (`--no-enable-prefix-caching`), in one run:
 
-- document: a ~4k-token document (the shipped CC0 haystack) followed by 8 questions, one request each,
+- document: a --doc-tokens document (the shipped CC0 haystack) followed by 8 questions, one request each,
   one after the other (completions, token-id prompts);
 - chat: an 8-turn conversation (chat completions) whose first message holds the document's first half,
-  each turn resending every message before it plus the model's own answers.
+  each turn resending every message before it plus the model's own answers;
+- shared (--shared N): one question on a new document, then N questions on it at once: their TTFT p50/p99
+  against the first's;
+- documents (--documents D): D distinct documents, one request each, then a new question on each, the most
+  recent first: how many are still cached (a re-ask whose cached tokens cover 90% of its document), the
+  distinct documents the cache holds at once.
+
+On a GPU with --shape and --tokenizer, the model is random bf16 weights at that shape (benchmarks/gpu_serving.py's
+model directory and synthetic profile), so that vLLM and rheads serve the same weights in the same KV bytes.
 
 Every request streams, with usage, so its TTFT and `usage.prompt_tokens_details.cached_tokens` are read
 from the response; the table gives the first request's TTFT against the later ones' median (after a short
 warm-up request, so that the first one pays no start-up cost).
 
     python benchmarks/prefix_cache.py --doc-tokens 4000 --max-tokens 16
+    python benchmarks/prefix_cache.py --device cuda --shape llama-3.1-8b --tokenizer .bench/tokenizer \
+        --doc-tokens 32000 --kv-cache-memory 30GiB --shared 16 --documents 24 --peers vllm --vllm-pythonpath /tmp/vsite
 
 Everything talks only to 127.0.0.1, is bounded in requests, and stops by itself.
 """
@@ -30,9 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import make_prompt  # noqa: E402
 from servers import REPO, ServerProcess, rheads_command  # noqa: E402
 
 QUESTIONS = ["What is the main subject of the text above?", "Who is the text written for?",
@@ -57,18 +70,54 @@ def stream(http: httpx.Client, path: str, body: dict) -> dict:
                     ttft = time.perf_counter() - start
                 text += piece
             usage = event.get("usage") or usage
+    details = usage.get("prompt_tokens_details") or {}  # vLLM gives it with --enable-prompt-tokens-details
     return {"ttft_s": ttft if ttft is not None else time.perf_counter() - start, "text": text,
-            "prompt_tokens": usage["prompt_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
+            "prompt_tokens": usage["prompt_tokens"], "cached_tokens": details.get("cached_tokens") or 0}
+
+
+def question_ids(http: httpx.Client, question: str) -> list[int]:
+    return http.post("/tokenize", json={"prompt": f"\n\nQuestion: {question}\nAnswer:",
+                                        "add_special_tokens": False}).json()["tokens"]
 
 
 def document(http: httpx.Client, model: str, doc_ids: list[int], max_tokens: int) -> list[dict]:
-    records = []
-    for question in QUESTIONS:
-        ids = http.post("/tokenize", json={"prompt": f"\n\nQuestion: {question}\nAnswer:",
-                                           "add_special_tokens": False}).json()["tokens"]
-        records.append(stream(http, "/v1/completions", {"model": model, "prompt": doc_ids + ids,
-                                                        "max_tokens": max_tokens}))
-    return records
+    return [stream(http, "/v1/completions", {"model": model, "prompt": doc_ids + question_ids(http, question),
+                                             "max_tokens": max_tokens}) for question in QUESTIONS]
+
+
+def shared(http: httpx.Client, model: str, doc_ids: list[int], max_tokens: int, n: int) -> dict:
+    """One question on the document, then `n` at once (threads, each its own connection)."""
+    asks = [question_ids(http, f"{QUESTIONS[i % len(QUESTIONS)]} ({i})") for i in range(n + 1)]
+    body = lambda ids: {"model": model, "prompt": doc_ids + ids, "max_tokens": max_tokens}  # noqa: E731
+    first = stream(http, "/v1/completions", body(asks[0]))
+
+    def one(ids):
+        with httpx.Client(base_url=str(http.base_url), timeout=http.timeout) as own:
+            return stream(own, "/v1/completions", body(ids))
+
+    with ThreadPoolExecutor(n) as pool:
+        later = list(pool.map(one, asks[1:]))
+    ttfts = sorted(r["ttft_s"] for r in later)
+    return {"first_ttft_s": first["ttft_s"], "concurrent": n, "later_ttft_p50_s": statistics.median(ttfts),
+            "later_ttft_p99_s": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
+            "later_cached_fraction": sum(r["cached_tokens"] for r in later) / sum(r["prompt_tokens"] for r in later)}
+
+
+def documents(http: httpx.Client, model: str, haystack_ids: list[int], doc_tokens: int, count: int) -> dict:
+    """`count` distinct documents, one request each; then a new question on each, the most recent first:
+    the documents still cached are counted until the first that is not (an older one is evicted first)."""
+    docs = [make_prompt(haystack_ids, 1 + i, doc_tokens) for i in range(count)]
+    ask, again = question_ids(http, QUESTIONS[0]), question_ids(http, QUESTIONS[1])
+    for doc in docs:
+        stream(http, "/v1/completions", {"model": model, "prompt": doc + ask, "max_tokens": 1})
+    cached = []
+    for doc in reversed(docs):
+        cached.append(stream(http, "/v1/completions", {"model": model, "prompt": doc + again, "max_tokens": 1}))
+        if cached[-1]["cached_tokens"] < 0.9 * doc_tokens:
+            break
+    held = sum(r["cached_tokens"] >= 0.9 * doc_tokens for r in cached)
+    return {"documents": count, "doc_tokens": doc_tokens, "held": held,
+            "cached_tokens": [r["cached_tokens"] for r in cached]}
 
 
 def chat(http: httpx.Client, model: str, text: str, max_tokens: int) -> list[dict]:
@@ -92,52 +141,87 @@ def summary(records: list[dict]) -> dict:
             "ttft_s": [r["ttft_s"] for r in records]}
 
 
+def servers(args: argparse.Namespace, model: str, profile: str) -> list[tuple[str, object, dict | None]]:
+    """(name, command(port), extra environment) of every configuration: rheads at each budget, then the
+    peers, each with prefix caching on and off."""
+    out = []
+    for budget in map(float, args.budgets.split(",") if args.budgets else []):
+        for caching in (True, False):
+            flags = [model, "--kv-cache-memory", args.kv_cache_memory, "--device", args.device,
+                     "--budget", str(budget), "--profile", profile if budget < 1 else "none",
+                     "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
+                     *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
+            out.append((f"budget {budget:g}, caching {'on' if caching else 'off'}",
+                        lambda port, f=flags: rheads_command(f, port), None))
+    if "vllm" in args.peers.split(","):
+        from rheads.cli import parse_memory
+
+        env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+               **({"PYTHONPATH": args.vllm_pythonpath} if args.vllm_pythonpath else {})}
+        for caching in (True, False):
+            flags = ["serve", model, "--dtype", "bfloat16", "--enable-prompt-tokens-details",
+                     "--kv-cache-memory-bytes", str(int(parse_memory(args.kv_cache_memory))),
+                     "--uvicorn-log-level", "warning", "--enable-prefix-caching" if caching
+                     else "--no-enable-prefix-caching",
+                     *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
+            out.append((f"vllm, caching {'on' if caching else 'off'}", lambda port, f=flags: [
+                sys.executable, "-m", "vllm.entrypoints.cli.main", *f, "--host", "127.0.0.1", "--port", str(port)],
+                env))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--profile", default=str(REPO / "profiles" / "SmolLM2-135M-Instruct.json"))
-    p.add_argument("--budgets", default="0.5,1.0")
+    p.add_argument("--shape", help="random bf16 weights at this shape (gpu_serving's SHAPES) instead of --model")
+    p.add_argument("--tokenizer", type=Path, help="the tokenizer of the --shape model (a directory)")
+    p.add_argument("--workdir", type=Path, default=REPO / ".bench", help="where the --shape model is saved")
+    p.add_argument("--budgets", default="0.5,1.0", help="rheads configurations ('': the peers alone)")
+    p.add_argument("--peers", default="", help="'vllm': also `vllm serve` with the same model and KV bytes")
+    p.add_argument("--vllm-pythonpath", help="PYTHONPATH for `vllm serve` alone (benchmarks/vllm_parts.py)")
     p.add_argument("--doc-tokens", type=int, default=4000)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--shared", type=int, default=0, help="questions at once on one document (0: skip)")
+    p.add_argument("--documents", type=int, default=0, help="distinct documents to cache (0: skip)")
     p.add_argument("--kv-cache-memory", default="256MiB")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "prefix_cache_cpu_smollm2.json")
     args = p.parse_args(argv)
+    model, profile = args.model, args.profile
+    if args.shape:
+        model, profile = random_model(args)
     haystack = "\n\n".join(path.read_text() for path in sorted((REPO / "rheads" / "data" / "haystack").glob("*.txt")))
     started = datetime.datetime.now(datetime.timezone.utc)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="rheads-prefix-cache-") as logs:
-        for budget in map(float, args.budgets.split(",")):
-            for caching in (True, False):
-                name = f"budget {budget:g}, caching {'on' if caching else 'off'}"
-                flags = [args.model, "--kv-cache-memory", args.kv_cache_memory, "--device", args.device,
-                         "--budget", str(budget), "--profile", args.profile if budget < 1 else "none",
-                         "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"]
-                print(f"[{name}] rheads serve {' '.join(flags)}", file=sys.stderr, flush=True)
-                with ServerProcess(name, lambda port, f=flags: rheads_command(f, port), args.startup_timeout,
-                                   Path(logs), threads=args.threads) as server, \
-                        httpx.Client(base_url=server.base, timeout=600) as http:
-                    model = http.get("/v1/models").json()["data"][0]["id"]
-                    stream(http, "/v1/completions", {"model": model, "prompt": "Warm up.", "max_tokens": 2})
-                    ids = http.post("/tokenize", json={"prompt": haystack, "add_special_tokens": False}).json()
-                    doc_ids = ids["tokens"][:args.doc_tokens]
-                    half = http.post("/detokenize", json={"tokens": doc_ids[:len(doc_ids) // 2]}).json()["prompt"]
-                    runs[name] = {"document": summary(document(http, model, doc_ids, args.max_tokens)),
-                                  "chat": summary(chat(http, model, half, args.max_tokens)),
-                                  "banner": server.banner()}
-    header = f"{'server':<28} {'workload':<9} {'first TTFT':>11} {'later p50':>10} {'later/first':>12} {'cached':>7}"
-    lines = [header, "-" * len(header)]
-    for name, run in runs.items():
-        for workload in ("document", "chat"):
-            s = run[workload]
-            lines.append(f"{name:<28} {workload:<9} {s['first_ttft_s']:>10.3f}s {s['later_ttft_p50_s']:>9.3f}s "
-                         f"{s['later_over_first']:>12.3f} {s['later_cached_fraction']:>7.1%}")
-    table = "\n".join(lines)
-    print(f"\nrheads serve {args.model} on {args.device} ({os.cpu_count()} CPUs, {args.threads} threads): "
-          f"a {args.doc_tokens}-token document + 8 questions, and an 8-turn chat; {args.max_tokens} output tokens")
+        for name, command, env in servers(args, model, profile):
+            print(f"[{name}] {' '.join(command(0))}", file=sys.stderr, flush=True)
+            with ServerProcess(name, command, args.startup_timeout, Path(logs), threads=args.threads,
+                               env=env) as server, httpx.Client(base_url=server.base, timeout=600) as http:
+                served = http.get("/v1/models").json()["data"][0]["id"]
+                stream(http, "/v1/completions", {"model": served, "prompt": "Warm up.", "max_tokens": 2})
+                haystack_ids = http.post("/tokenize", json={"prompt": haystack, "add_special_tokens": False}).json()
+                haystack_ids = haystack_ids["tokens"]
+                doc_ids = make_prompt(haystack_ids, 0, args.doc_tokens)
+                half = http.post("/detokenize", json={"tokens": doc_ids[:len(doc_ids) // 2]}).json()["prompt"]
+                run = {"document": summary(document(http, served, doc_ids, args.max_tokens)),
+                       "banner": server.banner()}
+                if not args.shape:  # a random model's chat answers are noise of any length
+                    run["chat"] = summary(chat(http, served, half, args.max_tokens))
+                if args.shared:
+                    run["shared"] = shared(http, served, make_prompt(haystack_ids, 7, args.doc_tokens),
+                                           args.max_tokens, args.shared)
+                if args.documents:
+                    run["documents"] = documents(http, served, haystack_ids, args.doc_tokens, args.documents)
+                runs[name] = run
+    table = format_runs(runs)
+    print(f"\n{model} on {args.device} ({os.cpu_count()} CPUs, {args.threads} threads): a {args.doc_tokens}-token "
+          f"document + 8 questions, an 8-turn chat; {args.max_tokens} output tokens")
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
@@ -147,6 +231,35 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs, "table": table}, indent=1))
     print(f"wrote {args.json}")
     return 0
+
+
+def random_model(args: argparse.Namespace) -> tuple[str, str]:
+    """gpu_serving's random-weight model directory at --shape and its synthetic profile."""
+    from transformers import AutoConfig
+
+    from gpu_serving import build_model_dir  # noqa: PLC0415 - torch and transformers only for --shape
+    from rheads.profiling.profile import ModelIdentity, synthetic_profile
+
+    if args.tokenizer is None:
+        raise SystemExit("prefix_cache: --shape needs --tokenizer")
+    model_dir = build_model_dir(args.workdir, args.shape, args.tokenizer, args.device)
+    profile = args.workdir / f"random-{args.shape}.profile.json"
+    synthetic_profile(ModelIdentity.from_config(AutoConfig.from_pretrained(model_dir), str(model_dir))).save(profile)
+    return str(model_dir), str(profile)
+
+
+def format_runs(runs: dict) -> str:
+    header = f"{'server':<28} {'workload':<9} {'first TTFT':>11} {'later p50':>10} {'later/first':>12} {'cached':>7}"
+    lines = [header, "-" * len(header)]
+    for name, run in runs.items():
+        for workload in ("document", "chat", "shared"):
+            if s := run.get(workload):
+                lines.append(f"{name:<28} {workload:<9} {s['first_ttft_s']:>10.3f}s {s['later_ttft_p50_s']:>9.3f}s "
+                             f"{s['later_ttft_p50_s'] / s['first_ttft_s']:>12.3f} {s['later_cached_fraction']:>7.1%}")
+        if d := run.get("documents"):
+            lines.append(f"{name:<28} {'documents':<9} {d['held']} of {d['documents']} {d['doc_tokens']}-token "
+                         "documents still cached")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
