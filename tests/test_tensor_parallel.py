@@ -3,16 +3,35 @@
 1. `balanced_plan` gives every rank an equal share (within one) of each layer's retrieval and streaming KV
    heads and of the retrieval heads over all layers; every head goes to exactly one rank with its whole GQA
    group; its worst rank never holds more retrieval heads than `contiguous_plan`'s (vLLM's sharding).
+2. Two gloo processes on 127.0.0.1 serve a tiny random Llama (8 query heads over 4 KV heads, so each rank
+   holds 2 KV heads and their groups of 2): at budget 1.0 the tokens equal transformers `generate`; at
+   budget 0.5 (a split whose retrieval heads vLLM's sharding would leave 4 to 2 over the ranks) the
+   logprobs equal the masked reference; each rank's cache holds the heads the plan gives it, and rank 0's
+   pools (whose page and slot numbers are every rank's) are empty once the requests end.
+
+Both ranks run in one launch for the whole module, bounded by a deadline and the process group's timeout.
 """
 
 from __future__ import annotations
 
+import copy
+import socket
+import time
+from datetime import timedelta
+
+import oracles
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import GREEDY, check_logprobs_against
 
+from rheads.engine import EngineConfig, SamplingParams
+from rheads.engine.cache import Footprint
 from rheads.engine.heads import HeadSplit
-from rheads.engine.tensor_parallel import balanced_plan, contiguous_plan
+from rheads.engine.tensor_parallel import TensorParallelEngine, balanced_plan, contiguous_plan, follow
 
 
 @st.composite
@@ -89,3 +108,130 @@ def test_contiguous_is_unbalanced_where_balanced_is_not() -> None:
 def test_heads_that_do_not_divide_are_refused() -> None:
     with pytest.raises(ValueError, match="do not divide"):
         balanced_plan(HeadSplit(((0,),), 3), 2)
+
+
+# --- two gloo processes serving a tiny model -----------------------------------------------------------
+
+WORLD = 2
+VOCAB = 49152  # SmolLM2's, so its tokenizer can decode the tiny model's tokens
+SHAPE = dict(num_attention_heads=8, num_key_value_heads=4, hidden_size=64, head_dim=8, intermediate_size=128,
+             max_position_embeddings=512, vocab_size=VOCAB)
+LAYERS, SINK, WINDOW, PAGE = 3, 4, 8, 4
+# half the heads full, the first two of layer 0 and first three of layer 1: contiguous, rank 0 holds 4 of them
+HALF = HeadSplit(((0, 1), (0, 1, 2), (3,)), 4)
+CASES = {"full": HeadSplit.uniform(LAYERS, 4, full=True), "half": HALF}
+PROMPTS = {"full": [5, 17, 9, 23], "half": [41, 53, 30]}  # lengths; the half split's pass sink + window
+MAX_TOKENS = 6
+LAUNCH_DEADLINE = 120  # seconds for both processes to start, serve every case and stop
+GROUP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this fails its rank
+
+
+def tiny_model():
+    return oracles.tiny_model("llama", SHAPE, LAYERS, seed=0)
+
+
+def prompts(case: str) -> list[list[int]]:
+    return [oracles.random_prompt(n, seed=n, vocab=VOCAB) for n in PROMPTS[case]]
+
+
+def _rank(rank: int, port: int, out_dir: str) -> None:
+    """One process: join the group, serve every case (rank 0 drives the engine, rank 1 follows), and save
+    what the parent checks: rank 0's results and pool usage, each rank's cache shape."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=GROUP_TIMEOUT)
+    try:
+        config = EngineConfig(sink=SINK, window=WINDOW, page_size=PAGE, max_num_batched_tokens=7,
+                              kv_cache_memory=8 << 20, enable_prefix_caching=False)
+        report = {}
+        for case, split in CASES.items():
+            model = tiny_model()
+            if rank:
+                shard = follow(model, split, config)
+                report[case] = {"split": shard.split, "sizes": shard.sizes, "footprint": Footprint.of(
+                    shard.split, SHAPE["head_dim"], shard.cache_config)}
+                continue
+            from transformers import AutoTokenizer
+
+            from rheads.models import resolve_model
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+            params = SamplingParams(max_tokens=MAX_TOKENS, logprobs=5, **GREEDY)
+            ids = prompts(case)
+            arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(ids[:2])],
+                        3: [(f"r{i}", p, params) for i, p in enumerate(ids[2:], start=2)]}
+            peak = []
+            with TensorParallelEngine(model, tokenizer, split, config) as engine:
+                results = oracles.run(engine, arrivals, after_step=lambda e, _: peak.append(e.usage().pages_used))
+                cache = engine.cache
+                report[case] = {"results": results, "usage": engine.usage(), "peak_pages": max(peak),
+                                "split": engine.split, "sizes": (cache.num_pages, cache.num_seq_slots, 0),
+                                "footprint": cache.footprint}
+        torch.save(report, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> list[dict]:
+    """Both ranks' reports; the processes are killed if they pass the deadline."""
+    out_dir = tmp_path_factory.mktemp("tp")
+    context = mp.spawn(_rank, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + LAUNCH_DEADLINE
+    try:
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish in {LAUNCH_DEADLINE} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def test_full_budget_equals_generate(served) -> None:
+    model = tiny_model()
+    results = served[0]["full"]["results"]
+    for i, prompt in enumerate(prompts("full")):
+        assert results[f"r{i}"].finish_reason == "length"
+        assert results[f"r{i}"].token_ids == oracles.hf_greedy(model, prompt, MAX_TOKENS)[0], f"request {i}"
+
+
+def test_half_budget_equals_masked_reference(served) -> None:
+    model = tiny_model()
+    differs = 0.0
+    for res in served[0]["half"]["results"].values():
+        ids = res.prompt_ids + res.token_ids
+        reference = oracles.reference_logprobs(model, ids, HALF, SINK, WINDOW)
+        n = len(res.prompt_ids)
+        assert res.token_ids == reference[n - 1:-1].argmax(-1).tolist()
+        check_logprobs_against(reference, res, k=5)
+        full = oracles.reference_logprobs(model, ids)
+        differs = max(differs, float((full[n - 1:-1] - reference[n - 1:-1]).abs().max()))
+    assert differs > 1e-2, "the sink + window mask changes nothing: the test would not see a wrong mask"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_rank_holds_its_planned_heads_in_pools_of_one_size(served, case) -> None:
+    plan = balanced_plan(CASES[case], WORLD)
+    for rank, report in enumerate(served):
+        assert report[case]["split"] == plan.rank_split(rank)
+        per_head = 2 * SHAPE["head_dim"] * 4  # K and V of one head, fp32
+        assert report[case]["footprint"].bytes_per_page == PAGE * sum(plan.full_counts(rank)) * per_head
+    assert served[0][case]["sizes"][:2] == served[1][case]["sizes"][:2]
+    if case == "half":  # balanced: 3 retrieval heads on each rank, where vLLM's sharding gives 4 and 2
+        assert [sum(plan.full_counts(r)) for r in range(WORLD)] == [3, 3]
+        assert [sum(contiguous_plan(HALF, WORLD).full_counts(r)) for r in range(WORLD)] == [4, 2]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pools_empty_after_the_requests(served, case) -> None:
+    report = served[0][case]
+    assert report["peak_pages"] > 0
+    usage = report["usage"]
+    assert (usage.pages_used, usage.slots_used, usage.bytes_used) == (0, 0, 0)
