@@ -119,19 +119,24 @@ SHAPE = dict(num_attention_heads=8, num_key_value_heads=4, hidden_size=64, head_
 LAYERS, SINK, WINDOW, PAGE = 3, 4, 8, 4
 # half the heads full, the first two of layer 0 and first three of layer 1: contiguous, rank 0 holds 4 of them
 HALF = HeadSplit(((0, 1), (0, 1, 2), (3,)), 4)
-CASES = {"full": HeadSplit.uniform(LAYERS, 4, full=True), "half": HALF}
-PROMPTS = {"full": [5, 17, 9, 23], "half": [41, 53, 30]}  # lengths; the half split's pass sink + window
+FULL = HeadSplit.uniform(LAYERS, 4, full=True)
+# case: (family, config overrides, split, prompt lengths); the half split's prompts pass sink + window.
+# Llama with biases: q/k/v's sliced by head, o's and down's added once; Qwen3: its q/k norms over head_dim.
+CASES = {"full": ("llama", {}, FULL, [5, 17, 9, 23]), "half": ("llama", {}, HALF, [41, 53, 30]),
+         "half-biases": ("llama", dict(attention_bias=True, mlp_bias=True), HALF, [41, 30]),
+         "half-qwen3": ("qwen3", {}, HALF, [41, 30])}
 MAX_TOKENS = 6
 LAUNCH_DEADLINE = 120  # seconds for both processes to start, serve every case and stop
 GROUP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this fails its rank
 
 
-def tiny_model():
-    return oracles.tiny_model("llama", SHAPE, LAYERS, seed=0)
+def tiny_model(case: str):
+    kind, overrides, _, _ = CASES[case]
+    return oracles.tiny_model(kind, SHAPE, LAYERS, seed=0, **overrides)
 
 
 def prompts(case: str) -> list[list[int]]:
-    return [oracles.random_prompt(n, seed=n, vocab=VOCAB) for n in PROMPTS[case]]
+    return [oracles.random_prompt(n, seed=n, vocab=VOCAB) for n in CASES[case][3]]
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
@@ -144,8 +149,8 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         config = EngineConfig(sink=SINK, window=WINDOW, page_size=PAGE, max_num_batched_tokens=7,
                               kv_cache_memory=8 << 20, enable_prefix_caching=False)
         report = {}
-        for case, split in CASES.items():
-            model = tiny_model()
+        for case, (_, _, split, _) in CASES.items():
+            model = tiny_model(case)
             if rank:
                 shard = follow(model, split, config)
                 report[case] = {"split": shard.split, "sizes": shard.sizes, "footprint": Footprint.of(
@@ -195,17 +200,18 @@ def served(tmp_path_factory) -> list[dict]:
 
 
 def test_full_budget_equals_generate(served) -> None:
-    model = tiny_model()
+    model = tiny_model("full")
     results = served[0]["full"]["results"]
     for i, prompt in enumerate(prompts("full")):
         assert results[f"r{i}"].finish_reason == "length"
         assert results[f"r{i}"].token_ids == oracles.hf_greedy(model, prompt, MAX_TOKENS)[0], f"request {i}"
 
 
-def test_half_budget_equals_masked_reference(served) -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("half")])
+def test_half_budget_equals_masked_reference(served, case) -> None:
+    model = tiny_model(case)
     differs = 0.0
-    for res in served[0]["half"]["results"].values():
+    for res in served[0][case]["results"].values():
         ids = res.prompt_ids + res.token_ids
         reference = oracles.reference_logprobs(model, ids, HALF, SINK, WINDOW)
         n = len(res.prompt_ids)
@@ -218,7 +224,7 @@ def test_half_budget_equals_masked_reference(served) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_rank_holds_its_planned_heads_in_pools_of_one_size(served, case) -> None:
-    plan = balanced_plan(CASES[case], WORLD)
+    plan = balanced_plan(CASES[case][2], WORLD)
     for rank, report in enumerate(served):
         assert report[case]["split"] == plan.rank_split(rank)
         per_head = 2 * SHAPE["head_dim"] * 4  # K and V of one head, fp32
