@@ -15,7 +15,6 @@ Both ranks run in one launch for the whole module, bounded by a deadline and the
 from __future__ import annotations
 
 import copy
-import socket
 import time
 from datetime import timedelta
 
@@ -31,7 +30,8 @@ from oracles import GREEDY, check_logprobs_against
 from rheads.engine import EngineConfig, SamplingParams
 from rheads.engine.cache import Footprint
 from rheads.engine.heads import HeadSplit
-from rheads.engine.tensor_parallel import TensorParallelEngine, balanced_plan, contiguous_plan, follow
+from rheads.engine.tensor_parallel import (TensorParallelEngine, balanced_plan, contiguous_plan, follow, free_port,
+                                           join_group)
 
 
 @st.composite
@@ -143,11 +143,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     """One process: join the group, serve every case (rank 0 drives the engine, rank 1 follows), and save
     what the parent checks: rank 0's results and pool usage, each rank's cache shape."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=GROUP_TIMEOUT)
+    config = EngineConfig(sink=SINK, window=WINDOW, page_size=PAGE, kv_cache_memory=8 << 20, max_num_batched_tokens=7,
+                          enable_prefix_caching=False)
+    config = join_group(rank, WORLD, port, config, timeout=GROUP_TIMEOUT)
     try:
-        config = EngineConfig(sink=SINK, window=WINDOW, page_size=PAGE, max_num_batched_tokens=7,
-                              kv_cache_memory=8 << 20, enable_prefix_caching=False)
         report = {}
         for case, (_, _, split, _) in CASES.items():
             model = tiny_model(case)
@@ -176,17 +175,11 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> list[dict]:
     """Both ranks' reports; the processes are killed if they pass the deadline."""
     out_dir = tmp_path_factory.mktemp("tp")
-    context = mp.spawn(_rank, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    context = mp.spawn(_rank, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + LAUNCH_DEADLINE
     try:
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):

@@ -99,6 +99,23 @@ def cache_memory(config: EngineConfig) -> int:
     return memory
 
 
+def load_served(model_spec: str | None, profile: str | Path | None = "auto", config: EngineConfig | None = None,
+                trust_remote_code: bool = False) -> tuple[object, object, HeadSplit, EngineConfig, str]:
+    """What `LLMEngine.from_model` serves: the model, its tokenizer, its heads from its profile ("auto": the
+    shipped one; None: full cache), the config with the profile's window where it gives none, the name."""
+    config = config or EngineConfig()
+    source = resolve_model(model_spec)
+    model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
+                                  trust_remote_code=trust_remote_code)
+    identity = ModelIdentity.from_config(model.config, source.name)
+    path = None if profile is None else find_profile(source.name) if profile == "auto" else profile
+    split, window = choose_split(identity, path, config.budget, config.threshold,
+                                 config.max_model_len or model.config.max_position_embeddings)
+    if config.window is None:
+        config = replace(config, window=window)
+    return model, tokenizer, split, config, source.name
+
+
 class LLMEngine:
     runner_class = ModelRunner  # tensor parallelism's rank 0 runs one that hands each step to the other ranks
 
@@ -156,17 +173,8 @@ class LLMEngine:
     def from_model(cls, model_spec: str | None, profile: str | Path | None = "auto",
                    config: EngineConfig | None = None, trust_remote_code: bool = False) -> "LLMEngine":
         """Load a model and choose its heads from its profile ("auto": the shipped one; None: full cache)."""
-        config = config or EngineConfig()
-        source = resolve_model(model_spec)
-        model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
-                                      trust_remote_code=trust_remote_code)
-        identity = ModelIdentity.from_config(model.config, source.name)
-        path = None if profile is None else find_profile(source.name) if profile == "auto" else profile
-        split, window = choose_split(identity, path, config.budget, config.threshold,
-                                     config.max_model_len or model.config.max_position_embeddings)
-        if config.window is None:
-            config = replace(config, window=window)
-        return cls(model, tokenizer, split, config, model_name=source.name)
+        model, tokenizer, split, config, name = load_served(model_spec, profile, config, trust_remote_code)
+        return cls(model, tokenizer, split, config, model_name=name)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

@@ -24,19 +24,22 @@ stay on rank 0's device) and CUDA graphs (captured per rank, and the followers w
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from ..profiling.profile import head_dim_of
 from .block_manager import BlockManager
-from .cache import Footprint, HeadSplitCache, PoolSizes
+from .cache import CacheConfig, Footprint, HeadSplitCache, PoolSizes
 from .fused import LLAMA_STYLE_ATTENTION, LLAMA_STYLE_LAYERS, LLAMA_STYLE_MLPS
 from .heads import HeadSplit, _rows
 from .integration import Kernels, ModelIntegration
-from .llm import DEFAULT_WINDOW, EngineConfig, LLMEngine, cache_config_of, cache_memory, served_windows
+from .llm import DEFAULT_WINDOW, EngineConfig, LLMEngine, cache_config_of, cache_memory, load_served, served_windows
 from .messages import Chunk
 from .runner import ModelRunner
 
@@ -183,7 +186,7 @@ class Shard:
     rank: int
     split: HeadSplit
     config: EngineConfig
-    cache_config: object  # CacheConfig
+    cache_config: CacheConfig
     sizes: PoolSizes
 
     def cache(self, head_dim: int) -> HeadSplitCache:
@@ -207,7 +210,7 @@ def prepare_rank(model, split: HeadSplit, config: EngineConfig) -> Shard:
     shard_model(model, plan, rank)
     own = plan.rank_split(rank)
     cache_config = cache_config_of(config, cache_memory(config))
-    sizes = torch.tensor(PoolSizes.of(Footprint.of(own, head_dim, cache_config), cache_config))
+    sizes = torch.tensor(PoolSizes.of(Footprint.of(own, head_dim, cache_config), cache_config), device=config.device)
     dist.all_reduce(sizes, op=dist.ReduceOp.MIN)  # (a CUDA rank's memory may differ from another's)
     return Shard(plan, rank, own, config, cache_config, PoolSizes(*sizes.tolist()))
 
@@ -316,3 +319,61 @@ def follow(model, split: HeadSplit, config: EngineConfig) -> Shard:
     finally:
         integration.undo()
     return shard
+
+
+# --- serving: rank 0 in this process, the others spawned ---------------------------------------------------
+
+# A follower waits in a collective for rank 0's next step for as long as the server idles: the group's
+# timeout (after which gloo fails the wait and NCCL's watchdog aborts the process) must outlast any idle spell.
+SERVE_GROUP_TIMEOUT = timedelta(days=365)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_group(rank: int, world_size: int, port: int, config: EngineConfig,
+               timeout: timedelta = SERVE_GROUP_TIMEOUT) -> EngineConfig:
+    """Join the default process group on 127.0.0.1 as `rank`: NCCL with GPU `rank` for a CUDA config, gloo on
+    the CPU; the config this rank serves with (its own GPU)."""
+    cuda = config.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+        config = replace(config, device=f"cuda:{rank}")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timeout)
+    return config
+
+
+def _serve_follower(index: int, world_size: int, port: int, model_spec: str, profile, config: EngineConfig,
+                    trust_remote_code: bool) -> None:
+    config = join_group(index + 1, world_size, port, config)
+    try:
+        model, _, split, config, _ = load_served(model_spec, profile, config, trust_remote_code)
+        follow(model, split, config)
+    finally:
+        dist.destroy_process_group()
+
+
+def start_serving(world_size: int, model_spec: str, profile, config: EngineConfig,
+                  trust_remote_code: bool = False) -> tuple[TensorParallelEngine, mp.ProcessContext]:
+    """Ranks 1.. in spawned processes (daemons: they die with this one), each loading the model and choosing
+    its split as `LLMEngine.from_model` does; rank 0's engine here. The caller closes the engine, then
+    joins the processes and destroys the group (`stop_serving`)."""
+    port = free_port()
+    followers = mp.start_processes(_serve_follower, args=(world_size, port, model_spec, profile, config,
+                                                          trust_remote_code),
+                                   nprocs=world_size - 1, join=False, daemon=True, start_method="spawn")
+    config = join_group(0, world_size, port, config)
+    return TensorParallelEngine.from_model(model_spec, profile, config, trust_remote_code), followers
+
+
+def stop_serving(engine: TensorParallelEngine, followers: mp.ProcessContext, timeout: float = 60.0) -> None:
+    """Close rank 0's engine (which lets the followers go), wait for them, and leave the group."""
+    try:
+        engine.close()
+        followers.join(timeout)
+    finally:
+        dist.destroy_process_group()
