@@ -139,7 +139,7 @@ class LLMEngine:
             self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len,
                                        eos_token_ids(model, tokenizer))
             self.runner = self.runner_class(model, self.cache, self.blocks.block_tables, self.max_model_len,
-                                      config.cuda_graphs, self.scheduler.eos_ids)
+                                            config.cuda_graphs, self.scheduler.eos_ids)
             self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_seq_slots))
         except BaseException:
             self.integration.undo()
