@@ -5,16 +5,18 @@
    group; its worst rank never holds more retrieval heads than `contiguous_plan`'s (vLLM's sharding).
 2. Two gloo processes on 127.0.0.1 serve a tiny random Llama (8 query heads over 4 KV heads, so each rank
    holds 2 KV heads and their groups of 2): at budget 1.0 the tokens equal transformers `generate`; at
-   budget 0.5 (a split whose retrieval heads vLLM's sharding would leave 4 to 2 over the ranks) the
-   logprobs equal the masked reference; each rank's cache holds the heads the plan gives it, and rank 0's
-   pools (whose page and slot numbers are every rank's) are empty once the requests end.
+   budget 0.5 (a split whose retrieval heads vLLM's sharding would leave 4 to 2 over the ranks; also with
+   q/k/v/o and MLP biases) and on Qwen3 (q/k norms) with 7 full heads (4 to 3) the logprobs equal the
+   masked reference; each rank's cache holds the heads the plan gives it, every rank's pools have the
+   fewest pages and slots any rank's memory holds, and rank 0's pools (whose page and slot numbers are
+   every rank's) are empty once the requests end.
+3. `rheads serve --tensor-parallel-size` refuses prefix caching, before it loads anything.
 
 Both ranks run in one launch for the whole module, bounded by a deadline and the process group's timeout.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from datetime import timedelta
 
@@ -28,7 +30,7 @@ from hypothesis import strategies as st
 from oracles import GREEDY, check_logprobs_against
 
 from rheads.engine import EngineConfig, SamplingParams
-from rheads.engine.cache import Footprint
+from rheads.engine.cache import Footprint, PoolSizes
 from rheads.engine.heads import HeadSplit
 from rheads.engine.tensor_parallel import (TensorParallelEngine, balanced_plan, contiguous_plan, follow, free_port,
                                            join_group)
@@ -120,11 +122,13 @@ LAYERS, SINK, WINDOW, PAGE = 3, 4, 8, 4
 # half the heads full, the first two of layer 0 and first three of layer 1: contiguous, rank 0 holds 4 of them
 HALF = HeadSplit(((0, 1), (0, 1, 2), (3,)), 4)
 FULL = HeadSplit.uniform(LAYERS, 4, full=True)
-# case: (family, config overrides, split, prompt lengths); the half split's prompts pass sink + window.
+# 7 full heads: balanced, 4 on rank 0 and 3 on rank 1, whose memory holds more pages than rank 0's
+ODD = HeadSplit(((0, 1, 2), (1,), (0, 2, 3)), 4)
+# case: (family, config overrides, split, prompt lengths); the partial splits' prompts pass sink + window.
 # Llama with biases: q/k/v's sliced by head, o's and down's added once; Qwen3: its q/k norms over head_dim.
 CASES = {"full": ("llama", {}, FULL, [5, 17, 9, 23]), "half": ("llama", {}, HALF, [41, 53, 30]),
          "half-biases": ("llama", dict(attention_bias=True, mlp_bias=True), HALF, [41, 30]),
-         "half-qwen3": ("qwen3", {}, HALF, [41, 30])}
+         "odd-qwen3": ("qwen3", {}, ODD, [41, 30])}
 MAX_TOKENS = 6
 LAUNCH_DEADLINE = 120  # seconds for both processes to start, serve every case and stop
 GROUP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this fails its rank
@@ -137,6 +141,11 @@ def tiny_model(case: str):
 
 def prompts(case: str) -> list[list[int]]:
     return [oracles.random_prompt(n, seed=n, vocab=VOCAB) for n in CASES[case][3]]
+
+
+def _own_sizes(shard) -> PoolSizes:
+    """What the rank's memory would hold on its own, before the ranks agree on the smallest."""
+    return PoolSizes.of(Footprint.of(shard.split, SHAPE["head_dim"], shard.cache_config), shard.cache_config)
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
@@ -152,8 +161,8 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             model = tiny_model(case)
             if rank:
                 shard = follow(model, split, config)
-                report[case] = {"split": shard.split, "sizes": shard.sizes, "footprint": Footprint.of(
-                    shard.split, SHAPE["head_dim"], shard.cache_config)}
+                report[case] = {"split": shard.split, "sizes": shard.sizes, "own": _own_sizes(shard),
+                                "footprint": shard.cache(SHAPE["head_dim"]).footprint}
                 continue
             from transformers import AutoTokenizer
 
@@ -168,7 +177,8 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
                 results = oracles.run(engine, arrivals, after_step=lambda e, _: peak.append(e.usage().pages_used))
                 cache = engine.cache
                 report[case] = {"results": results, "usage": engine.usage(), "peak_pages": max(peak),
-                                "split": engine.split, "sizes": (cache.num_pages, cache.num_seq_slots, 0),
+                                "split": engine.split, "sizes": engine.shard.sizes, "own": _own_sizes(engine.shard),
+                                "pools": (cache.num_pages, cache.num_seq_slots, cache.num_slots - cache.num_seq_slots),
                                 "footprint": cache.footprint}
         torch.save(report, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -200,13 +210,13 @@ def test_full_budget_equals_generate(served) -> None:
         assert results[f"r{i}"].token_ids == oracles.hf_greedy(model, prompt, MAX_TOKENS)[0], f"request {i}"
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("half")])
-def test_half_budget_equals_masked_reference(served, case) -> None:
+@pytest.mark.parametrize("case", [case for case in CASES if case != "full"])
+def test_partial_budget_equals_masked_reference(served, case) -> None:
     model = tiny_model(case)
     differs = 0.0
     for res in served[0][case]["results"].values():
         ids = res.prompt_ids + res.token_ids
-        reference = oracles.reference_logprobs(model, ids, HALF, SINK, WINDOW)
+        reference = oracles.reference_logprobs(model, ids, CASES[case][2], SINK, WINDOW)
         n = len(res.prompt_ids)
         assert res.token_ids == reference[n - 1:-1].argmax(-1).tolist()
         check_logprobs_against(reference, res, k=5)
@@ -222,10 +232,15 @@ def test_each_rank_holds_its_planned_heads_in_pools_of_one_size(served, case) ->
         assert report[case]["split"] == plan.rank_split(rank)
         per_head = 2 * SHAPE["head_dim"] * 4  # K and V of one head, fp32
         assert report[case]["footprint"].bytes_per_page == PAGE * sum(plan.full_counts(rank)) * per_head
-    assert served[0][case]["sizes"][:2] == served[1][case]["sizes"][:2]
+        # every rank's pools: the smallest number of pages and of slots any rank's memory holds
+        assert report[case]["sizes"] == tuple(map(min, *(r[case]["own"] for r in served)))
+    assert served[0][case]["pools"] == served[0][case]["sizes"]  # what rank 0's scheduler allocates from
     if case == "half":  # balanced: 3 retrieval heads on each rank, where vLLM's sharding gives 4 and 2
         assert [sum(plan.full_counts(r)) for r in range(WORLD)] == [3, 3]
         assert [sum(contiguous_plan(HALF, WORLD).full_counts(r)) for r in range(WORLD)] == [4, 2]
+    if case == "odd-qwen3":  # rank 0's 4 full heads take more bytes a page: its memory sets the pages
+        assert [sum(plan.full_counts(r)) for r in range(WORLD)] == [4, 3]
+        assert served[0][case]["sizes"].pages == served[0][case]["own"].pages < served[1][case]["own"].pages
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -234,3 +249,10 @@ def test_pools_empty_after_the_requests(served, case) -> None:
     assert report["peak_pages"] > 0
     usage = report["usage"]
     assert (usage.pages_used, usage.slots_used, usage.bytes_used) == (0, 0, 0)
+
+
+def test_serve_refuses_prefix_caching_with_tensor_parallelism() -> None:
+    from rheads.cli import main
+
+    with pytest.raises(SystemExit, match="--no-enable-prefix-caching"):
+        main(["serve", "smollm2-135m-instruct", "--tensor-parallel-size", "2"])

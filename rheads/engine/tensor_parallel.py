@@ -23,7 +23,6 @@ stay on rank 0's device) and CUDA graphs (captured per rank, and the followers w
 
 from __future__ import annotations
 
-import logging
 import socket
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -42,9 +41,6 @@ from .integration import Kernels, ModelIntegration
 from .llm import DEFAULT_WINDOW, EngineConfig, LLMEngine, cache_config_of, cache_memory, load_served, served_windows
 from .messages import Chunk
 from .runner import ModelRunner
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class ShardPlan:
