@@ -42,6 +42,7 @@ from .llm import DEFAULT_WINDOW, EngineConfig, LLMEngine, cache_config_of, cache
 from .messages import Chunk
 from .runner import ModelRunner
 
+
 @dataclass(frozen=True)
 class ShardPlan:
     """Which KV heads each rank holds in every layer: `kv_heads[rank][layer]`, original head indices in the
