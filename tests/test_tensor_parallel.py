@@ -6,8 +6,8 @@
 2. Two gloo processes on 127.0.0.1 serve a tiny random Llama (8 query heads over 4 KV heads, so each rank
    holds 2 KV heads and their groups of 2): at budget 1.0 the tokens equal transformers `generate`; at
    budget 0.5 (a split whose retrieval heads vLLM's sharding would leave 4 to 2 over the ranks; also with
-   q/k/v/o and MLP biases) and on Qwen3 (q/k norms) with 7 full heads (4 to 3) the logprobs equal the
-   masked reference; each rank's cache holds the heads the plan gives it, every rank's pools have the
+   q/k/v/o and MLP biases, and sharded contiguously as vLLM does) and on Qwen3 (q/k norms) with 7 full
+   heads (4 to 3) the logprobs equal the masked reference; each rank's cache holds the heads the plan gives it, every rank's pools have the
    fewest pages and slots any rank's memory holds, and rank 0's pools (whose page and slot numbers are
    every rank's) are empty once the requests end.
 3. `rheads serve --tensor-parallel-size` refuses prefix caching, before it loads anything.
@@ -28,12 +28,14 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import GREEDY, check_logprobs_against
+from transformers import AutoTokenizer
 
 from rheads.engine import EngineConfig, SamplingParams
 from rheads.engine.cache import Footprint, PoolSizes
 from rheads.engine.heads import HeadSplit
 from rheads.engine.tensor_parallel import (TensorParallelEngine, balanced_plan, contiguous_plan, follow, free_port,
                                            join_group)
+from rheads.models import resolve_model
 
 
 @st.composite
@@ -124,18 +126,21 @@ HALF = HeadSplit(((0, 1), (0, 1, 2), (3,)), 4)
 FULL = HeadSplit.uniform(LAYERS, 4, full=True)
 # 7 full heads: balanced, 4 on rank 0 and 3 on rank 1, whose memory holds more pages than rank 0's
 ODD = HeadSplit(((0, 1, 2), (1,), (0, 2, 3)), 4)
-# case: (family, config overrides, split, prompt lengths); the partial splits' prompts pass sink + window.
-# Llama with biases: q/k/v's sliced by head, o's and down's added once; Qwen3: its q/k norms over head_dim.
-CASES = {"full": ("llama", {}, FULL, [5, 17, 9, 23]), "half": ("llama", {}, HALF, [41, 53, 30]),
-         "half-biases": ("llama", dict(attention_bias=True, mlp_bias=True), HALF, [41, 30]),
-         "odd-qwen3": ("qwen3", {}, ODD, [41, 30])}
+# case: (family, config overrides, split, prompt lengths, sharding); the partial splits' prompts pass sink +
+# window. Llama with biases: q/k/v's sliced by head, o's and down's added once; Qwen3: its q/k norms over
+# head_dim; vLLM's contiguous sharding, which the GPU comparison runs, serves as exactly.
+CASES = {"full": ("llama", {}, FULL, [5, 17, 9, 23], balanced_plan),
+         "half": ("llama", {}, HALF, [41, 53, 30], balanced_plan),
+         "half-biases": ("llama", dict(attention_bias=True, mlp_bias=True), HALF, [41, 30], balanced_plan),
+         "odd-qwen3": ("qwen3", {}, ODD, [41, 30], balanced_plan),
+         "half-contiguous": ("llama", {}, HALF, [41, 30], contiguous_plan)}
 MAX_TOKENS = 6
 LAUNCH_DEADLINE = 120  # seconds for both processes to start, serve every case and stop
 GROUP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this fails its rank
 
 
 def tiny_model(case: str):
-    kind, overrides, _, _ = CASES[case]
+    kind, overrides, *_ = CASES[case]
     return oracles.tiny_model(kind, SHAPE, LAYERS, seed=0, **overrides)
 
 
@@ -157,23 +162,20 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     config = join_group(rank, WORLD, port, config, timeout=GROUP_TIMEOUT)
     try:
         report = {}
-        for case, (_, _, split, _) in CASES.items():
+        for case, (_, _, split, _, sharding) in CASES.items():
             model = tiny_model(case)
             if rank:
-                shard = follow(model, split, config)
+                shard = follow(model, split, config, sharding)
                 report[case] = {"split": shard.split, "sizes": shard.sizes, "own": _own_sizes(shard),
                                 "footprint": shard.cache(SHAPE["head_dim"]).footprint}
                 continue
-            from transformers import AutoTokenizer
-
-            from rheads.models import resolve_model
             tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
             params = SamplingParams(max_tokens=MAX_TOKENS, logprobs=5, **GREEDY)
             ids = prompts(case)
             arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(ids[:2])],
                         3: [(f"r{i}", p, params) for i, p in enumerate(ids[2:], start=2)]}
             peak = []
-            with TensorParallelEngine(model, tokenizer, split, config) as engine:
+            with TensorParallelEngine(model, tokenizer, split, config, sharding=sharding) as engine:
                 results = oracles.run(engine, arrivals, after_step=lambda e, _: peak.append(e.usage().pages_used))
                 cache = engine.cache
                 report[case] = {"results": results, "usage": engine.usage(), "peak_pages": max(peak),
@@ -227,7 +229,7 @@ def test_partial_budget_equals_masked_reference(served, case) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_rank_holds_its_planned_heads_in_pools_of_one_size(served, case) -> None:
-    plan = balanced_plan(CASES[case][2], WORLD)
+    plan = CASES[case][4](CASES[case][2], WORLD)
     for rank, report in enumerate(served):
         assert report[case]["split"] == plan.rank_split(rank)
         per_head = 2 * SHAPE["head_dim"] * 4  # K and V of one head, fp32
@@ -235,9 +237,8 @@ def test_each_rank_holds_its_planned_heads_in_pools_of_one_size(served, case) ->
         # every rank's pools: the smallest number of pages and of slots any rank's memory holds
         assert report[case]["sizes"] == tuple(map(min, *(r[case]["own"] for r in served)))
     assert served[0][case]["pools"] == served[0][case]["sizes"]  # what rank 0's scheduler allocates from
-    if case == "half":  # balanced: 3 retrieval heads on each rank, where vLLM's sharding gives 4 and 2
-        assert [sum(plan.full_counts(r)) for r in range(WORLD)] == [3, 3]
-        assert [sum(contiguous_plan(HALF, WORLD).full_counts(r)) for r in range(WORLD)] == [4, 2]
+    if case.startswith("half"):  # balanced: 3 retrieval heads on each rank, where vLLM's sharding gives 4 and 2
+        assert [sum(plan.full_counts(r)) for r in range(WORLD)] == ([4, 2] if "contiguous" in case else [3, 3])
     if case == "odd-qwen3":  # rank 0's 4 full heads take more bytes a page: its memory sets the pages
         assert [sum(plan.full_counts(r)) for r in range(WORLD)] == [4, 3]
         assert served[0][case]["sizes"].pages == served[0][case]["own"].pages < served[1][case]["own"].pages

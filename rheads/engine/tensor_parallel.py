@@ -24,6 +24,7 @@ stay on rank 0's device) and CUDA graphs (captured per rank, and the followers w
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -116,6 +117,9 @@ def balanced_plan(split: HeadSplit, world_size: int) -> ShardPlan:
     return ShardPlan(split, tuple(tuple(layer[rank] for layer in layers) for rank in range(world_size)))
 
 
+Sharding = Callable[[HeadSplit, int], ShardPlan]
+
+
 # --- the sharded model --------------------------------------------------------------------------------
 
 def _keep(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -190,17 +194,17 @@ class Shard:
         return HeadSplitCache(self.split, head_dim, self.cache_config, self.sizes)
 
 
-def prepare_rank(model, split: HeadSplit, config: EngineConfig) -> Shard:
-    """Shard `model` in place for this process's rank of the default process group, under the balanced
-    plan of `split` (every rank passes the same model and split), and agree with the other ranks on the
-    pools' sizes (a collective: every rank calls it)."""
+def prepare_rank(model, split: HeadSplit, config: EngineConfig, sharding: Sharding = balanced_plan) -> Shard:
+    """Shard `model` in place for this process's rank of the default process group, under the `sharding`
+    plan of `split` (every rank passes the same model, split and sharding; `contiguous_plan` is there to be
+    compared with), and agree with the other ranks on the pools' sizes (a collective: every rank calls it)."""
     if config.enable_prefix_caching:
         raise ValueError("tensor parallelism does not serve with prefix caching yet: turn it off")
     config = replace(config, window=DEFAULT_WINDOW if config.window is None else config.window,
                      async_decode=False, cuda_graphs=False, snapshot_slots=0)
     rank, world = dist.get_rank(), dist.get_world_size()
     max_len = config.max_model_len or model.config.max_position_embeddings
-    plan = balanced_plan(split.with_windows(served_windows(model.config, max_len)), world)
+    plan = sharding(split.with_windows(served_windows(model.config, max_len)), world)
     if len({sum(plan.full_counts(r)) > 0 for r in range(world)}) > 1:
         raise ValueError(f"{sum(split.num_full)} retrieval heads cannot give each of {world} ranks one")
     head_dim = head_dim_of(model.config)
@@ -276,8 +280,9 @@ class TensorParallelEngine(LLMEngine):
 
     runner_class = BroadcastingRunner
 
-    def __init__(self, model, tokenizer, split: HeadSplit, config: EngineConfig, model_name: str = "model"):
-        self.shard = prepare_rank(model, split, config)
+    def __init__(self, model, tokenizer, split: HeadSplit, config: EngineConfig, model_name: str = "model",
+                 sharding: Sharding = balanced_plan):
+        self.shard = prepare_rank(model, split, config, sharding)
         try:
             super().__init__(model, tokenizer, self.shard.split, self.shard.config, model_name)
         except BaseException:
@@ -297,10 +302,10 @@ class TensorParallelEngine(LLMEngine):
                 _broadcast(None)
 
 
-def follow(model, split: HeadSplit, config: EngineConfig) -> Shard:
+def follow(model, split: HeadSplit, config: EngineConfig, sharding: Sharding = balanced_plan) -> Shard:
     """A rank other than 0: shard the model, then run every step rank 0 sends until it says stop; the
     rank's share, for its caller to report on."""
-    shard = prepare_rank(model, split, config)
+    shard = prepare_rank(model, split, config, sharding)
     config, head_dim = shard.config, head_dim_of(model.config)
     max_len = config.max_model_len or model.config.max_position_embeddings
     cache = shard.cache(head_dim)
