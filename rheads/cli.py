@@ -198,6 +198,10 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot-slots", type=int, default=None,
                    help="window slots kept for prefix-cache snapshots of the streaming heads alone, beside the "
                         "--max-num-seqs slots of live requests (default: max-num-seqs / 8, at least 1)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="processes the model is sharded over, one per GPU (NCCL) or all on the CPU (gloo), each "
+                   "layer's retrieval heads balanced over them; needs --no-enable-prefix-caching, and serves "
+                   "without CUDA graphs or async decode (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None,
@@ -538,12 +542,21 @@ def run_serve(args: argparse.Namespace) -> int:
                           async_decode=args.async_decode, enable_prefix_caching=args.enable_prefix_caching,
                           snapshot_slots=args.snapshot_slots)
     model = args.model_flag or args.model
-    engine = LLMEngine.from_model(model, profile, config, trust_remote_code=args.trust_remote_code)
+    if args.tensor_parallel_size > 1:
+        if args.enable_prefix_caching:
+            raise SystemExit("rheads: error: --tensor-parallel-size needs --no-enable-prefix-caching (prefix caching "
+                             "is not sharded yet)")
+        from .engine.tensor_parallel import start_serving, stop_serving
+
+        engine, followers = start_serving(args.tensor_parallel_size, model, profile, config, args.trust_remote_code)
+    else:
+        engine = LLMEngine.from_model(model, profile, config, trust_remote_code=args.trust_remote_code)
     source = resolve_model(model)
     names = args.served_model_name or [source.name] + ([source.preset] if source.preset in PRESETS else [])
-    usage = engine.usage()
-    print(f"rheads: {source.name}: {sum(engine.split.num_full)} of {engine.split.num_layers * engine.split.num_kv_heads} "
-          f"KV heads full (budget {engine.split.fraction_full:.2f}); KV pools {usage.bytes_capacity / 2**20:.0f} MiB: "
+    usage, split = engine.usage(), engine.shard.plan.split if args.tensor_parallel_size > 1 else engine.split
+    pools = "rank 0's KV pools (every rank's as many pages and slots)" if args.tensor_parallel_size > 1 else "KV pools"
+    print(f"rheads: {source.name}: {sum(split.num_full)} of {split.num_layers * split.num_kv_heads} "
+          f"KV heads full (budget {split.fraction_full:.2f}); {pools} {usage.bytes_capacity / 2**20:.0f} MiB: "
           f"{usage.pages_total} pages, {usage.slots_total} window slots", file=sys.stderr)
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("RHEADS_API_KEY"),
                               max_waiting=args.max_waiting, protect_health_and_metrics=args.protect_health_and_metrics,
@@ -555,8 +568,12 @@ def run_serve(args: argparse.Namespace) -> int:
     # under the handler it found: this one, so that a drained shutdown exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_grace_seconds)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_grace_seconds)
+    finally:
+        if args.tensor_parallel_size > 1:
+            stop_serving(engine, followers)
     return 0
 
 

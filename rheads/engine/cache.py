@@ -14,6 +14,7 @@ holds which page and slot is the block manager's (`block_manager.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -107,32 +108,45 @@ class CacheUsage:
         return self.bytes_used / self.bytes_capacity if self.bytes_capacity else 0.0
 
 
+class PoolSizes(NamedTuple):
+    pages: int
+    seq_slots: int  # window slots for sequences
+    snapshot_slots: int  # more window slots for prefix-cache snapshots alone
+
+    @classmethod
+    def of(cls, footprint: Footprint, config: CacheConfig) -> "PoolSizes":
+        """What `config.memory_bytes` holds. Snapshots take free slots when they can; `snapshot_slots`
+        more are theirs alone, so that a cache whose slots all hold live sequences (max_num_seqs of them)
+        still keeps its prefixes' streaming heads. With full heads, slots take at most half the memory,
+        live ones first."""
+        memory, per_slot, full_heads = config.memory_bytes, footprint.bytes_per_slot, footprint.bytes_per_page > 0
+        slots, snapshots = config.max_num_seqs, 0
+        if per_slot:
+            cap = memory // per_slot if not full_heads else (memory // 2) // per_slot
+            slots = min(slots, cap)
+            snapshots = min(config.snapshot_slots, cap - slots) if full_heads else 0
+        pages = (memory - (slots + snapshots) * per_slot) // footprint.bytes_per_page if full_heads else 0
+        if slots < 1 or (full_heads and pages < 1):
+            raise ValueError(f"KV memory of {memory} bytes holds no sequence: raise it")
+        return cls(int(pages), int(slots), int(snapshots))
+
+
 class HeadSplitCache:
     """Storage and allocation for one model's KV cache under a given head split."""
 
-    def __init__(self, split: HeadSplit, head_dim: int, config: CacheConfig):
+    def __init__(self, split: HeadSplit, head_dim: int, config: CacheConfig, sizes: PoolSizes | None = None):
+        """`sizes`: the pools' (what `config`'s memory holds under `split` by default; tensor parallelism
+        gives every rank the smallest of its ranks', so that one page or slot number means the same there)."""
         self.split, self.config, self.head_dim = split, config, head_dim
         self.footprint = footprint = Footprint.of(split, head_dim, config)
-        full_heads = sum(split.num_full)
         # the distinct (sink, window) of the layers, and which one each layer's streaming heads have
         geometry = [layer_geometry(split, layer, config) for layer in range(split.num_layers)]
         self.geometries = sorted(set(geometry))
         self.layer_geometry = [self.geometries.index(g) for g in geometry]
         self.bytes_per_page, self.bytes_per_slot = footprint.bytes_per_page, footprint.bytes_per_slot
         self.bytes_per_token_full = footprint.bytes_per_token_full
-        memory = config.memory_bytes
-        # Snapshots take free slots when they can; `snapshot_slots` more are theirs alone, so that a cache
-        # whose slots all hold live sequences (max_num_seqs of them) still keeps its prefixes' streaming
-        # heads. With full heads, slots take at most half the memory, live ones first.
-        slots, snapshots = config.max_num_seqs, 0
-        if self.bytes_per_slot:
-            cap = memory // self.bytes_per_slot if not full_heads else (memory // 2) // self.bytes_per_slot
-            slots = min(slots, cap)
-            snapshots = min(config.snapshot_slots, cap - slots) if full_heads else 0
-        pages = (memory - (slots + snapshots) * self.bytes_per_slot) // self.bytes_per_page if full_heads else 0
-        if slots < 1 or (full_heads and pages < 1):
-            raise ValueError(f"KV memory of {memory} bytes holds no sequence: raise it")
-        self.num_pages, self.num_seq_slots, self.num_slots = int(pages), int(slots), int(slots + snapshots)
+        pages, slots, snapshots = sizes or PoolSizes.of(footprint, config)
+        self.num_pages, self.num_seq_slots, self.num_slots = pages, slots, slots + snapshots
         # One more page and slot than the memory holds: never handed out, they take the writes of the
         # padding rows of a CUDA-graph decode batch (a few KiB, outside the accounting).
         self.scratch_page, self.scratch_slot = self.num_pages, self.num_slots

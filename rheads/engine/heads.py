@@ -138,7 +138,9 @@ def random_split(num_layers: int, num_kv_heads: int, budget: float, seed: int,
 
 
 def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
-    return weight_or_bias.view(-1, block, *weight_or_bias.shape[1:])[index].reshape(weight_or_bias.shape)
+    """The blocks of `block` rows (a head's) that `index` names, in its order: all of them (a permutation)
+    or some (a tensor-parallel rank's heads)."""
+    return weight_or_bias.view(-1, block, *weight_or_bias.shape[1:])[index].reshape(-1, *weight_or_bias.shape[1:])
 
 
 @torch.no_grad()

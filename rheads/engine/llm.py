@@ -85,14 +85,40 @@ def cache_config_of(config: EngineConfig, memory: int) -> CacheConfig:
                        device=config.device)
 
 
-def _allocate_cache(split: HeadSplit, head_dim: int, config: EngineConfig) -> HeadSplitCache:
+def served_windows(model_config, max_model_len: int) -> list[int | None]:
+    """The sliding layers' windows as served: a window as long as a sequence can be needs no more ring."""
+    return [w and min(w, max_model_len) for w in layer_windows(model_config)]
+
+
+def cache_memory(config: EngineConfig) -> int:
+    """The bytes of KV memory `config` asks for: given, or a fraction of what is free now that the weights
+    are on the device."""
     memory = config.kv_cache_memory
-    if isinstance(memory, float):  # a fraction of what is free now that the weights are on the device
+    if isinstance(memory, float):
         memory = int(torch.cuda.mem_get_info(torch.device(config.device))[0] * memory)
-    return HeadSplitCache(split, head_dim, cache_config_of(config, memory))
+    return memory
+
+
+def load_served(model_spec: str | None, profile: str | Path | None = "auto", config: EngineConfig | None = None,
+                trust_remote_code: bool = False) -> tuple[object, object, HeadSplit, EngineConfig, str]:
+    """What `LLMEngine.from_model` serves: the model, its tokenizer, its heads from its profile ("auto": the
+    shipped one; None: full cache), the config with the profile's window where it gives none, the name."""
+    config = config or EngineConfig()
+    source = resolve_model(model_spec)
+    model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
+                                  trust_remote_code=trust_remote_code)
+    identity = ModelIdentity.from_config(model.config, source.name)
+    path = None if profile is None else find_profile(source.name) if profile == "auto" else profile
+    split, window = choose_split(identity, path, config.budget, config.threshold,
+                                 config.max_model_len or model.config.max_position_embeddings)
+    if config.window is None:
+        config = replace(config, window=window)
+    return model, tokenizer, split, config, source.name
 
 
 class LLMEngine:
+    runner_class = ModelRunner  # tensor parallelism's rank 0 runs one that hands each step to the other ranks
+
     def __init__(self, model, tokenizer, split: HeadSplit, config: EngineConfig, model_name: str = "model"):
         config = config if config.window is not None else replace(config, window=DEFAULT_WINDOW)
         self.model, self.tokenizer, self.config, self.split = model, tokenizer, config, split
@@ -100,11 +126,9 @@ class LLMEngine:
         check_model_supported(model)
         check_device_supported(model, config.device)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
-        # its sliding layers windowed; a window as long as a sequence can be needs no more ring than that
-        windows = [w and min(w, self.max_model_len) for w in layer_windows(model.config)]
-        split = self.split = split.with_windows(windows)
+        split = self.split = split.with_windows(served_windows(model.config, self.max_model_len))
         head_dim = head_dim_of(model.config)
-        self.cache = _allocate_cache(split, head_dim, config)
+        self.cache = self._allocate_cache(split, head_dim)
         # The engine owns the model from here to `close` (the cache was allocated first, so a memory too
         # small to hold a sequence fails before the model is touched).
         self.integration = ModelIntegration(model, split, Kernels(
@@ -114,8 +138,8 @@ class LLMEngine:
             self.blocks = BlockManager(self.cache, config.enable_prefix_caching)
             self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, self.max_model_len,
                                        eos_token_ids(model, tokenizer))
-            self.runner = ModelRunner(model, self.cache, self.blocks.block_tables, self.max_model_len,
-                                      config.cuda_graphs, self.scheduler.eos_ids)
+            self.runner = self.runner_class(model, self.cache, self.blocks.block_tables, self.max_model_len,
+                                            config.cuda_graphs, self.scheduler.eos_ids)
             self.runner.capture_graphs(min(config.max_num_seqs, self.cache.num_seq_slots))
         except BaseException:
             self.integration.undo()
@@ -127,6 +151,10 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self._arrivals = itertools.count()
+
+    def _allocate_cache(self, split: HeadSplit, head_dim: int) -> HeadSplitCache:
+        """The KV cache of this process's heads (tensor parallelism's rank 0 sizes it to every rank's)."""
+        return HeadSplitCache(split, head_dim, cache_config_of(self.config, cache_memory(self.config)))
 
     def close(self) -> None:
         """Abort what is unfinished and give the model back as it was loaded (heads, attention, forwards)."""
@@ -145,17 +173,8 @@ class LLMEngine:
     def from_model(cls, model_spec: str | None, profile: str | Path | None = "auto",
                    config: EngineConfig | None = None, trust_remote_code: bool = False) -> "LLMEngine":
         """Load a model and choose its heads from its profile ("auto": the shipped one; None: full cache)."""
-        config = config or EngineConfig()
-        source = resolve_model(model_spec)
-        model, tokenizer = load_model(source, dtype=config.dtype, device=config.device,
-                                      trust_remote_code=trust_remote_code)
-        identity = ModelIdentity.from_config(model.config, source.name)
-        path = None if profile is None else find_profile(source.name) if profile == "auto" else profile
-        split, window = choose_split(identity, path, config.budget, config.threshold,
-                                     config.max_model_len or model.config.max_position_embeddings)
-        if config.window is None:
-            config = replace(config, window=window)
-        return cls(model, tokenizer, split, config, model_name=source.name)
+        model, tokenizer, split, config, name = load_served(model_spec, profile, config, trust_remote_code)
+        return cls(model, tokenizer, split, config, model_name=name)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
