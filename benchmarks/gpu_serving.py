@@ -56,7 +56,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import SHAPES  # noqa: E402
 from load import make_prompt, run_load  # noqa: E402
-from servers import REPO, ServerProcess, rheads_command  # noqa: E402
+from servers import REPO, ServerProcess, rheads_command, vllm_command, vllm_env  # noqa: E402
 
 from rheads.engine.cache import HeadSplitCache  # noqa: E402
 from rheads.engine.heads import random_split  # noqa: E402
@@ -228,12 +228,10 @@ def peer_command(peer: str, name: str, model_dir: Path, args: argparse.Namespace
                  config: LlamaConfig):
     """`command(port)` for a peer server with rheads' KV bytes, batch limits and context length."""
     if peer == "vllm":
-        return lambda port: [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
-                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-                             "--served-model-name", name, "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * GIB)),
-                             "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(max_model_len),
-                             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                             "--uvicorn-log-level", "warning"]
+        flags = ["--dtype", "bfloat16", "--served-model-name", name, "--kv-cache-memory-bytes",
+                 str(int(args.kv_cache_gib * GIB)), "--max-num-seqs", str(args.max_num_seqs), "--max-model-len",
+                 str(max_model_len), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        return lambda port: vllm_command(str(model_dir), flags, port)
     blocks = int(args.kv_cache_gib * GIB) // (256 * kv_bytes_per_token(config))  # its blocks hold 256 tokens
     return lambda port: [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
                          "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
@@ -293,9 +291,7 @@ def run_config(name: str, budget: float | None, setup: dict, args: argparse.Name
     # transformers serve names its model by its path and refuses ignore_eos (its model dir has no EOS)
     model = str(setup["model_dir"]) if peer == "transformers" else name
     extra_body = {} if peer == "transformers" else None
-    # vLLM's FlashInfer sampler is left out (greedy requests never reach it; vllm_parts.py does not carry it)
-    env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-           **({"PYTHONPATH": args.vllm_pythonpath} if args.vllm_pythonpath else {})} if peer == "vllm" else None
+    env = vllm_env(args.vllm_pythonpath) if peer == "vllm" else None
     memory.reset()  # each context's peak counts from the server's start: start-up (graph capture) included
     print(f"[{name}] starting", file=sys.stderr, flush=True)
     server = ServerProcess(name, command, args.startup_timeout, logs, ready_path="/health", env=env)

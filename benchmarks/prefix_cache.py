@@ -46,7 +46,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import make_prompt  # noqa: E402
-from servers import REPO, ServerProcess, rheads_command  # noqa: E402
+from servers import REPO, ServerProcess, rheads_command, vllm_command, vllm_env  # noqa: E402
 
 QUESTIONS = ["What is the main subject of the text above?", "Who is the text written for?",
              "Summarise the second paragraph in one sentence.", "Which examples does the author give?",
@@ -156,17 +156,13 @@ def servers(args: argparse.Namespace, model: str, profile: str) -> list[tuple[st
     if "vllm" in args.peers.split(","):
         from rheads.cli import parse_memory
 
-        env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-               **({"PYTHONPATH": args.vllm_pythonpath} if args.vllm_pythonpath else {})}
         for caching in (True, False):
-            flags = ["serve", model, "--dtype", "bfloat16", "--enable-prompt-tokens-details",
+            flags = ["--dtype", "bfloat16", "--enable-prompt-tokens-details",
                      "--kv-cache-memory-bytes", str(int(parse_memory(args.kv_cache_memory))),
-                     "--uvicorn-log-level", "warning", "--enable-prefix-caching" if caching
-                     else "--no-enable-prefix-caching",
+                     "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
                      *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
-            out.append((f"vllm, caching {'on' if caching else 'off'}", lambda port, f=flags: [
-                sys.executable, "-m", "vllm.entrypoints.cli.main", *f, "--host", "127.0.0.1", "--port", str(port)],
-                env))
+            out.append((f"vllm, caching {'on' if caching else 'off'}",
+                        lambda port, f=flags: vllm_command(model, f, port), vllm_env(args.vllm_pythonpath)))
     return out
 
 

@@ -25,6 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def vllm_command(model: str, flags: list[str], port: int) -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *flags, "--host", "127.0.0.1",
+            "--port", str(port), "--uvicorn-log-level", "warning"]
+
+
+def vllm_env(pythonpath: str | None) -> dict[str, str]:
+    """What `vllm serve` runs with here: its own PYTHONPATH (benchmarks/vllm_parts.py's wheels), no usage
+    stats or hub, and its FlashInfer sampler off (greedy requests never reach it; FlashInfer is not carried)."""
+    return {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+            **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+
+
 def rheads_command(flags: list[str], port: int) -> list[str]:
     return [sys.executable, "-m", "rheads.cli", "serve", *flags, "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning"]
