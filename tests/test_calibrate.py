@@ -20,7 +20,9 @@ from rheads.niah import load_needles
 from rheads.profiling.profile import Profile
 from rheads.profiling.profiler import ProfileConfig, profile_model
 
-SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-135M-Instruct.json"
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_SMOLLM2 = REPO / "profiles" / "SmolLM2-135M-Instruct.json"
+QWEN_RUNS = REPO / "benchmarks" / "results" / "eval_qwen_h200"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -96,10 +98,6 @@ def test_calibrate_smollm2_cli(tmp_path: Path, capsys) -> None:
     assert profile.samples == Profile.load(SHIPPED_SMOLLM2).samples  # covered already: not profiled again
     assert profile.calibration["full_accuracy"] == 1.0  # SmolLM2 finds both needles with the full cache
     assert "<- chosen" in text and f"default_budget {profile.default_budget:g}" in text
-
-
-REPO = Path(__file__).resolve().parents[1]
-QWEN_RUNS = REPO / "benchmarks" / "results" / "eval_qwen_h200"
 
 
 def test_the_shipped_qwen_defaults_follow_from_its_recorded_runs(tmp_path: Path, capsys) -> None:
