@@ -49,7 +49,7 @@ MODEL_ALIASES = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b
 MODEL_DEPS = ("gguf", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
 SERVER = ("fastapi", "starlette", "uvicorn", "h11", "click", "httpx", "httpcore", "anyio", "sniffio", "idna",
           "certifi", "prometheus-client", "annotated-doc", "opentelemetry-api", "llguidance") + MODEL_DEPS[1:]
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux2014_x86_64")
+PLATFORMS = ("manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux2014_x86_64")  # llguidance: 2_31
 
 
 def parse_size(text: str) -> int:

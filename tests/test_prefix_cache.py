@@ -55,13 +55,14 @@ def engine_for(model, tokenizer, split: HeadSplit, **config) -> LLMEngine:
 
 def check_pools(engine: LLMEngine, step: int = -1) -> None:
     """The pools partition exactly: pages held by live sequences (each by as many as hold it, each sequence
-    holding the pages its cached tokens need), cached evictable pages, free pages; slots likewise with
+    holding the pages its cached or reused tokens need), cached evictable pages, free pages; slots likewise with
     snapshots. Bytes by the footprint formula."""
     blocks, cache, prefix = engine.blocks, engine.cache, engine.blocks.prefix
     live = engine.scheduler.running
     held = {p for s in live for p in s.pages}
     for seq in live:
-        assert len(seq.pages) == cache.pages_for(seq.num_cached), f"step {step}: {seq.request_id}"
+        # while it recomputes its streaming heads, a sequence holds the pages it reuses ahead of its cache
+        assert len(seq.pages) == cache.pages_for(max(seq.num_cached, seq.num_reused)), f"step {step}: {seq.request_id}"
     for page in range(cache.num_pages):
         assert blocks.ref_counts[page] == sum(page in s.pages for s in live), f"step {step}: page {page}"
     evictable, snapshots = list(prefix.evictable), list(prefix.snapshots.values())
@@ -170,7 +171,8 @@ def test_questions_over_a_document_that_fills_half_the_pool(llama, tokenizer, sp
     doc = prompt(40, 3)
     prompts = [doc + prompt(5, 10 + i) for i in range(4)]
     results, hits = serve_in_turn(engine, prompts)
-    assert hits == ([0, 40, 40, 40] if all_full(split) else [0, 0, 40, 40])
+    # at budget 0.5 the second recomputes the streaming heads over the windows before the document's end
+    assert hits == ([0, 40, 40, 40] if all_full(split) else [0, 40 - 3 * WINDOW - SINK, 40, 40])
     for cold, warm in zip(cold_results(llama, tokenizer, split, prompts), results):
         check_same(cold, warm, llama, split)
     assert_only_cached(engine)
@@ -189,6 +191,44 @@ def test_a_chat_resending_its_turns(llama, tokenizer, split) -> None:
         assert hit == 0 if previous is None else hit >= (previous - 1) // PAGE * PAGE
         previous = len(conversation)
         conversation = conversation + warm.token_ids + prompt(6, 20 + turn)
+    assert_only_cached(engine)
+
+
+def gemma2_hybrid():
+    """A Gemma 2 with a sliding layer (window 6, no sink) before a full-attention one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma2", num_hidden_layers=2, sliding_window=6, attn_logit_softcapping=2.0,
+                                  layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=20,
+                                  initializer_range=0.2, **SHAPE)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("doc_len", [44, 58], ids=["page-boundary", "mid-page"])
+@pytest.mark.parametrize("model_name, sink", [("llama", SINK), ("llama", 0), ("gemma2", SINK)])
+def test_a_document_without_a_snapshot_recomputes_the_streaming_heads(llama, tokenizer, model_name, sink,
+                                                                     doc_len) -> None:
+    """The first question leaves no snapshot at the document's end, so the second recomputes the streaming
+    heads from the cached pages: its sinks, then the span of the windows before the document's end, the
+    full heads read from the pages; the third finds the snapshot the second kept there. Each gives the cold
+    result and the masked reference's; with no sink (`sink=0`) it starts at the span; in Gemma 2 the span
+    counts its sliding layer's window."""
+    model, split = ((llama, SPLITS["budget-0.5"]) if model_name == "llama" else (gemma2_hybrid(), HeadSplit(((), (1,)), 2)))
+    span = 3 * WINDOW if model_name == "llama" else 6 + WINDOW  # the windows of the layers with streaming heads
+    doc = prompt(doc_len, 3)
+    prompts = [doc + prompt(3, 10 + i) for i in range(3)]  # shorter than the window: the answer sees the document's
+    engine = engine_for(model, tokenizer, split, sink=sink)
+    assert (engine.blocks.prefix.span, engine.blocks.prefix.sink) == (span, sink)
+    results, hits = serve_in_turn(engine, prompts)
+    whole = doc_len // PAGE * PAGE
+    assert hits == [0, whole - span - sink, whole]
+    cold = cold_results(model, tokenizer, split, prompts, sink=sink)
+    for c, warm in zip(cold, results):
+        assert warm.token_ids == c.token_ids
+        assert [lp.logprob for lp in warm.logprobs] == pytest.approx([lp.logprob for lp in c.logprobs], abs=1e-4)
+        reference = oracles.reference_logprobs(model, warm.prompt_ids + warm.token_ids, split, sink, WINDOW)
+        check_logprobs_against(reference, warm, k=5)
     assert_only_cached(engine)
 
 
@@ -290,7 +330,8 @@ def test_cached_tokens_are_reported_per_request(llama, tokenizer, split) -> None
 def test_snapshot_slots_keep_prefixes_while_every_live_slot_is_taken(llama, tokenizer, snapshot_slots) -> None:
     """Two questions over one document fill both live slots (max_num_seqs=2) as they prefill, so only the
     slots kept for snapshots can hold the document's streaming heads: with one, a third question finds the
-    document; with none it computes it again. Live sequences never take a snapshot's own slot."""
+    document; with none it recomputes them from the document's start (it is shorter than the span of the
+    windows), reading its full heads from the cached pages. Live sequences never take a snapshot's own slot."""
     split = SPLITS["budget-0.5"]
     doc = prompt(24, 90)
     first = [doc + prompt(6, 91), doc + prompt(6, 92)]
@@ -317,14 +358,7 @@ def test_snapshot_slots_keep_prefixes_while_every_live_slot_is_taken(llama, toke
 def test_a_hybrid_models_sliding_layer_is_reused_through_its_snapshot(tokenizer) -> None:
     """Gemma 2's sliding layer lives in the window slot, so a cached prefix brings it back with the streaming
     heads' snapshot: the same prompt again hits past the model's window and gives the cold result."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("gemma2", num_hidden_layers=2, sliding_window=6, attn_logit_softcapping=2.0,
-                                  layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=20,
-                                  initializer_range=0.2, **SHAPE)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    split, ids = HeadSplit(((), (1,)), 2), prompt(29, 1)
+    model, split, ids = gemma2_hybrid(), HeadSplit(((), (1,)), 2), prompt(29, 1)
     engine = engine_for(model, tokenizer, split)
     (first, second), hits = serve_in_turn(engine, [ids, ids])
     assert hits == [0, 28] and engine.usage().slots_cached == 1

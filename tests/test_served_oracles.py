@@ -217,6 +217,30 @@ def test_compressed_equals_masked_reference(kind, split_name, target, tokenizer,
     check_served(model, tokenizer, split, prompts, target, monkeypatch, masked=True)
 
 
+@pytest.mark.parametrize("target", cases([()], [("cpu-bf16",)]))
+def test_questions_over_one_document_on_the_served_path(target, tokenizer, monkeypatch) -> None:
+    """Four questions over one document, two arriving while two prefill it: the later ones find the
+    document's pages with no snapshot at its end and recompute the streaming heads from them (prefix_cache.py)
+    through the served path's prefill (its band on CUDA, the full heads read from the pages), then find
+    their own snapshots in the second run; every token holds to the masked reference."""
+    from rheads.engine import prefix_cache
+
+    model, jumps = tiny("llama"), []
+    lookup = prefix_cache.PrefixCache.lookup
+
+    def counted(self, seq):
+        hit = lookup(self, seq)
+        jumps.append(hit.jump is not None)
+        return hit
+
+    monkeypatch.setattr(prefix_cache.PrefixCache, "lookup", counted)
+    split = random_split(3, model.config.num_key_value_heads, 0.5, seed=1)
+    doc = oracles.random_prompt(1200, seed=5, vocab=VOCAB)
+    prompts = [doc + oracles.random_prompt(n, seed=n, vocab=VOCAB) for n in (40, 300, 100, 9)]
+    check_served(model, tokenizer, split, prompts, target, monkeypatch, masked=True)
+    assert any(jumps), "no request recomputed the streaming heads"
+
+
 # hybrid models at the served shape: windowed layers around a full one, a window shorter than the chunks
 HYBRID_WINDOW = 128
 CPU_ONLY = ("gemma2", "gpt_oss")  # models.check_device_supported: soft-caps and sinks failed this test on the H200

@@ -50,6 +50,7 @@ class SeqSlice:
     start: int
     slot: int
     page_table: torch.Tensor  # page ids covering positions 0..start+n-1
+    reuses: bool = False  # its full heads' K/V are in the pages already (a recompute: `Chunk.reuses`)
     shared: dict[str, Any] = field(default_factory=dict)  # what every layer computes alike: see `once`
 
     def once(self, name: Hashable, build: Callable[[], Any]) -> Any:
@@ -177,9 +178,10 @@ def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, 
                 plans: cudnn_prefill.CudnnPlans | None, mods: ScoreMods | None) -> torch.Tensor:
     rows = seq.once("page_rows", lambda: _page_rows(seq.page_table, seq.start + len(pos), cache.config.page_size))
     keys, values = (pool.flatten(0, 1) for pool in (cache.full_k[layer], cache.full_v[layer]))
-    keys.index_copy_(0, rows[seq.start:], k)
-    values.index_copy_(0, rows[seq.start:], v)
-    cudnn = plans and mods is None and cudnn_prefill.usable(q)
+    if not seq.reuses:  # a recompute's own k, v are not all exact (its first tokens saw no window): the pages' are
+        keys.index_copy_(0, rows[seq.start:], k)
+        values.index_copy_(0, rows[seq.start:], v)
+    cudnn = plans and mods is None and not seq.reuses and cudnn_prefill.usable(q)
     queries = plans.planned_queries(q, k.shape[1], seq.start) if cudnn else None
     if queries:  # through cuDNN the chunk's own keys come from k, v: only the history comes from the pages
         history = rows[:seq.start]

@@ -22,14 +22,16 @@ from .cache import CacheFullError, CacheUsage, HeadSplitCache
 from .prefix_cache import Hit, PrefixCache
 from .sequence import Sequence
 
-NO_HIT = Hit([], 0, None, 0)
+NO_HIT = Hit([], 0)
 
 
 class BlockManager:
     def __init__(self, cache: HeadSplitCache, prefix_caching: bool = False):
         self.cache = cache
         # Without full heads there are no pages to hold a prefix: nothing is cached then.
-        self.prefix = (PrefixCache(cache.config.page_size, cache.bytes_per_slot > 0)
+        streaming = cache.streaming_geometries()
+        self.prefix = (PrefixCache(cache.config.page_size, bool(streaming), sum(w for _, w in streaming),
+                                   max((s for s, _ in streaming), default=0))
                        if prefix_caching and cache.has_full_heads else None)
         self.free_pages = list(range(cache.num_pages - 1, -1, -1))
         self.free_slots = list(range(cache.num_slots - 1, -1, -1))
@@ -64,18 +66,20 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int = 0) -> Hit:
         """A window slot for `seq`, its cached prefix (pages shared, the snapshot copied into its slot)
         and pages for its first num_tokens tokens (after any it was given by `share`). Returns the hit:
-        the scheduler counts its tokens as cached."""
+        the scheduler starts the sequence where it says."""
         hit = self.lookup(seq)
         if self.prefix:
             self.prefix.touch(seq, hit)
         seq.slot = self._take_slot(keep=hit.snapshot)
         if hit.snapshot is not None and hit.snapshot != seq.slot:
             self.cache.copy_slot(hit.snapshot, seq.slot)
+        elif hit.jump:
+            self.cache.clear_slot(seq.slot)  # what the ring held must not be NaN (masked entries still multiply)
         self._hold(seq, hit.pages)
         seq.blocks_registered = len(hit.pages)
-        self.tokens[seq.slot] = hit.num_tokens
+        self.tokens[seq.slot] = hit.matched_tokens
         self._write_table(seq, 0)
-        if num_tokens > hit.num_tokens:
+        if num_tokens > hit.matched_tokens:
             self.append(seq, num_tokens)
         if self.prefix:
             self.prefix.queries += seq.num_tokens  # a preempted sequence looks up its output too

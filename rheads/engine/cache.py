@@ -178,6 +178,16 @@ class HeadSplitCache:
             if pool is not None:
                 pool[target].copy_(pool[source])
 
+    def clear_slot(self, slot: int) -> None:
+        """Zero one window slot's entries, every streaming head of every layer."""
+        for pool in (*self.ring_k, *self.ring_v):
+            if pool is not None:
+                pool[slot].zero_()
+
+    def streaming_geometries(self) -> list[tuple[int, int]]:
+        """(sink, window) of every layer that has streaming heads, in layer order."""
+        return [self.geometry(layer) for layer, pool in enumerate(self.ring_k) if pool is not None]
+
     def geometry(self, layer: int) -> tuple[int, int]:
         """(sink, window) of the layer's streaming heads."""
         return self.geometries[self.layer_geometry[layer]]

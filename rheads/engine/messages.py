@@ -21,10 +21,19 @@ class Chunk:
     seq: Sequence
     num_tokens: int  # tokens fed this step, starting at seq.num_cached
     samples: bool  # its logits give the sequence's next token: it reaches the last token (or feeds a sampled one)
+    # its tokens' full heads are cached pages the sequence reuses: it reads them and writes only the streaming
+    # heads (a recompute of their window, `prefix_cache.py`)
+    reuses: bool = False
 
     @classmethod
     def of(cls, seq: Sequence, num_tokens: int) -> "Chunk":
-        return cls(seq, num_tokens, seq.num_cached + num_tokens == seq.num_tokens)
+        end = seq.num_cached + num_tokens
+        return cls(seq, num_tokens, end == seq.num_tokens, end <= seq.num_reused)
+
+    @property
+    def decodes(self) -> bool:
+        """It feeds one token on the decode path (which writes every head's entry)."""
+        return self.num_tokens == 1 and not self.reuses
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class SchedulerOutput:
     @property
     def decode_only(self) -> bool:
         """Every sequence in it feeds one token and samples the next."""
-        return all(c.num_tokens == 1 and c.samples for c in self.chunks)
+        return all(c.decodes and c.samples for c in self.chunks)
 
     @property
     def sampling(self) -> list[Sequence]:

@@ -6,15 +6,21 @@ prefix, not only its own tokens. A later sequence whose tokens begin with the sa
 pages instead of computing them (the block manager's reference counts share them). A registered page
 that no sequence holds any more stays cached, evictable least-recently-used when the pool needs a page.
 
-Streaming heads keep only sink + window entries per sequence, overwritten as it moves on, so a prefix
-of P tokens is reusable only where their state as of position P was kept: a snapshot, a copy of the
-sequence's window slot taken when its cache ended exactly at P, stored in a free window slot (the same
-layout, so it is copied back as it is). Snapshots are taken at two points a sequence chooses when it is
-admitted: the last page boundary before its prompt's last token (the next turn of a chat resends the
-prompt) and the end of the cached blocks it matched without a snapshot there (where it branched off a
-cached prefix: the other questions over the same document branch there too). A cached prefix so costs
-its full heads' pages plus one window slot. Without streaming heads (budget 1.0) every cached block
-boundary is a hit.
+Streaming heads keep only sink + window entries per sequence, overwritten as it moves on, so reusing a
+prefix of M tokens needs their state as of M too. Two ways to have it:
+- a snapshot: a copy of a sequence's window slot taken when its cache ended exactly at a page boundary,
+  stored in a free window slot (the same layout, so it is copied back as it is). Taken at two points a
+  sequence chooses when it is admitted: the last page boundary before its prompt's last token (the next
+  turn of a chat resends the prompt) and the end of the cached blocks it matched (where it branched off
+  a cached prefix: the other questions over the same document branch there too);
+- recomputing it from the pages. A streaming head at a layer sees `window` positions back, and the full
+  heads read the cached pages, which are exact; so a forward over the last `span` tokens before M (the
+  sum of the windows of the layers with streaming heads), after the sinks, gives every layer's window
+  entries as of M exactly, whatever the ring held before (`recompute_start`). Those chunks read the
+  full heads from the pages and write only the streaming heads (`Chunk.reuses`).
+A sequence starts from whichever is later: the last snapshot on its matched chain, or M - span. So a
+cached prefix costs its full heads' pages alone, a snapshot only saves the recompute, and every cached
+page boundary is a hit. Without streaming heads (budget 1.0) every hit resumes at M.
 """
 
 from __future__ import annotations
@@ -29,19 +35,32 @@ from .sequence import Sequence
 
 @dataclass(frozen=True)
 class Hit:
-    """The cached prefix a sequence can reuse: its pages, the tokens they cover, the snapshot slot holding
-    its streaming heads there (None without streaming heads or a hit), and the end of the blocks that
-    matched (past the hit where no snapshot is kept: where the sequence branches off a cached prefix)."""
+    """The cached prefix a sequence reuses. Its full heads' pages cover `matched_tokens`; it is computed
+    from `start` (with the snapshot slot copied into its own where one is kept there), and, where `jump`
+    is (sink, to), its sinks are computed and then it goes on at `to`: the streaming heads' state is
+    recomputed from there (the module docstring). Up to `matched_tokens` its chunks only read the full heads."""
 
     pages: list[int]
-    num_tokens: int
-    snapshot: int | None
     matched_tokens: int
+    start: int = 0
+    snapshot: int | None = None
+    jump: tuple[int, int] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """The prompt tokens the hit saves computing (OpenAI's cached_tokens; the hits counter)."""
+        return self.jump[1] - self.jump[0] if self.jump else self.start
+
+    @property
+    def resumes(self) -> int:
+        """The first position computed after any sinks."""
+        return self.jump[1] if self.jump else self.start
 
 
 class PrefixCache:
-    def __init__(self, page_size: int, streaming: bool):
-        self.page_size, self.streaming = page_size, streaming
+    def __init__(self, page_size: int, streaming: bool, span: int = 0, sink: int = 0):
+        """`span`, `sink`: the tokens a recompute of the streaming heads covers, and the most sinks a layer has."""
+        self.page_size, self.streaming, self.span, self.sink = page_size, streaming, span, sink
         self.page_of: dict[bytes, int] = {}  # block hash -> the page holding that block
         self.hash_of: dict[int, bytes] = {}  # registered page -> its block hash
         self.evictable: OrderedDict[int, None] = OrderedDict()  # registered pages nobody holds, LRU first
@@ -65,7 +84,8 @@ class PrefixCache:
         return hashes[:num_blocks]
 
     def lookup(self, seq: Sequence) -> Hit:
-        """The longest cached prefix of seq that leaves its last token to compute (its logits are sampled)."""
+        """The longest cached prefix of seq that leaves its last token to compute (its logits are sampled),
+        and where seq starts computing (the module docstring)."""
         pages: list[int] = []
         for digest in self.block_hashes(seq, (seq.num_tokens - 1) // self.page_size):
             page = self.page_of.get(digest)
@@ -74,18 +94,24 @@ class PrefixCache:
             pages.append(page)
         matched = len(pages) * self.page_size
         if not self.streaming:
-            return Hit(pages, matched, None, matched)
-        while pages and seq.block_hashes[len(pages) - 1] not in self.snapshots:
-            pages.pop()
-        snapshot = self.snapshots[seq.block_hashes[len(pages) - 1]] if pages else None
-        return Hit(pages, len(pages) * self.page_size, snapshot, matched)
+            return Hit(pages, matched, matched)
+        kept = len(pages)
+        while kept and seq.block_hashes[kept - 1] not in self.snapshots:
+            kept -= 1
+        snapshot = self.snapshots[seq.block_hashes[kept - 1]] if kept else None
+        recompute = matched - self.span
+        if kept * self.page_size >= recompute:
+            return Hit(pages, matched, kept * self.page_size, snapshot)
+        if recompute <= self.sink:
+            return Hit(pages, matched)
+        return Hit(pages, matched, jump=(self.sink, recompute))
 
     def snapshot_points(self, seq: Sequence, hit: Hit) -> list[int]:
         """Where seq's streaming heads are to be kept (see the module docstring): ascending, past the hit."""
         if not self.streaming:
             return []
         prompt_end = (len(seq.prompt_ids) - 1) // self.page_size * self.page_size
-        return sorted({p for p in (hit.matched_tokens, prompt_end) if p > hit.num_tokens})
+        return sorted({p for p in (hit.matched_tokens, prompt_end) if p > hit.resumes})
 
     def register(self, seq: Sequence, num_tokens: int, start: int | None = None) -> list[int]:
         """Register seq's pages whose blocks lie within its first num_tokens computed tokens, from block
@@ -123,7 +149,7 @@ class PrefixCache:
     def touch(self, seq: Sequence, hit: Hit) -> None:
         """Mark the hit's snapshot most recently used (it is about to be copied from)."""
         if hit.snapshot is not None:
-            self.snapshots.move_to_end(seq.block_hashes[len(hit.pages) - 1])
+            self.snapshots.move_to_end(seq.block_hashes[hit.start // self.page_size - 1])
 
     def evict_page(self) -> tuple[int, int | None]:
         """The least recently used evictable page, now unregistered, and the snapshot slot it frees (if any)."""

@@ -79,7 +79,7 @@ class ModelRunner:
         `input_tokens` (on the device, one per chunk) feeds a pipelined decode step: tokens sampled by
         the step before, which the host has not read yet.
         """
-        if self.use_graphs and all(c.num_tokens == 1 for c in chunks):
+        if self.use_graphs and all(c.decodes for c in chunks):
             size = next((s for s in GRAPH_BATCH_SIZES if s >= len(chunks)), None)
             if size is not None:  # padding rows use the scratch page and slot, not real ones
                 return self._replay(chunks, size, input_tokens)
@@ -90,11 +90,11 @@ class ModelRunner:
             if input_tokens is None:
                 ids.extend(seq.token_ids(start, start + chunk.num_tokens))
             positions.extend(range(start, start + chunk.num_tokens))
-            if chunk.num_tokens == 1:
+            if chunk.decodes:
                 decoding.append((begin, chunk))
             else:
                 table = to_device(seq.pages, self.device, torch.long)
-                slices.append(SeqSlice(begin, len(positions), start, seq.slot, table))
+                slices.append(SeqSlice(begin, len(positions), start, seq.slot, table, chunk.reuses))
             if chunk.samples:
                 last.append(len(positions) - 1)
         device = self.device

@@ -20,10 +20,11 @@ then `update` (`messages.py`): the scheduler is what admits, grows, preempts, ad
 cached tokens, appends its sampled tokens and finishes it on EOS, a stop token id or a length limit;
 the runner only reads sequences.
 
-With prefix caching, an admitted sequence starts with its cached prefix's tokens counted as cached and
-feeds only the rest; its prefill chunks stop at the points where it keeps a snapshot of its streaming
-heads (`prefix_cache.py`), which `update` takes once the chunk ending there has run, as it registers
-every block the step completed.
+With prefix caching, an admitted sequence reuses its cached prefix's pages and starts where its hit
+says (`prefix_cache.py`): at the prefix's end, at a snapshot of its streaming heads, or recomputing them
+(its sinks, then a jump to the last span of the prefix); its prefill chunks stop at the points where it
+keeps a snapshot, which `update` takes once the chunk ending there has run, as it registers every block
+the step completed, at its jump, and where the pages it reuses end.
 """
 
 from __future__ import annotations
@@ -64,13 +65,13 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
-        seq.num_cached, seq.snapshot_at = 0, []
+        seq.num_cached, seq.snapshot_at, seq.num_reused, seq.jump = 0, [], 0, None
 
     def preempt(self, seq: Sequence) -> None:
         """Give a running sequence's cache back and queue it first, to be computed again from its first token."""
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.num_cached, seq.status, seq.snapshot_at = 0, Status.WAITING, []
+        seq.num_cached, seq.status, seq.snapshot_at, seq.num_reused, seq.jump = 0, Status.WAITING, [], 0, None
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -86,10 +87,11 @@ class Scheduler:
 
     def _prefill_tokens(self, seq: Sequence, room: int) -> int:
         """How many of seq's uncached tokens to feed: at most `room` (what is left of this step's), not past
-        the next multiple of the chunk size (max_num_batched_tokens) nor past its next snapshot point."""
-        size = self.max_num_batched_tokens
-        snapshot = seq.snapshot_at[0] - seq.num_cached if seq.snapshot_at else size
-        return min(seq.num_tokens - seq.num_cached, room, size - seq.num_cached % size, snapshot)
+        the next multiple of the chunk size (max_num_batched_tokens), its next snapshot point, its jump
+        or the end of the pages it reuses (a chunk either reuses its full heads' pages or writes them)."""
+        size, cached = self.max_num_batched_tokens, seq.num_cached
+        ends = [*seq.snapshot_at[:1], *(seq.jump or ())[:1], seq.num_reused]
+        return min(seq.num_tokens - cached, room, size - cached % size, *(p - cached for p in ends if p > cached))
 
     def schedule(self) -> SchedulerOutput:
         room = self.max_num_batched_tokens  # prefill tokens left this step (see the module docstring)
@@ -108,7 +110,8 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             hit = self.blocks.allocate(seq)
-            seq.num_cached = hit.num_tokens
+            seq.num_cached, seq.num_reused, seq.jump = hit.start, hit.matched_tokens, hit.jump
+            self._jump(seq)
             if seq.num_cached_prompt is None:
                 seq.num_cached_prompt = hit.num_tokens
             if self.blocks.prefix:
@@ -124,7 +127,7 @@ class Scheduler:
         the same when retried; a prefill chunk that died after some layers wrote its window slot has lost
         entries its later queries read, so those sequences go back to the waiting queue, to be computed again."""
         for chunk in output.chunks:
-            if chunk.num_tokens > 1:
+            if not chunk.decodes:
                 self.preempt(chunk.seq)
 
     def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[Appended]:
@@ -135,6 +138,7 @@ class Scheduler:
         for chunk in output.chunks:
             seq = chunk.seq
             seq.num_cached += chunk.num_tokens
+            self._jump(seq)
             if seq.status is Status.RUNNING:
                 self._cache_prefix(seq)
         appended = []
@@ -154,6 +158,12 @@ class Scheduler:
                 self.finish(seq, reason)
             appended.append(Appended(seq, token, logprob))
         return appended
+
+    @staticmethod
+    def _jump(seq: Sequence) -> None:
+        """Once its sinks are computed, a sequence recomputing its streaming heads goes on where that starts."""
+        if seq.jump and seq.num_cached == seq.jump[0]:
+            seq.num_cached, seq.jump = seq.jump[1], None
 
     def _cache_prefix(self, seq: Sequence) -> None:
         """Register the blocks seq has computed and, at a snapshot point, keep its streaming heads there."""

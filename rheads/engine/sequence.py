@@ -90,6 +90,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # the prefix cache's chain over its full blocks
     blocks_registered: int = 0  # its first blocks the prefix cache has been offered (`PrefixCache.register`)
     snapshot_at: list[int] = field(default_factory=list)  # cached-token counts at which to keep its window
+    num_reused: int = 0  # its first tokens whose full heads' K/V are cached pages it reuses (prefix_cache.py)
+    jump: tuple[int, int] | None = None  # (sink, to): once its sinks are computed, it goes on at `to`
     num_cached_prompt: int | None = None  # prompt tokens its first admission found in the prefix cache
     matcher: object | None = None  # its grammar's llguidance matcher, advanced by the output processor
 
