@@ -29,7 +29,7 @@ stage() {
   prefix)
     python3 benchmarks/prefix_cache.py --device cuda --shape llama-3.1-8b --tokenizer $tok --workdir /tmp/bench \
       --doc-tokens 32000 --max-model-len 33000 --kv-cache-memory 30GiB --max-tokens 16 --shared 16 --documents 24 \
-      --budgets 1.0,0.5 "${vllm[@]}" --json "$P/prefix_cache_h200.json" ;;
+      --caching on --budgets 1.0,0.5 "${vllm[@]}" --json "$P/prefix_cache_h200.json" ;;
   serving)
     python3 benchmarks/gpu_serving.py --tokenizer $tok --workdir /tmp/bench --no-progress "${vllm[@]}" \
       --contexts 8192,32768 --budgets 1.0,0.5,0.25 --max-tokens 1024 --json "$P/gpu_serving_vllm.json" &&

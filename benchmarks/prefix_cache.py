@@ -149,8 +149,9 @@ def servers(args: argparse.Namespace, model: str, profile: str) -> list[tuple[st
     """(name, command(port), extra environment) of every configuration: rheads at each budget, then the
     peers, each with prefix caching on and off."""
     out = []
+    modes = [mode == "on" for mode in args.caching.split(",")]
     for budget in map(float, args.budgets.split(",") if args.budgets else []):
-        for caching in (True, False):
+        for caching in modes:
             flags = [model, "--kv-cache-memory", args.kv_cache_memory, "--device", args.device,
                      "--budget", str(budget), "--profile", profile if budget < 1 else "none",
                      "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
@@ -160,7 +161,7 @@ def servers(args: argparse.Namespace, model: str, profile: str) -> list[tuple[st
     if "vllm" in args.peers.split(","):
         from rheads.cli import parse_memory
 
-        for caching in (True, False):
+        for caching in modes:
             flags = ["--dtype", "bfloat16", "--enable-prompt-tokens-details",
                      "--kv-cache-memory-bytes", str(int(parse_memory(args.kv_cache_memory))),
                      "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="0.5,1.0", help="rheads configurations ('': the peers alone)")
     p.add_argument("--peers", default="", help="'vllm': also `vllm serve` with the same model and KV bytes")
     p.add_argument("--vllm-pythonpath", help="PYTHONPATH for `vllm serve` alone (benchmarks/vllm_parts.py)")
+    p.add_argument("--caching", default="on,off", choices=["on,off", "on", "off"],
+                   help="servers with prefix caching on, off or both (a first request is cold either way)")
     p.add_argument("--doc-tokens", type=int, default=4000)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)

@@ -217,7 +217,7 @@ def test_a_document_without_a_snapshot_recomputes_the_streaming_heads(llama, tok
     model, split = ((llama, SPLITS["budget-0.5"]) if model_name == "llama" else (gemma2_hybrid(), HeadSplit(((), (1,)), 2)))
     span = 3 * WINDOW if model_name == "llama" else 6 + WINDOW  # the windows of the layers with streaming heads
     doc = prompt(doc_len, 3)
-    prompts = [doc + prompt(3, 10 + i) for i in range(3)]  # shorter than the window: the answer sees the document's
+    prompts = [doc + prompt(5, 10 + i) for i in range(3)]  # shorter than the window: the answer sees the document's
     engine = engine_for(model, tokenizer, split, sink=sink)
     assert (engine.blocks.prefix.span, engine.blocks.prefix.sink) == (span, sink)
     results, hits = serve_in_turn(engine, prompts)

@@ -140,8 +140,14 @@ class ModelRunner:
             return
         sizes = [s for s in GRAPH_BATCH_SIZES if s < max_batch]
         sizes += [s for s in GRAPH_BATCH_SIZES if s >= max_batch][:1]
-        for size in reversed(sizes):
-            self._graph(size)
+        try:
+            for size in reversed(sizes):
+                self._graph(size)
+        except RuntimeError as error:  # an op capture refuses: a host sync or a pageable copy in the model's code
+            self.graphs.clear()
+            self.graph_pool, self.use_graphs = None, False
+            log.warning("CUDA graphs off, decode steps run eagerly: this model's decode step cannot be captured "
+                        "in %s (%s)", self.cache.config.dtype, str(error).splitlines()[0])
 
     def _graph(self, size: int) -> "_DecodeGraph":
         graph = self.graphs.get(size)
