@@ -154,6 +154,8 @@ def servers(args: argparse.Namespace, model: str, profile: str) -> list[tuple[st
         for caching in modes:
             flags = [model, "--kv-cache-memory", args.kv_cache_memory, "--device", args.device,
                      "--budget", str(budget), "--profile", profile if budget < 1 else "none",
+                     *(["--window", str(args.window)] if args.window else []),
+                     *(["--sink", str(args.sink)] if args.sink is not None else []),
                      "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
                      *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
             out.append((f"budget {budget:g}, caching {'on' if caching else 'off'}",
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-pythonpath", help="PYTHONPATH for `vllm serve` alone (benchmarks/vllm_parts.py)")
     p.add_argument("--caching", default="on,off", choices=["on,off", "on", "off"],
                    help="servers with prefix caching on, off or both (a first request is cold either way)")
+    p.add_argument("--window", type=int, help="rheads' streaming window (default: the profile's); a smaller one "
+                   "shortens the recompute of the streaming heads (layers x window tokens) on a short document")
+    p.add_argument("--sink", type=int, help="rheads' attention sinks (default: the profile's)")
     p.add_argument("--doc-tokens", type=int, default=4000)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)

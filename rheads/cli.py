@@ -200,8 +200,8 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "--max-num-seqs slots of live requests (default: max-num-seqs / 8, at least 1)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="processes the model is sharded over, one per GPU (NCCL) or all on the CPU (gloo), each "
-                   "layer's retrieval heads balanced over them; needs --no-enable-prefix-caching, and serves "
-                   "without CUDA graphs or async decode (default: %(default)s)")
+                   "layer's retrieval heads balanced over them; serves without CUDA graphs or async decode "
+                   "(default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None,
@@ -543,9 +543,6 @@ def run_serve(args: argparse.Namespace) -> int:
                           snapshot_slots=args.snapshot_slots)
     model = args.model_flag or args.model
     if args.tensor_parallel_size > 1:
-        if args.enable_prefix_caching:
-            raise SystemExit("rheads: error: --tensor-parallel-size needs --no-enable-prefix-caching (prefix caching "
-                             "is not sharded yet)")
         from .engine.tensor_parallel import start_serving, stop_serving
 
         engine, followers = start_serving(args.tensor_parallel_size, model, profile, config, args.trust_remote_code)

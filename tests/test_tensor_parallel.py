@@ -10,7 +10,8 @@
    heads (4 to 3) the logprobs equal the masked reference; each rank's cache holds the heads the plan gives it, every rank's pools have the
    fewest pages and slots any rank's memory holds, and rank 0's pools (whose page and slot numbers are
    every rank's) are empty once the requests end.
-3. `rheads serve --tensor-parallel-size` refuses prefix caching, before it loads anything.
+3. With prefix caching, questions over one document reuse it on both ranks: the recompute of the streaming
+   heads and the snapshots (slot copies made on rank 0, replayed by rank 1) keep the masked reference.
 
 Both ranks run in one launch for the whole module, bounded by a deadline and the process group's timeout.
 """
@@ -18,6 +19,7 @@ Both ranks run in one launch for the whole module, bounded by a deadline and the
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import oracles
@@ -133,7 +135,9 @@ CASES = {"full": ("llama", {}, FULL, [5, 17, 9, 23], balanced_plan),
          "half": ("llama", {}, HALF, [41, 53, 30], balanced_plan),
          "half-biases": ("llama", dict(attention_bias=True, mlp_bias=True), HALF, [41, 30], balanced_plan),
          "odd-qwen3": ("qwen3", {}, ODD, [41, 30], balanced_plan),
-         "half-contiguous": ("llama", {}, HALF, [41, 30], contiguous_plan)}
+         "half-contiguous": ("llama", {}, HALF, [41, 30], contiguous_plan),
+         "half-prefix": ("llama", {}, HALF, [40], balanced_plan)}
+# half-prefix: questions over one document, one after another, with prefix caching (`_prefix_prompts`)
 MAX_TOKENS = 6
 LAUNCH_DEADLINE = 120  # seconds for both processes to start, serve every case and stop
 GROUP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this fails its rank
@@ -145,7 +149,22 @@ def tiny_model(case: str):
 
 
 def prompts(case: str) -> list[list[int]]:
+    if case == "half-prefix":
+        return _prefix_prompts()
     return [oracles.random_prompt(n, seed=n, vocab=VOCAB) for n in CASES[case][3]]
+
+
+def _prefix_prompts() -> list[list[int]]:
+    """Three questions over a 40-token document, then the first again: the second finds the document's pages
+    with no snapshot at its end and recomputes the streaming heads (after its 4 sinks, the last 3 windows of
+    8 before position 40: 12 tokens not computed), the third finds the snapshot the second kept there (40),
+    the fourth its own prompt's (44)."""
+    doc = oracles.random_prompt(CASES["half-prefix"][3][0], seed=77, vocab=VOCAB)
+    questions = [doc + oracles.random_prompt(5, seed=80 + i, vocab=VOCAB) for i in range(3)]
+    return questions + questions[:1]
+
+
+PREFIX_HITS = 12 + 40 + 44  # `_prefix_prompts`'s
 
 
 def _own_sizes(shard) -> PoolSizes:
@@ -165,7 +184,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         for case, (_, _, split, _, sharding) in CASES.items():
             model = tiny_model(case)
             if rank:
-                shard = follow(model, split, config, sharding)
+                shard = follow(model, split, replace(config, enable_prefix_caching=case == "half-prefix"), sharding)
                 report[case] = {"split": shard.split, "sizes": shard.sizes, "own": _own_sizes(shard),
                                 "footprint": shard.cache(SHAPE["head_dim"]).footprint}
                 continue
@@ -174,11 +193,15 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             ids = prompts(case)
             arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(ids[:2])],
                         3: [(f"r{i}", p, params) for i, p in enumerate(ids[2:], start=2)]}
+            if case == "half-prefix":  # one after another, each finding what the one before it cached
+                arrivals = {20 * i: [(f"r{i}", p, params)] for i, p in enumerate(ids)}
             peak = []
-            with TensorParallelEngine(model, tokenizer, split, config, sharding=sharding) as engine:
+            engine_config = replace(config, enable_prefix_caching=case == "half-prefix")
+            with TensorParallelEngine(model, tokenizer, split, engine_config, sharding=sharding) as engine:
                 results = oracles.run(engine, arrivals, after_step=lambda e, _: peak.append(e.usage().pages_used))
                 cache = engine.cache
-                report[case] = {"results": results, "usage": engine.usage(), "peak_pages": max(peak),
+                hits = engine.blocks.prefix.hits if engine.blocks.prefix else 0
+                report[case] = {"results": results, "usage": engine.usage(), "peak_pages": max(peak), "hits": hits,
                                 "split": engine.split, "sizes": engine.shard.sizes, "own": _own_sizes(engine.shard),
                                 "pools": (cache.num_pages, cache.num_seq_slots, cache.num_slots - cache.num_seq_slots),
                                 "footprint": cache.footprint}
@@ -252,8 +275,9 @@ def test_pools_empty_after_the_requests(served, case) -> None:
     assert (usage.pages_used, usage.slots_used, usage.bytes_used) == (0, 0, 0)
 
 
-def test_serve_refuses_prefix_caching_with_tensor_parallelism() -> None:
-    from rheads.cli import main
-
-    with pytest.raises(SystemExit, match="--no-enable-prefix-caching"):
-        main(["serve", "smollm2-135m-instruct", "--tensor-parallel-size", "2"])
+def test_prefix_caching_reaches_every_rank(served) -> None:
+    """The later questions over the document were served from the cache, recomputing the streaming heads and
+    restoring snapshots on both ranks (rank 1's slots took rank 0's copies and clears: else the masked
+    reference, which test_partial_budget_equals_masked_reference holds them to, would not be met)."""
+    assert served[0]["half-prefix"]["hits"] == PREFIX_HITS
+    assert served[0]["half-prefix"]["usage"].slots_cached > 0

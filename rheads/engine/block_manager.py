@@ -29,9 +29,8 @@ class BlockManager:
     def __init__(self, cache: HeadSplitCache, prefix_caching: bool = False):
         self.cache = cache
         # Without full heads there are no pages to hold a prefix: nothing is cached then.
-        streaming = cache.streaming_geometries()
-        self.prefix = (PrefixCache(cache.config.page_size, bool(streaming), sum(w for _, w in streaming),
-                                   max((s for s, _ in streaming), default=0))
+        span, sink = cache.recompute
+        self.prefix = (PrefixCache(cache.config.page_size, span > 0, span, sink)
                        if prefix_caching and cache.has_full_heads else None)
         self.free_pages = list(range(cache.num_pages - 1, -1, -1))
         self.free_slots = list(range(cache.num_slots - 1, -1, -1))

@@ -83,6 +83,14 @@ def held_positions(start: int, sink: int, window: int, device: torch.device | st
                       torch.arange(max(sink, start - window), max(sink, start), device=device)])
 
 
+def recompute_span(split: HeadSplit, config: CacheConfig) -> tuple[int, int]:
+    """(span, sink) of a recompute of the streaming heads from cached pages (`prefix_cache.py`): the sum of
+    the windows of the layers that have streaming heads, and the most sinks one of them has."""
+    geometries = [layer_geometry(split, layer, config) for layer, n in enumerate(split.num_full)
+                  if n < split.num_kv_heads]
+    return sum(w for _, w in geometries), max((s for s, _ in geometries), default=0)
+
+
 class CacheFullError(RuntimeError):
     """An allocation beyond the free pages or slots: the scheduler checks (and preempts) before it
     allocates, so this means a scheduling bug, not a full cache."""
@@ -145,6 +153,7 @@ class HeadSplitCache:
         self.layer_geometry = [self.geometries.index(g) for g in geometry]
         self.bytes_per_page, self.bytes_per_slot = footprint.bytes_per_page, footprint.bytes_per_slot
         self.bytes_per_token_full = footprint.bytes_per_token_full
+        self.recompute = recompute_span(split, config)  # of the whole model's heads (tensor parallelism: every rank's)
         pages, slots, snapshots = sizes or PoolSizes.of(footprint, config)
         self.num_pages, self.num_seq_slots, self.num_slots = pages, slots, slots + snapshots
         # One more page and slot than the memory holds: never handed out, they take the writes of the
@@ -183,10 +192,6 @@ class HeadSplitCache:
         for pool in (*self.ring_k, *self.ring_v):
             if pool is not None:
                 pool[slot].zero_()
-
-    def streaming_geometries(self) -> list[tuple[int, int]]:
-        """(sink, window) of every layer that has streaming heads, in layer order."""
-        return [self.geometry(layer) for layer, pool in enumerate(self.ring_k) if pool is not None]
 
     def geometry(self, layer: int) -> tuple[int, int]:
         """(sink, window) of the layer's streaming heads."""

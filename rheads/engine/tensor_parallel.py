@@ -17,8 +17,12 @@ other ranks before its forward (`BroadcastingRunner`); they replay it (`follow`)
 the same numbers of pages and window slots (the smallest any rank's memory holds), so the page and slot
 numbers rank 0 hands out mean the same on every rank, and admission there counts every rank's pools.
 
-Not yet: prefix caching (a snapshot copied between slots on rank 0 alone), pipelined decode (its tokens
-stay on rank 0's device) and CUDA graphs (captured per rank, and the followers would need them replayed).
+Prefix caching is decided on rank 0 like every allocation; what it does to the slots' contents (a snapshot
+of the streaming heads copied or restored, a slot cleared for a recompute) rank 0's cache keeps for the
+next step to take along (`_SlotLog`), so every rank's slots hold the same positions' entries of its own heads.
+
+Not yet: pipelined decode (its tokens stay on rank 0's device) and CUDA graphs (captured per rank, and the
+followers would need them replayed).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import nn
 
 from ..profiling.profile import head_dim_of
 from .block_manager import BlockManager
-from .cache import CacheConfig, Footprint, HeadSplitCache, PoolSizes
+from .cache import CacheConfig, Footprint, HeadSplitCache, PoolSizes, recompute_span
 from .fused import LLAMA_STYLE_ATTENTION, LLAMA_STYLE_LAYERS, LLAMA_STYLE_MLPS
 from .heads import HeadSplit, _rows
 from .integration import Kernels, ModelIntegration
@@ -190,18 +194,16 @@ class Shard:
     cache_config: CacheConfig
     sizes: PoolSizes
 
-    def cache(self, head_dim: int) -> HeadSplitCache:
-        return HeadSplitCache(self.split, head_dim, self.cache_config, self.sizes)
+    def cache(self, head_dim: int, kind: type[HeadSplitCache] = HeadSplitCache) -> HeadSplitCache:
+        return kind(self.split, head_dim, self.cache_config, self.sizes)
 
 
 def prepare_rank(model, split: HeadSplit, config: EngineConfig, sharding: Sharding = balanced_plan) -> Shard:
     """Shard `model` in place for this process's rank of the default process group, under the `sharding`
     plan of `split` (every rank passes the same model, split and sharding; `contiguous_plan` is there to be
     compared with), and agree with the other ranks on the pools' sizes (a collective: every rank calls it)."""
-    if config.enable_prefix_caching:
-        raise ValueError("tensor parallelism does not serve with prefix caching yet: turn it off")
     config = replace(config, window=DEFAULT_WINDOW if config.window is None else config.window,
-                     async_decode=False, cuda_graphs=False, snapshot_slots=0)
+                     async_decode=False, cuda_graphs=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     max_len = config.max_model_len or model.config.max_position_embeddings
     plan = sharding(split.with_windows(served_windows(model.config, max_len)), world)
@@ -221,18 +223,56 @@ def prepare_rank(model, split: HeadSplit, config: EngineConfig, sharding: Shardi
 @dataclass(frozen=True)
 class ChunkPlan:
     """What a rank other than 0 needs of one chunk of a step: the sequence's slot and pages, where the chunk
-    starts, and the tokens it feeds."""
+    starts, the tokens it feeds, and whether it reuses cached pages (`Chunk.reuses`)."""
 
     slot: int
     start: int
     token_ids: list[int]
     samples: bool
     pages: list[int]
+    reuses: bool = False
 
     @classmethod
     def of(cls, chunk: Chunk) -> "ChunkPlan":
         seq, start = chunk.seq, chunk.seq.num_cached
-        return cls(seq.slot, start, seq.token_ids(start, start + chunk.num_tokens), chunk.samples, list(seq.pages))
+        return cls(seq.slot, start, seq.token_ids(start, start + chunk.num_tokens), chunk.samples, list(seq.pages),
+                   chunk.reuses)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step for the other ranks: the slot copies (source, target) and clears (slot, None) rank 0's
+    block manager made since the step before, in order, then the chunks."""
+
+    slot_ops: list[tuple[int, int | None]]
+    chunks: list[ChunkPlan]
+
+    def apply_slot_ops(self, cache: HeadSplitCache) -> None:
+        for source, target in self.slot_ops:
+            if target is None:
+                cache.clear_slot(source)
+            else:
+                cache.copy_slot(source, target)
+
+
+class _SlotLog(HeadSplitCache):
+    """Rank 0's cache: it keeps what prefix caching does to the slots' contents for the next `Step`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot_ops: list[tuple[int, int | None]] = []
+
+    def copy_slot(self, source: int, target: int) -> None:
+        super().copy_slot(source, target)
+        self.slot_ops.append((source, target))
+
+    def clear_slot(self, slot: int) -> None:
+        super().clear_slot(slot)
+        self.slot_ops.append((slot, None))
+
+    def take_slot_ops(self) -> list[tuple[int, int | None]]:
+        ops, self.slot_ops = self.slot_ops, []
+        return ops
 
 
 @dataclass(frozen=True)
@@ -257,7 +297,7 @@ class _Replica:
         return self.plan.token_ids[start - self.plan.start:end - self.plan.start]
 
 
-def _broadcast(step: list[ChunkPlan] | None) -> list[ChunkPlan] | None:
+def _broadcast(step: Step | None) -> Step | None:
     """Rank 0's step (None: stop) to every rank; what rank 0 sent."""
     message = [step]
     dist.broadcast_object_list(message, src=0)
@@ -270,7 +310,7 @@ class BroadcastingRunner(ModelRunner):
     def run(self, chunks: list[Chunk], input_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if input_tokens is not None:
             raise ValueError("tensor parallelism does not pipeline decode steps")
-        _broadcast([ChunkPlan.of(chunk) for chunk in chunks])
+        _broadcast(Step(self.cache.take_slot_ops(), [ChunkPlan.of(chunk) for chunk in chunks]))
         return super().run(chunks)
 
 
@@ -291,7 +331,9 @@ class TensorParallelEngine(LLMEngine):
         self._following = True
 
     def _allocate_cache(self, split: HeadSplit, head_dim: int) -> HeadSplitCache:
-        return self.shard.cache(head_dim)
+        cache = self.shard.cache(head_dim, _SlotLog)
+        cache.recompute = recompute_span(self.shard.plan.split, self.shard.cache_config)  # every rank's heads
+        return cache
 
     def close(self) -> None:
         try:
@@ -315,9 +357,11 @@ def follow(model, split: HeadSplit, config: EngineConfig, sharding: Sharding = b
         tables = BlockManager(cache).block_tables  # rank 0's pages of each slot, as each step brings them
         runner = ModelRunner(model, cache, tables, max_len, cuda_graphs=False)
         while (step := _broadcast(None)) is not None:
-            for chunk in step:
+            step.apply_slot_ops(cache)
+            for chunk in step.chunks:
                 tables[chunk.slot, :len(chunk.pages)] = torch.tensor(chunk.pages, dtype=tables.dtype)
-            runner.run([Chunk(_Replica(chunk), len(chunk.token_ids), chunk.samples) for chunk in step])
+            runner.run([Chunk(_Replica(chunk), len(chunk.token_ids), chunk.samples, chunk.reuses)
+                        for chunk in step.chunks])
     finally:
         integration.undo()
     return shard
