@@ -232,6 +232,30 @@ def test_a_document_without_a_snapshot_recomputes_the_streaming_heads(llama, tok
     assert_only_cached(engine)
 
 
+def test_questions_arriving_together_wait_for_the_first_ones_snapshot(llama, tokenizer, split) -> None:
+    """One question over a document, then three at once: at budget 0.5 the first of the three to run
+    recomputes the streaming heads at the document's end and keeps a snapshot there; the other two wait for
+    it (`Hit.waits`) and compute nothing of the document. Each gives its cold result."""
+    doc = prompt(44, 3)
+    prompts = [doc + prompt(5, 10 + i) for i in range(4)]
+    engine = engine_for(llama, tokenizer, split)
+    first = run(engine, {0: [("q0", prompts[0], PARAMS)]}, check_pools)
+    before, found = engine.blocks.prefix.hits, {}
+
+    def after_step(engine, step):
+        check_pools(engine, step)
+        for seq in engine.scheduler.running:
+            found.setdefault(seq.request_id, seq.num_cached_prompt)
+    together = run(engine, {0: [(f"q{i}", p, PARAMS) for i, p in enumerate(prompts[1:], 1)]}, after_step)
+    span = 0 if all_full(split) else 3 * WINDOW + SINK  # the recompute's tokens (with its sinks)
+    assert found == {"q1": 44 - span, "q2": 44, "q3": 44}
+    assert engine.blocks.prefix.hits - before == 3 * 44 - span
+    for cold, rid in zip(cold_results(llama, tokenizer, split, prompts), ["q0", "q1", "q2", "q3"]):
+        check_same(cold, {**first, **together}[rid], llama, split)
+    assert_only_cached(engine)
+    assert not engine.blocks.prefix.coming  # every snapshot a sequence was to keep, taken or let go
+
+
 # --- sharing, pressure, the ways a request ends ------------------------------------------------------
 
 @pytest.mark.parametrize("async_decode", [False, True], ids=["sync", "pipelined"])

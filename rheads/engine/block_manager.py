@@ -53,8 +53,11 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         """Whether a new sequence fits now with num_tokens tokens (default: its tokens and one more): a slot
-        and the pages its cached prefix does not cover, which cannot come from that prefix's own pages."""
+        and the pages its cached prefix does not cover, which cannot come from that prefix's own pages;
+        and not while it waits for a snapshot a running sequence is about to keep (`Hit.waits`)."""
         hit = self.lookup(seq)
+        if hit.waits:
+            return False
         needed = self.cache.pages_for(seq.num_tokens + 1 if num_tokens is None else num_tokens) - len(hit.pages)
         evictable = self.prefix.evictable if self.prefix else ()
         available = self.num_free_pages - sum(page in evictable for page in hit.pages)

@@ -20,14 +20,17 @@ prefix of M tokens needs their state as of M too. Two ways to have it:
   full heads from the pages and write only the streaming heads (`Chunk.reuses`).
 A sequence starts from whichever is later: the last snapshot on its matched chain, or M - span. So a
 cached prefix costs its full heads' pages alone, a snapshot only saves the recompute, and every cached
-page boundary is a hit. Without streaming heads (budget 1.0) every hit resumes at M.
+page boundary is a hit. A sequence that would recompute where a running one is about to keep a snapshot
+(questions arriving together over a document: the first to run branches there) waits for it instead
+(`Hit.waits`): a few steps, where it would compute the span itself. Without streaming heads (budget 1.0)
+every hit resumes at M.
 """
 
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from .sequence import Sequence
@@ -45,6 +48,7 @@ class Hit:
     start: int = 0
     snapshot: int | None = None
     jump: tuple[int, int] | None = None
+    waits: bool = False  # a running sequence will keep a snapshot at matched_tokens: better to wait for it
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +69,7 @@ class PrefixCache:
         self.hash_of: dict[int, bytes] = {}  # registered page -> its block hash
         self.evictable: OrderedDict[int, None] = OrderedDict()  # registered pages nobody holds, LRU first
         self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # block hash -> slot (state at its end), LRU first
+        self.coming: Counter[bytes] = Counter()  # block hash -> running sequences that will keep a snapshot there
         self.queries = self.hits = 0  # prompt tokens looked up and found, since start (Prometheus counters)
 
     def clear(self) -> tuple[list[int], list[int]]:
@@ -99,12 +104,20 @@ class PrefixCache:
         while kept and seq.block_hashes[kept - 1] not in self.snapshots:
             kept -= 1
         snapshot = self.snapshots[seq.block_hashes[kept - 1]] if kept else None
-        recompute = matched - self.span
+        recompute, waits = matched - self.span, kept < len(pages) and self.coming[seq.block_hashes[len(pages) - 1]] > 0
         if kept * self.page_size >= recompute:
-            return Hit(pages, matched, kept * self.page_size, snapshot)
+            return Hit(pages, matched, kept * self.page_size, snapshot, waits=waits)
         if recompute <= self.sink:
-            return Hit(pages, matched)
-        return Hit(pages, matched, jump=(self.sink, recompute))
+            return Hit(pages, matched, waits=waits)
+        return Hit(pages, matched, jump=(self.sink, recompute), waits=waits)
+
+    def expect(self, seq: Sequence, points: list[int], count: int) -> None:
+        """Count (count=1) or stop counting (-1) the snapshots seq is to keep at these points."""
+        for point in points:
+            digest = seq.block_hashes[point // self.page_size - 1]
+            self.coming[digest] += count
+            if not self.coming[digest]:
+                del self.coming[digest]
 
     def snapshot_points(self, seq: Sequence, hit: Hit) -> list[int]:
         """Where seq's streaming heads are to be kept (see the module docstring): ascending, past the hit."""

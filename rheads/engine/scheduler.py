@@ -65,13 +65,15 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
-        seq.num_cached, seq.snapshot_at, seq.num_reused, seq.jump = 0, [], 0, None
+        self._keep_snapshots_at(seq, [])
+        seq.num_cached, seq.num_reused, seq.jump = 0, 0, None
 
     def preempt(self, seq: Sequence) -> None:
         """Give a running sequence's cache back and queue it first, to be computed again from its first token."""
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.num_cached, seq.status, seq.snapshot_at, seq.num_reused, seq.jump = 0, Status.WAITING, [], 0, None
+        self._keep_snapshots_at(seq, [])
+        seq.num_cached, seq.status, seq.num_reused, seq.jump = 0, Status.WAITING, 0, None
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -115,7 +117,7 @@ class Scheduler:
             if seq.num_cached_prompt is None:
                 seq.num_cached_prompt = hit.num_tokens
             if self.blocks.prefix:
-                seq.snapshot_at = self.blocks.prefix.snapshot_points(seq, hit)
+                self._keep_snapshots_at(seq, self.blocks.prefix.snapshot_points(seq, hit))
             n = self._prefill_tokens(seq, room)
             self.blocks.append(seq, seq.num_cached + n)
             chunks.append(Chunk.of(seq, n))
@@ -171,7 +173,14 @@ class Scheduler:
         if seq.snapshot_at and seq.num_cached >= seq.snapshot_at[0]:
             if seq.num_cached == seq.snapshot_at[0]:
                 self.blocks.snapshot(seq)
-            seq.snapshot_at = [p for p in seq.snapshot_at if p > seq.num_cached]
+            self._keep_snapshots_at(seq, [p for p in seq.snapshot_at if p > seq.num_cached])
+
+    def _keep_snapshots_at(self, seq: Sequence, points: list[int]) -> None:
+        """Where seq is still to keep snapshots, counted by the prefix cache (`Hit.waits`)."""
+        if self.blocks.prefix:
+            self.blocks.prefix.expect(seq, seq.snapshot_at, -1)
+            self.blocks.prefix.expect(seq, points, 1)
+        seq.snapshot_at = points
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
