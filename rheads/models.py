@@ -38,11 +38,10 @@ VERIFIED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
     "CohereForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "Starcoder2ForCausalLM", "Phi3ForCausalLM",
     "SmolLM3ForCausalLM", "Glm4ForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-    "GptOssForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM",
+    "GptOssForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM", "StableLmForCausalLM",
 )
 # What stands in the way of those seen to fail (the rest are simply unverified)
 KNOWN_GAPS = {
-    "StableLmForCausalLM": "its decoder layer does not pass the engine's batch to attention",
     "HeliumForCausalLM": "its attention's shapes differ from the Llama layout the engine assumes",
 }
 

@@ -13,6 +13,7 @@ soft-capped scores (`softcap`) and learned sinks (`s_aux`, one logit per query h
 from __future__ import annotations
 
 import copy
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import pytest
@@ -133,11 +134,15 @@ def model_softmax(scores: torch.Tensor, mask: torch.Tensor, kwargs: dict) -> tor
     return torch.cat([scores, column], -1).softmax(-1)[..., :-1]
 
 
+# for a decoder layer that does not pass its keyword arguments on to attention (StableLM's)
+REFERENCE: ContextVar[tuple | None] = ContextVar("rheads_reference", default=None)
+
+
 def sink_window_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Softmax attention over one unpadded sequence in the inputs' precision as a fused kernel computes it
     (scores and softmax in fp32, the probabilities rounded to the inputs' dtype before they weigh the
     values); streaming heads see sink + window only; the model's windows, soft-caps and sinks apply."""
-    split, sink, window = kwargs["rheads_reference"]
+    split, sink, window = kwargs.get("rheads_reference") or REFERENCE.get()
     _, num_heads, n, _ = query.shape
     group = num_heads // key.shape[1]
     positions = torch.arange(n, device=query.device)
@@ -154,7 +159,7 @@ def sink_window_reference_chunked(module, query, key, value, attention_mask, sca
     """`sink_window_reference` by blocks of `block` queries, so that a long sequence's scores fit in memory
     (at 31k tokens one layer's [heads, n, n] scores in fp32 would not): each block's scores against the keys
     up to its last query (later ones are masked for all of it), with the same mask and precision."""
-    split, sink, window, block = kwargs["rheads_reference"]
+    split, sink, window, block = kwargs.get("rheads_reference") or REFERENCE.get()
     _, num_heads, n, _ = query.shape
     group = num_heads // key.shape[1]
     keys = key.float().repeat_interleave(group, dim=1)
@@ -193,8 +198,12 @@ def reference_logprobs(model, ids: list[int], split: HeadSplit | None = None, si
     if split is not None:
         ref.config._attn_implementation = REF_ATTENTION if block is None else REF_ATTENTION_CHUNKED
         kwargs["rheads_reference"] = (split, sink, window) + (() if block is None else (block,))
-    with torch.inference_mode():
-        logits = ref(torch.tensor([ids], device=ref.device), use_cache=False, **kwargs).logits[0]
+    token = REFERENCE.set(kwargs.get("rheads_reference"))
+    try:
+        with torch.inference_mode():
+            logits = ref(torch.tensor([ids], device=ref.device), use_cache=False, **kwargs).logits[0]
+    finally:
+        REFERENCE.reset(token)
     return logits.float().log_softmax(-1).cpu()
 
 

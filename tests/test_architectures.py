@@ -46,6 +46,8 @@ FAMILIES = {  # model_type -> the config's extras
     "phi3": {"sliding_window": None, "partial_rotary_factor": 0.75},
     "smollm3": {"no_rope_layer_interval": 2},
     "glm4": {"partial_rotary_factor": 0.5},
+    "stablelm": {"qk_layernorm": True, "use_parallel_residual": True, "partial_rotary_factor": 0.25,
+                 "use_qkv_bias": True},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 64, "sliding_window": 64, "use_sliding_window": False},
 }
@@ -67,7 +69,7 @@ HYBRID = {
     "olmo3": ("olmo3", {**ALTERNATING}),
     "exaone4": ("exaone4", {**ALTERNATING}),
 }
-REFUSED = {"stablelm": {}, "helium": {}, "gpt_neox": {}}
+REFUSED = {"helium": {}, "gpt_neox": {}}
 
 
 def tiny(model_type: str, **extras):

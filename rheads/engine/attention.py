@@ -20,6 +20,7 @@ cuDNN, SDPA and the band's FlexAttention call take neither change.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,11 @@ class BatchMeta:
     decode: DecodeBatch | None = None
     plans: cudnn_prefill.CudnnPlans | None = None  # the full heads' prefill shapes planned in this thread
     residual: Residual = field(default_factory=Residual)
+
+
+# A decoder layer that does not pass its keyword arguments on to its attention (StableLM's) drops
+# `rheads_batch`: the runner also sets the batch here for the duration of each forward.
+CURRENT_BATCH: ContextVar[BatchMeta | None] = ContextVar("rheads_batch", default=None)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling: float,
@@ -231,7 +237,7 @@ def head_split_attention(module, query, key, value, attention_mask, scaling=None
 
     The layer's window comes from the cache (the model's config, read once); its score changes from the
     keyword arguments its module passes (`ScoreMods.of`)."""
-    meta: BatchMeta = kwargs["rheads_batch"]
+    meta: BatchMeta = kwargs.get("rheads_batch") or CURRENT_BATCH.get()
     mods = ScoreMods.of(kwargs)
     cache, layer = meta.cache, module.layer_idx
     num_full = cache.split.num_full[layer]

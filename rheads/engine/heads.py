@@ -168,13 +168,23 @@ def _permute(model, orders: list[list[int]]) -> None:
         o.copy_(_rows(o.t().contiguous(), q_order, head_dim).t())
         if getattr(attn, "sinks", None) is not None:  # GPT-OSS: a learned sink logit per query head
             attn.sinks.copy_(attn.sinks[q_order])
-        for norm, order in ((getattr(attn, "q_norm", None), q_order), (getattr(attn, "k_norm", None), kv_order)):
+        for names, order in ((("q_norm", "q_layernorm"), q_order), (("k_norm", "k_layernorm"), kv_order)):
+            norm = next((getattr(attn, n) for n in names if getattr(attn, n, None) is not None), None)
             _permute_norm(norm, order, head_dim)
 
 
 def _permute_norm(norm, order: torch.Tensor, head_dim: int) -> None:
-    """A q or k norm whose weights span every head (Olmo2's over heads x head_dim, Cohere's per head) moves
-    with its heads; one shared by the heads (Qwen3's over head_dim) has nothing to move."""
+    """A q or k norm whose weights span every head (Olmo2's over heads x head_dim, Cohere's per head,
+    StableLM's one LayerNorm per head) moves with its heads; one shared by the heads (Qwen3's over
+    head_dim) has nothing to move."""
+    per_head = getattr(norm, "norms", None)  # StableLM's modules, one per head
+    if per_head is not None:
+        for name in ("weight", "bias"):
+            params = [getattr(m, name) for m in per_head if getattr(m, name, None) is not None]
+            if params:
+                for param, moved in zip(params, torch.stack(params)[order]):
+                    param.copy_(moved)
+        return
     for param in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
         if param is not None and param.numel() == len(order) * head_dim:
             param.copy_(_rows(param.reshape(-1), order, head_dim).view_as(param))

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .attention import BatchMeta, SeqSlice
+from .attention import CURRENT_BATCH, BatchMeta, SeqSlice
 from .cache import HeadSplitCache, ring_index
 from .cudnn_prefill import CudnnPlans
 from .decode import DecodeBatch
@@ -101,11 +101,8 @@ class ModelRunner:
         position_ids = to_device(positions, device)
         decode = self.decode_batch(decoding).to(device) if decoding else None
         meta = BatchMeta(self.cache, slices, position_ids, decode, self.plans)
-        hidden = self.model.model(
-            input_ids=(to_device(ids, device) if input_tokens is None else input_tokens)[None],
-            position_ids=position_ids[None],
-            use_cache=False, rheads_batch=meta,
-        ).last_hidden_state[0]
+        hidden = forward_model(self.model, meta, (to_device(ids, device) if input_tokens is None else input_tokens)[None],
+                               position_ids[None])
         return model_logits(self.model, hidden[to_device(last, device)]) if last else hidden[:0]
 
     def decode_batch(self, decoding: list[tuple[int, Chunk]], size: int | None = None,
@@ -166,6 +163,18 @@ class ModelRunner:
         return graph.logits[:len(chunks)]
 
 
+def forward_model(model, meta: BatchMeta, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states [tokens, hidden] over one packed batch ([1, tokens] ids and positions),
+    every attention layer handed `meta` (as a keyword argument, and in `CURRENT_BATCH` for a layer that
+    does not pass its keyword arguments on)."""
+    token = CURRENT_BATCH.set(meta)
+    try:
+        return model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                           rheads_batch=meta).last_hidden_state[0]
+    finally:
+        CURRENT_BATCH.reset(token)
+
+
 def sample_on_host(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int] = frozenset()) -> RunnerOutput:
     """Each sequence's next token from its row of [rows, vocab] logits, as its request adjusts them
     (`adjust_logits`); a failing row (a bad request's settings) fails alone, with its error."""
@@ -204,9 +213,7 @@ class _DecodeGraph:
         meta = BatchMeta(runner.cache, [], self.positions[0], self.batch)
 
         def forward() -> torch.Tensor:
-            hidden = runner.model.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=False,
-                                        rheads_batch=meta).last_hidden_state[0]
-            return model_logits(runner.model, hidden)
+            return model_logits(runner.model, forward_model(runner.model, meta, self.input_ids, self.positions))
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
