@@ -8,9 +8,11 @@
 #          bash benchmarks/h200_pending.sh start [STAGES]     (default: every stage, in this order)
 #   then, each call within 30 s of the last:  bash benchmarks/h200_pending.sh wait SECONDS
 # Stages (each writes its JSON and log under /tmp/pending, which `wait` packs into $OUT/pending.tgz):
-#   tests       scripts/test-gpu: the merged hybrid layers, grammar rows, everything since 73e920a (issue 22, 26)
+#   tests       scripts/test-gpu (last run at 1a465c1, 2026-12-04: 273 passed, 7 failed: 6 MoE cases fixed
+#               since, the marginal real SmolLM2 bf16 bound); since then the recompute's waits, StableLM
 #   structured  bench_structured.py at batch 1 and 32, budget 0.5, Llama-3.1-8B shape (issue 26)
-#   prefix      prefix_cache.py: a shared 32k document and many documents, rheads 1.0/0.5 and vLLM (issues 21, 23)
+#   prefix      prefix_cache.py: a shared 32k document and many documents, rheads 1.0/0.5 and vLLM (issues 21, 23):
+#               the first H200 figures of the recompute of the streaming heads (the run of 2026-12-04 was lost)
 #   serving     gpu_serving.py at 8k and 32k, budgets 1.0/0.5/0.25 beside vLLM, then the arrivals phase (issue 23)
 # All four take more than one session's 30 minutes of device time (tests ~4, structured ~3, prefix ~10,
 # serving ~20 minutes, estimated): name the stages a lease can hold.
