@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from rheads.engine import LLMEngine, RequestOutput, SamplingParams
-from rheads.engine import RequestError
+from rheads.engine import EngineBrokenError, RequestError
 
 from .metrics import Metrics
 
@@ -219,9 +219,12 @@ class EngineClient:
         return failed
 
     def _step(self) -> list[RequestOutput]:
-        """One engine step; if it raises, every request in flight fails with the error (none hangs)."""
+        """One engine step; if it raises, every request in flight fails with the error (none hangs), and if
+        the engine cannot step again (`EngineBrokenError`) the thread dies with it."""
         try:
             return self.engine.step()
+        except EngineBrokenError:  # it cannot step again: the thread dies, /health and every request say so
+            raise
         except Exception as error:  # noqa: BLE001 - reported to each client as an engine error
             outputs = self.engine.fail_all(error)
             logger.error("an engine step failed; failing requests %s", ", ".join(o.request_id for o in outputs),

@@ -21,7 +21,7 @@ from serving import (  # tests/serving.py
     KEY, MAX_MODEL_LEN, NAMES, PRESET, Served, assert_error, build_engine, scrape, wait_idle,
 )
 
-from rheads.engine import SamplingParams
+from rheads.engine import EngineBrokenError, SamplingParams
 from server.app import ServerSettings, create_app
 from server.engine_client import EngineClient, EngineStartError, QueueFullError
 
@@ -306,6 +306,34 @@ def test_an_engine_thread_that_does_not_get_ready_fails_the_start_up(engine, mon
     assert not client._thread.is_alive()
     with pytest.raises(EngineStartError):
         asyncio.run(EngineClient(_SlowStart(), _NoMetrics()).start(timeout=0.2))
+
+
+def test_a_broken_engine_ends_the_thread_with_503(one_thread_module):
+    """An engine that cannot step again (`EngineBrokenError`: a tensor-parallel forward failed on rank 0)
+    is not retried: its thread dies with it, and /health and every new request say why."""
+    engine = build_engine()
+    srv = Served(create_app(engine, ServerSettings(served_model_names=NAMES)))
+    try:
+        armed, real = threading.Event(), engine.step
+
+        def step():
+            if armed.is_set():
+                raise EngineBrokenError("the group is gone: restart the server")
+            return real()
+
+        engine.step = step
+        body = {"prompt": "Once", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{srv.base}/v1/completions", json=body, timeout=60) as r:
+            events = sse_data(r)
+            next(events)
+            armed.set()
+            assert "restart the server" in last_event(events)
+        health = httpx.get(f"{srv.base}/health", timeout=5)
+        assert "restart the server" in assert_error(health, 503, "ServiceUnavailableError")["message"]
+        refused = httpx.post(srv.base + "/v1/completions", json={"prompt": "Hi"}, timeout=5)
+        assert "restart the server" in assert_error(refused, 503, "ServiceUnavailableError")["message"]
+    finally:
+        srv.stop()
 
 
 class _SlowStart(_QueueEngine):

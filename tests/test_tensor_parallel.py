@@ -12,6 +12,7 @@
    every rank's) are empty once the requests end.
 3. With prefix caching, questions over one document reuse it on both ranks: the recompute of the streaming
    heads and the snapshots (slot copies made on rank 0, replayed by rank 1) keep the masked reference.
+4. A forward that fails on rank 0 after rank 1 began it breaks the engine for good and lets rank 1 go.
 
 Both ranks run in one launch for the whole module, bounded by a deadline and the process group's timeout.
 """
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 from oracles import GREEDY, check_logprobs_against
 from transformers import AutoTokenizer
 
-from rheads.engine import EngineConfig, SamplingParams
+from rheads.engine import EngineBrokenError, EngineConfig, SamplingParams
 from rheads.engine.cache import Footprint, PoolSizes
 from rheads.engine.heads import HeadSplit
 from rheads.engine.tensor_parallel import (TensorParallelEngine, balanced_plan, contiguous_plan, follow, free_port,
@@ -205,9 +206,40 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
                                 "split": engine.split, "sizes": engine.shard.sizes, "own": _own_sizes(engine.shard),
                                 "pools": (cache.num_pages, cache.num_seq_slots, cache.num_slots - cache.num_seq_slots),
                                 "footprint": cache.footprint}
+        report["broken"] = _break_rank_0(rank, config)  # last: it leaves the group
         torch.save(report, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _break_rank_0(rank: int, config: EngineConfig) -> dict:
+    """A forward that fails on rank 0 after rank 1 has begun it (rank 0's first MLP raises): rank 0's engine
+    raises EngineBrokenError, then again at once on the next step; rank 1, waiting in the MLP's all-reduce
+    rank 0 never reaches, fails as rank 0 leaves the group instead of waiting for ever."""
+    model, split = tiny_model("half"), CASES["half"][2]
+    started = time.monotonic()
+    if rank:
+        try:
+            follow(model, split, config)
+        except RuntimeError as error:
+            return {"follower_error": type(error).__name__, "seconds": time.monotonic() - started}
+        return {"follower_error": None}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+    engine = TensorParallelEngine(model, tokenizer, split, config)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+    engine.model.model.layers[0].mlp.forward = fail
+    engine.add_request("doomed", prompts("half")[0], SamplingParams(max_tokens=2, **GREEDY))
+    errors = []
+    for _ in range(2):
+        try:
+            engine.step()
+        except EngineBrokenError as error:
+            errors.append(str(error))
+    engine.close()
+    return {"errors": errors}
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +305,14 @@ def test_pools_empty_after_the_requests(served, case) -> None:
     assert report["peak_pages"] > 0
     usage = report["usage"]
     assert (usage.pages_used, usage.slots_used, usage.bytes_used) == (0, 0, 0)
+
+
+def test_a_forward_failing_on_rank_0_breaks_the_engine_and_frees_the_followers(served) -> None:
+    errors = served[0]["broken"]["errors"]
+    assert len(errors) == 2 and all("restart the server" in e and "injected" in e for e in errors)
+    follower = served[1]["broken"]
+    # it failed as rank 0 left, not after the group's timeout (a serving group's is a year)
+    assert follower["follower_error"] is not None and follower["seconds"] < GROUP_TIMEOUT.total_seconds() / 2
 
 
 def test_prefix_caching_reaches_every_rank(served) -> None:

@@ -3,8 +3,8 @@
 from .heads import HeadSplit, random_split, select_heads
 from .llm import EngineConfig, LLMEngine
 from .offline import LLM
-from .requests import RequestError, RequestLimits
+from .requests import EngineBrokenError, RequestError, RequestLimits
 from .sequence import RequestOutput, SamplingParams
 
-__all__ = ["LLM", "EngineConfig", "HeadSplit", "LLMEngine", "RequestError", "RequestLimits", "RequestOutput",
+__all__ = ["LLM", "EngineBrokenError", "EngineConfig", "HeadSplit", "LLMEngine", "RequestError", "RequestLimits", "RequestOutput",
            "SamplingParams", "random_split", "select_heads"]

@@ -21,6 +21,11 @@ class RequestError(ValueError):
         self.param = param
 
 
+class EngineBrokenError(RuntimeError):
+    """The engine cannot step again (a tensor-parallel forward failed on rank 0 after the other ranks had
+    begun it, so their collectives and rank 0's no longer pair up): the server must be restarted."""
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     vocab_size: int

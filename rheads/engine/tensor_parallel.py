@@ -45,6 +45,7 @@ from .heads import HeadSplit, _rows
 from .integration import Kernels, ModelIntegration
 from .llm import DEFAULT_WINDOW, EngineConfig, LLMEngine, cache_config_of, cache_memory, load_served, served_windows
 from .messages import Chunk
+from .requests import EngineBrokenError
 from .runner import ModelRunner
 
 
@@ -305,13 +306,26 @@ def _broadcast(step: Step | None) -> Step | None:
 
 
 class BroadcastingRunner(ModelRunner):
-    """Rank 0's runner: each forward's chunks go to the other ranks first, so that they run it too."""
+    """Rank 0's runner: each forward's chunks go to the other ranks first, so that they run it too. A forward
+    that fails here after that leaves them waiting in a collective rank 0 will not reach, and any later
+    step's would pair with the wrong one: the group is left (so that theirs fail, on gloo at once) and the
+    engine is broken for good (`EngineBrokenError`)."""
+
+    broken: str | None = None
 
     def run(self, chunks: list[Chunk], input_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.broken:
+            raise EngineBrokenError(self.broken)
         if input_tokens is not None:
             raise ValueError("tensor parallelism does not pipeline decode steps")
         _broadcast(Step(self.cache.take_slot_ops(), [ChunkPlan.of(chunk) for chunk in chunks]))
-        return super().run(chunks)
+        try:
+            return super().run(chunks)
+        except Exception as error:
+            self.broken = (f"a forward failed on rank 0 after the other ranks had begun it ({error!r}); the "
+                           "tensor-parallel group is gone: restart the server")
+            dist.destroy_process_group()
+            raise EngineBrokenError(self.broken) from error
 
 
 class TensorParallelEngine(LLMEngine):
@@ -339,7 +353,7 @@ class TensorParallelEngine(LLMEngine):
         try:
             super().close()
         finally:
-            if self._following:
+            if self._following and not self.runner.broken:
                 self._following = False
                 _broadcast(None)
 
@@ -400,7 +414,7 @@ def _serve_follower(index: int, world_size: int, port: int, model_spec: str, pro
         model, _, split, config, _ = load_served(model_spec, profile, config, trust_remote_code)
         follow(model, split, config)
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # (rank 0 may have left already: this rank's own handle is still there)
 
 
 def start_serving(world_size: int, model_spec: str, profile, config: EngineConfig,
@@ -417,9 +431,15 @@ def start_serving(world_size: int, model_spec: str, profile, config: EngineConfi
 
 
 def stop_serving(engine: TensorParallelEngine, followers: mp.ProcessContext, timeout: float = 60.0) -> None:
-    """Close rank 0's engine (which lets the followers go), wait for them, and leave the group."""
+    """Close rank 0's engine (which lets the followers go), wait for them, and leave the group (unless a
+    broken engine left it already, its followers failing as it went)."""
     try:
         engine.close()
-        followers.join(timeout)
+        try:
+            followers.join(timeout)
+        except mp.ProcessRaisedException:
+            if not engine.runner.broken:
+                raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
