@@ -198,6 +198,10 @@ def reference_logprobs(model, ids: list[int], split: HeadSplit | None = None, si
     if split is not None:
         ref.config._attn_implementation = REF_ATTENTION if block is None else REF_ATTENTION_CHUNKED
         kwargs["rheads_reference"] = (split, sink, window) + (() if block is None else (block,))
+    elif getattr(ref.config, "attn_logit_softcapping", None):
+        # the model's eager attention, which soft-caps: transformers 5.17 lets Gemma 2 default to SDPA,
+        # which drops the soft-cap silently (5.25 no longer does)
+        ref.config._attn_implementation = "eager"
     token = REFERENCE.set(kwargs.get("rheads_reference"))
     try:
         with torch.inference_mode():
