@@ -75,8 +75,9 @@ def attention_modifiers(model) -> list[str]:
 
 def check_device_supported(model, device: str) -> None:
     """Refuse on CUDA what has passed the oracles only on the CPU: soft-capped or sink attention, whose GPU
-    path (the decode kernel's soft-cap and sink terms, graph capture of the sink logits) failed
-    `scripts/test-gpu` on the H200 (benchmarks/RESULTS.md, "GPU tests", 2026-12-04)."""
+    path failed `scripts/test-gpu` on the H200 (benchmarks/RESULTS.md, "GPU tests", 2026-12-04). Since
+    found: Gemma 2's failure was the oracle's (its truth ran SDPA, without the soft-cap) and GPT-OSS's
+    capture failure its MoE routing in fp32 (now decoded eagerly); lifted once test-gpu passes them."""
     if str(device).startswith("cuda") and (found := attention_modifiers(model)):
         raise UnsupportedModelError(
             f"{type(model).__name__} with {' and '.join(found)} is served on the CPU only for now: on CUDA its "
