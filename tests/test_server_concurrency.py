@@ -308,42 +308,19 @@ def test_an_engine_thread_that_does_not_get_ready_fails_the_start_up(engine, mon
         asyncio.run(EngineClient(_SlowStart(), _NoMetrics()).start(timeout=0.2))
 
 
-def test_a_broken_engine_ends_the_thread_with_503(one_thread_module):
-    """An engine that cannot step again (`EngineBrokenError`: a tensor-parallel forward failed on rank 0)
-    is not retried: its thread dies with it, and /health and every new request say why."""
-    engine = build_engine()
-    srv = Served(create_app(engine, ServerSettings(served_model_names=NAMES)))
-    try:
-        armed, real = threading.Event(), engine.step
-
-        def step():
-            if armed.is_set():
-                raise EngineBrokenError("the group is gone: restart the server")
-            return real()
-
-        engine.step = step
-        body = {"prompt": "Once", "max_tokens": 500, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{srv.base}/v1/completions", json=body, timeout=60) as r:
-            events = sse_data(r)
-            next(events)
-            armed.set()
-            assert "restart the server" in last_event(events)
-        health = httpx.get(f"{srv.base}/health", timeout=5)
-        assert "restart the server" in assert_error(health, 503, "ServiceUnavailableError")["message"]
-        refused = httpx.post(srv.base + "/v1/completions", json={"prompt": "Hi"}, timeout=5)
-        assert "restart the server" in assert_error(refused, 503, "ServiceUnavailableError")["message"]
-    finally:
-        srv.stop()
-
-
 class _SlowStart(_QueueEngine):
     def prepare_thread(self) -> None:
         time.sleep(1)
 
 
-def test_a_dead_engine_thread_fails_fast_with_503(one_thread_module, caplog):
-    """A failure the engine thread cannot report through the engine (here fail_all fails too) ends it: the
-    request in flight gets an error, /health and every new request a 503 that says so, at once."""
+@pytest.mark.parametrize("error, fail_all_fails, cause", [
+    (RuntimeError("the device is gone"), True, "and cannot be reset"),
+    (EngineBrokenError("the group is gone: restart the server"), False, "restart the server")],
+    ids=["unreportable", "broken"])
+def test_a_dead_engine_thread_fails_fast_with_503(one_thread_module, caplog, error, fail_all_fails, cause):
+    """A failure the engine thread cannot report through the engine (fail_all fails too), or an engine that
+    cannot step again (`EngineBrokenError`: a tensor-parallel forward failed on rank 0), ends it: the request
+    in flight gets an error, /health and every new request a 503 that says why, at once."""
     engine = build_engine()
     srv = Served(create_app(engine, ServerSettings(served_model_names=NAMES)))
     try:
@@ -352,11 +329,12 @@ def test_a_dead_engine_thread_fails_fast_with_503(one_thread_module, caplog):
 
         def step():
             if armed.is_set():
-                raise RuntimeError("the device is gone")
+                raise error
             return real()
 
         engine.step = step
-        engine.fail_all = lambda error: (_ for _ in ()).throw(RuntimeError("and cannot be reset"))
+        if fail_all_fails:
+            engine.fail_all = lambda error: (_ for _ in ()).throw(RuntimeError("and cannot be reset"))
         body = {"prompt": "Once", "max_tokens": 500, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{srv.base}/v1/completions", json=body, timeout=60) as r:
             events = sse_data(r)
@@ -369,7 +347,7 @@ def test_a_dead_engine_thread_fails_fast_with_503(one_thread_module, caplog):
         for path, json_body in [("/v1/completions", {"prompt": "Hi"}),
                                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]:
             refused = httpx.post(srv.base + path, json=json_body, timeout=5)
-            assert "and cannot be reset" in assert_error(refused, 503, "ServiceUnavailableError")["message"]
+            assert cause in assert_error(refused, 503, "ServiceUnavailableError")["message"]
         assert time.monotonic() - started < 5
         assert any(rec.levelno == logging.CRITICAL and rec.name == "rheads.server" for rec in caplog.records)
     finally:
