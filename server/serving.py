@@ -336,18 +336,19 @@ class ChatRendering(Rendering):
                 for i in range(self.body.n)]
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
-        text, calls = out.new_text, []
+        text, calls, called = out.new_text, [], False
         if self.tools is not None:
             stream = self.streams.setdefault(index, ToolStream(self.tools))
-            text = stream.feed(text)
+            text, calls = stream.feed(text)
             if out.finished:
-                rest, calls = stream.finish()
-                text += rest
-        delta = {"content": text} if text or not out.finished else {}
+                rest, more = stream.finish()
+                text, calls = text + rest, calls + more
+            called = stream.calls > 0
+        delta = {"content": text} if text or not (out.finished or calls) else {}
         if calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+            delta["tool_calls"] = calls
         return {"index": index, "delta": delta, "logprobs": self.logprobs(out.new_logprobs),
-                "finish_reason": finish_reason(out.finish_reason, calls)}
+                "finish_reason": finish_reason(out.finish_reason, called)}
 
     def choice(self, index: int, choice: Choice) -> dict:
         content, calls = self.tools.parse(choice.text) if self.tools is not None else (choice.text, [])
@@ -355,11 +356,11 @@ class ChatRendering(Rendering):
         if calls:
             message["tool_calls"] = calls
         return {"index": index, "message": message, "logprobs": self.logprobs(choice.logprobs),
-                "finish_reason": finish_reason(choice.finish_reason, calls)}
+                "finish_reason": finish_reason(choice.finish_reason, bool(calls))}
 
 
-def finish_reason(reason: str | None, calls: list[dict]) -> str | None:
-    return "tool_calls" if calls and reason == "stop" else reason
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class OpenAIServingChat(OpenAIServing):
