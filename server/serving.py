@@ -190,6 +190,10 @@ class OpenAIServing(abc.ABC):
         """The grammar the output must follow (validated with the request), and the field it comes from."""
         return body.grammar(), body.guide
 
+    def kept_special_ids(self, body) -> tuple[int, ...]:
+        """Special tokens this request's output text must keep (decoding skips every other)."""
+        return ()
+
     async def checked_grammar(self, body) -> str | None:
         """The grammar, checked over the model's tokenizer on the tokenizing worker (where the first
         grammar's tokenizer wrapping happens too, not in the engine thread)."""
@@ -238,6 +242,7 @@ class OpenAIServing(abc.ABC):
         prompts = await self.prompt_ids(body)
         params = body.to_sampling_params(self.max_tokens(body, max(map(len, prompts))),
                                          await self.checked_grammar(body))
+        params = dataclasses.replace(params, keep_special_ids=self.kept_special_ids(body))
         rendering = await self.rendering(body, prompts)
         rid = new_id(self.id_prefix)
         gen = self.start(prompts, params, body.n, rid)
@@ -377,6 +382,9 @@ class OpenAIServingChat(OpenAIServing):
         if body.calls_tools and self.tools is None:
             raise bad_request("this model's chat template takes no tools (serve it with a chat template that "
                               "does: rheads serve --chat-template)", "tools")
+
+    def kept_special_ids(self, body: ChatCompletionRequest) -> tuple[int, ...]:
+        return self.tools.kept_ids if body.calls_tools else ()  # the tool calls' markers, to read the calls
 
     def grammar(self, body: ChatCompletionRequest) -> tuple[str | None, str | None]:
         forced = body.forced_tools

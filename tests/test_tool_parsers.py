@@ -4,7 +4,7 @@ in OpenAI's shape; the families' detection from chat templates, and their forcin
 
 from __future__ import annotations
 
-import json
+import copy
 
 import llguidance.hf
 import pytest
@@ -12,10 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from rheads.engine import SamplingParams
+from rheads.engine.output import detokenize
+from rheads.engine.sequence import Sequence
 from rheads.models import resolve_model
 
 from server.structured import lark_grammar
-from server.tools import FAMILIES, ToolFamily, ToolStream, family_name
+from server.tools import FAMILIES, ToolFamily, ToolStream, family_name, family_of
 
 
 def family(name: str, **kwargs) -> ToolFamily:
@@ -150,8 +153,8 @@ def test_family_from_the_chat_template(template, family):
 
 
 @pytest.fixture(scope="module")
-def ll_tokenizer():
-    return llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path))
+def ll_tokenizer(hf_tokenizer):
+    return llguidance.hf.from_tokenizer(hf_tokenizer)
 
 
 TOOLS = [("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
@@ -165,6 +168,9 @@ TOOLS = [("get_weather", {"type": "object", "properties": {"city": {"type": "str
     (LLAMA, '{"name":"ping","parameters":{}}', True),
     (LLAMA, '{"name":"get_weather","parameters":{}}', False),  # city is required
     (MISTRAL, '[TOOL_CALLS][{"name":"ping","arguments":{}}]', True),
+    (family("mistral", named=True), '[TOOL_CALLS]get_weather[ARGS]{"city":"Oslo"}', True),
+    (family("mistral", named=True), '[TOOL_CALLS]ping[ARGS]{}[TOOL_CALLS]ping[ARGS]{}', False),  # one call
+    (family("mistral", named=True), '[TOOL_CALLS]get_weather[ARGS]{}', False),
 ])
 def test_forcing_grammars_accept_calls_alone(family, text, ok, ll_tokenizer):
     """The forcing grammar takes a whole call of one of the tools and nothing else."""
@@ -173,3 +179,33 @@ def test_forcing_grammars_accept_calls_alone(family, text, ok, ll_tokenizer):
     accepted = matcher.consume_tokens(ll_tokenizer.tokenize_str(text)) and matcher.is_accepting()
     assert accepted == ok
     assert family.parse(text)[1] or not ok
+
+
+def test_special_token_markers_are_kept_and_read(hf_tokenizer):
+    """Mistral's markers are special tokens, which decoding skips: a family over such a tokenizer names
+    them, its grammar emits them as tokens, the output processor keeps them (only them) in the text, and
+    the calls are read out of it; skipped, the text would be `get_weather{..}ping{}`, which is no call."""
+    tokenizer = copy.deepcopy(hf_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]", "[ARGS]"]})
+    tokenizer.chat_template = "[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS] [TOOL_CALLS]name[ARGS]arguments"
+    mistral = family_of(tokenizer)
+    calls, args = tokenizer.convert_tokens_to_ids(["[TOOL_CALLS]", "[ARGS]"])
+    assert mistral.name == "mistral" and mistral.named and mistral.special == {"[TOOL_CALLS]": calls, "[ARGS]": args}
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")  # special and not a marker: still skipped
+    ids = [*encode("Sure."), calls, *encode("get_weather"), args, *encode('{"city":"Oslo"}'), calls,
+           *encode("ping"), args, *encode("{}")]
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer),
+                                   lark_grammar(mistral.grammar(TOOLS, one=False)), log_level=0)
+    assert matcher.consume_tokens(ids[len(encode("Sure.")):]) and matcher.is_accepting()
+    seq = Sequence("r", [1], SamplingParams(keep_special_ids=mistral.kept_ids))
+    for token in [*ids, im_end]:
+        seq.output_ids.append(token)
+        text = detokenize(tokenizer, seq)
+    assert text == 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city":"Oslo"}[TOOL_CALLS]ping[ARGS]{}'
+    content, got = mistral.parse(text)
+    assert content == "Sure." and raw_calls(got) == [("get_weather", '{"city":"Oslo"}'), ("ping", "{}")]
+    assert mistral.parse(tokenizer.decode(ids, skip_special_tokens=True))[1] == []
