@@ -190,6 +190,10 @@ class OpenAIServing(abc.ABC):
         """The grammar the output must follow (validated with the request), and the field it comes from."""
         return body.grammar(), body.guide
 
+    def kept_special_ids(self, body) -> tuple[int, ...]:
+        """Special tokens this request's output text must keep (decoding skips every other)."""
+        return ()
+
     async def checked_grammar(self, body) -> str | None:
         """The grammar, checked over the model's tokenizer on the tokenizing worker (where the first
         grammar's tokenizer wrapping happens too, not in the engine thread)."""
@@ -238,6 +242,7 @@ class OpenAIServing(abc.ABC):
         prompts = await self.prompt_ids(body)
         params = body.to_sampling_params(self.max_tokens(body, max(map(len, prompts))),
                                          await self.checked_grammar(body))
+        params = dataclasses.replace(params, keep_special_ids=self.kept_special_ids(body))
         rendering = await self.rendering(body, prompts)
         rid = new_id(self.id_prefix)
         gen = self.start(prompts, params, body.n, rid)
@@ -336,18 +341,19 @@ class ChatRendering(Rendering):
                 for i in range(self.body.n)]
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
-        text, calls = out.new_text, []
+        text, calls, called = out.new_text, [], False
         if self.tools is not None:
             stream = self.streams.setdefault(index, ToolStream(self.tools))
-            text = stream.feed(text)
+            text, calls = stream.feed(text)
             if out.finished:
-                rest, calls = stream.finish()
-                text += rest
-        delta = {"content": text} if text or not out.finished else {}
+                rest, more = stream.finish()
+                text, calls = text + rest, calls + more
+            called = stream.calls > 0
+        delta = {"content": text} if text or not (out.finished or calls) else {}
         if calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+            delta["tool_calls"] = calls
         return {"index": index, "delta": delta, "logprobs": self.logprobs(out.new_logprobs),
-                "finish_reason": finish_reason(out.finish_reason, calls)}
+                "finish_reason": finish_reason(out.finish_reason, called)}
 
     def choice(self, index: int, choice: Choice) -> dict:
         content, calls = self.tools.parse(choice.text) if self.tools is not None else (choice.text, [])
@@ -355,11 +361,11 @@ class ChatRendering(Rendering):
         if calls:
             message["tool_calls"] = calls
         return {"index": index, "message": message, "logprobs": self.logprobs(choice.logprobs),
-                "finish_reason": finish_reason(choice.finish_reason, calls)}
+                "finish_reason": finish_reason(choice.finish_reason, bool(calls))}
 
 
-def finish_reason(reason: str | None, calls: list[dict]) -> str | None:
-    return "tool_calls" if calls and reason == "stop" else reason
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -376,6 +382,9 @@ class OpenAIServingChat(OpenAIServing):
         if body.calls_tools and self.tools is None:
             raise bad_request("this model's chat template takes no tools (serve it with a chat template that "
                               "does: rheads serve --chat-template)", "tools")
+
+    def kept_special_ids(self, body: ChatCompletionRequest) -> tuple[int, ...]:
+        return self.tools.kept_ids if body.calls_tools else ()  # the tool calls' markers, to read the calls
 
     def grammar(self, body: ChatCompletionRequest) -> tuple[str | None, str | None]:
         forced = body.forced_tools

@@ -1,5 +1,5 @@
-"""Tool calls in a model's own words: which format a chat template asks for, how to read the calls out of
-the text the model writes (whole, or as it streams), and the grammar that forces a call
+"""Tool calls in a model's own words: which format a chat template asks for, the calls read out of the text
+the model writes (whole, or as it streams: tool_parsing.py), and the grammar that forces a call
 (`tool_choice: "required"` or a named function).
 
 Families, chosen from the chat template:
@@ -7,17 +7,17 @@ Families, chosen from the chat template:
   `<tool_call>{"name": .., "arguments": {..}}</tool_call>`, one block per call;
 - llama3_json (Llama 3.1-3.3): the whole answer is `{"name": .., "parameters": {..}}` (calls separated
   by ";"), after an optional `<|python_tag|>`;
-- mistral: `[TOOL_CALLS][{"name": .., "arguments": {..}}, ..]`.
+- mistral: `[TOOL_CALLS][{"name": .., "arguments": {..}}, ..]`, or from the v11 tokenizers on (a template
+  that writes `[ARGS]`) `[TOOL_CALLS]name[ARGS]{..}` per call; both are read whichever the template.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .structured import lark_json, lark_literal
+from .tool_parsing import ToolParser
 
 
 @dataclass(frozen=True)
@@ -25,34 +25,39 @@ class ToolFamily:
     name: str
     start: str  # the text that opens the calls; "" when the answer itself is the call (Llama's JSON)
     arguments_key: str  # what the model names a call's arguments
-    start_token: int | None = None  # the start's token id where it is one special token (no text to match)
+    special: dict[str, int] = field(default_factory=dict)  # the format's markers that are special tokens: ids
+    named: bool = False  # Mistral's v11 format, `[TOOL_CALLS]name[ARGS]{..}`, is the one its template writes
+
+    @property
+    def kept_ids(self) -> tuple[int, ...]:
+        """Special tokens the output's text must keep for the calls to be read (decoding skips the others)."""
+        return tuple(self.special.values())
 
     def parse(self, text: str) -> tuple[str, list[dict]]:
-        """The answer's content (the text before the calls, as written) and its tool calls (in the API's
-        shape); text that does not parse as calls is content, whole."""
-        content, calls = PARSERS[self.name](text, self)
-        if calls is None:
-            return text, []
-        return content, [api_call(call, self.arguments_key) for call in calls]
+        """The answer's content (the text that is no call, as written) and its tool calls (the API's shape)."""
+        stream = ToolStream(self)
+        content, deltas = stream.feed(text)
+        rest, more = stream.finish()
+        calls: list[dict] = []
+        for delta in deltas + more:
+            if "id" in delta:
+                calls.append({"id": delta["id"], "type": "function", "function": dict(delta["function"])})
+            else:
+                calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+        return content + rest, calls
 
-    def content_room(self, text: str) -> int:
-        """How much of a streamed answer's text so far is content for sure: the text before the calls'
-        start, less any tail that may still become it."""
-        if not self.start or self.start_token is not None:  # no start in the text: the answer is the calls
-            stripped = text.lstrip()
-            return 0 if not stripped or stripped[0] in "{<[" else len(text)
-        at = text.find(self.start)
-        if at >= 0:
-            return at
-        for keep in range(min(len(self.start) - 1, len(text)), 0, -1):
-            if self.start.startswith(text[-keep:]):
-                return len(text) - keep
-        return len(text)
+    def literal(self, text: str) -> str:
+        """A Lark term for the marker `text`: its special token where it is one, else its text."""
+        return f"<[{self.special[text]}]>" if text in self.special else lark_literal(text)
 
     def grammar(self, tools: list[tuple[str, dict | None]], one: bool) -> str:
         """A Lark grammar for one call (`one`) or one or more, of these (name, parameters schema) tools."""
         call = {"anyOf": [call_schema(name, parameters, self.arguments_key) for name, parameters in tools]}
-        opening = f"<[{self.start_token}]>" if self.start_token is not None else lark_literal(self.start)
+        opening = self.literal(self.start) if self.start else ""
+        if self.name == "mistral" and self.named:
+            named = [f"{opening} {lark_literal(name)} {self.literal('[ARGS]')} {lark_json(parameters or OBJECT)}"
+                     for name, parameters in tools]
+            return f"start: call{'' if one else '+'}\ncall: {' | '.join(named)}"
         if self.name == "mistral":
             calls = {"type": "array", "items": call, "minItems": 1, **({"maxItems": 1} if one else {})}
             return f"start: {opening} calls\ncalls: {lark_json(calls)}"
@@ -60,78 +65,22 @@ class ToolFamily:
             more = "" if one else ' (";" call)*'
             return f"start: call{more}\ncall: {lark_json(call)}"
         more = "" if one else r' ("\n" block)*'
-        block = rf'{opening} "\n" call "\n" {lark_literal("</tool_call>")}'
+        block = rf'{opening} "\n" call "\n" {self.literal("</tool_call>")}'
         return f"start: block{more}\nblock: {block}\ncall: {lark_json(call)}"
 
 
+OBJECT = {"type": "object"}
+
+
 def call_schema(name: str, parameters: dict | None, arguments_key: str) -> dict:
-    return {"type": "object", "properties": {"name": {"const": name},
-                                             arguments_key: parameters or {"type": "object"}},
+    return {"type": "object", "properties": {"name": {"const": name}, arguments_key: parameters or OBJECT},
             "required": ["name", arguments_key], "additionalProperties": False}
 
 
-def api_call(call: dict, arguments_key: str) -> dict:
-    arguments = call.get(arguments_key, call.get("arguments", call.get("parameters", {})))
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(arguments)}}
-
-
-def is_call(value) -> bool:
-    arguments = value.get("arguments", value.get("parameters")) if isinstance(value, dict) else None
-    return isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(arguments, dict)
-
-
-def json_values(text: str, separator: str = "") -> list | None:
-    """The JSON values `text` holds one after another (whitespace and `separator` between them), or None."""
-    decoder, values, at = json.JSONDecoder(), [], 0
-    while True:
-        while at < len(text) and (text[at].isspace() or text[at] in separator):
-            at += 1
-        if at == len(text):
-            return values
-        try:
-            value, at = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:
-            return None
-        values.append(value)
-
-
-def parse_hermes(text: str, family: ToolFamily) -> tuple[str, list[dict] | None]:
-    at = text.find(family.start)
-    if at < 0:
-        return text, None
-    # a model may stop after the last call's JSON, before its closing tag
-    bodies = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text[at:], re.DOTALL)
-    calls = [json_values(body) for body in bodies]
-    if not calls or any(c is None or len(c) != 1 or not is_call(c[0]) for c in calls):
-        return text, None
-    return text[:at], [c[0] for c in calls]
-
-
-def parse_llama3_json(text: str, family: ToolFamily) -> tuple[str, list[dict] | None]:
-    body = text.strip().removeprefix("<|python_tag|>")
-    calls = json_values(body, ";") if body.startswith("{") else None
-    if not calls or not all(map(is_call, calls)):
-        return text, None
-    return "", calls
-
-
-def parse_mistral(text: str, family: ToolFamily) -> tuple[str, list[dict] | None]:
-    at = text.find(family.start)
-    # a special-token start is not in the decoded text: the answer then opens with the calls' array
-    content, body = (text[:at], text[at + len(family.start):]) if at >= 0 else ("", text)
-    values = json_values(body) if body.lstrip().startswith(("[", "{")) else None
-    if not values:
-        return text, None
-    calls = [c for value in values for c in (value if isinstance(value, list) else [value])]
-    if not calls or not all(map(is_call, calls)):
-        return text, None
-    return content, calls
-
-
-PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json, "mistral": parse_mistral}
-FAMILIES = {"hermes": ("<tool_call>", "arguments"), "llama3_json": ("", "parameters"),
-            "mistral": ("[TOOL_CALLS]", "arguments")}
+# name -> (the calls' opening, the arguments' key, the markers the parser reads, kept where special tokens)
+FAMILIES = {"hermes": ("<tool_call>", "arguments", ("<tool_call>", "</tool_call>")),
+            "llama3_json": ("", "parameters", ()),  # <|python_tag|> is optional: skipped, nothing is lost
+            "mistral": ("[TOOL_CALLS]", "arguments", ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"))}
 
 
 def family_name(chat_template: str | None) -> str | None:
@@ -147,31 +96,46 @@ def family_name(chat_template: str | None) -> str | None:
 
 
 def family_of(tokenizer) -> ToolFamily | None:
-    """The tokenizer's chat template's tool family, its start resolved to a special token where it is one."""
+    """The tokenizer's chat template's tool family, with which of its markers are special tokens."""
     name = family_name(tokenizer.chat_template)
     if name is None:
         return None
-    start, arguments_key = FAMILIES[name]
-    token = tokenizer.convert_tokens_to_ids(start) if start else None  # an unknown token maps to unk's id
-    special = token in set(tokenizer.all_special_ids) and tokenizer.convert_ids_to_tokens(token) == start
-    return ToolFamily(name, start, arguments_key, token if special else None)
+    start, arguments_key, markers = FAMILIES[name]
+    special_ids = set(tokenizer.all_special_ids) | {
+        i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    special = {}
+    for marker in markers:
+        token = tokenizer.convert_tokens_to_ids(marker)  # an unknown token maps to unk's id
+        if token in special_ids and tokenizer.convert_ids_to_tokens(token) == marker:
+            special[marker] = token
+    return ToolFamily(name, start, arguments_key, special, named="[ARGS]" in tokenizer.chat_template)
 
 
 class ToolStream:
-    """One streamed choice's text, split as it comes into content to send now and tool calls at the end."""
+    """One choice's text, as it comes, split into content and tool calls in the API's delta shape."""
 
     def __init__(self, family: ToolFamily):
-        self.family, self.text, self.sent = family, "", 0
+        self.parser, self.calls = ToolParser(family.name), 0
 
-    def feed(self, new_text: str) -> str:
-        """The content that `new_text` makes sure of (held back: what may be a call)."""
-        self.text += new_text
-        room = max(self.sent, self.family.content_room(self.text))
-        content, self.sent = self.text[self.sent:room], room
-        return content
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        """The content and the tool-call deltas that the text so far makes sure of."""
+        return self.deltas(self.parser.feed(text))
 
     def finish(self) -> tuple[str, list[dict]]:
-        """The content not sent yet and the calls, once the answer is whole."""
-        content, calls = self.family.parse(self.text)
-        rest = content[self.sent:] if calls else self.text[self.sent:]
-        return rest, calls
+        """The same for what is left once the answer is whole."""
+        return self.deltas(self.parser.finish())
+
+    def deltas(self, events: list[list[str]]) -> tuple[str, list[dict]]:
+        content, deltas = "", []
+        for kind, text in events:
+            if kind == "content":
+                content += text
+            elif kind == "call":
+                deltas.append({"index": self.calls, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                               "function": {"name": text, "arguments": ""}})
+                self.calls += 1
+            elif deltas and deltas[-1]["index"] == self.calls - 1:  # a call's arguments in its first delta
+                deltas[-1]["function"]["arguments"] += text
+            else:
+                deltas.append({"index": self.calls - 1, "function": {"arguments": text}})
+        return content, deltas

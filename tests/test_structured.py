@@ -152,20 +152,38 @@ def test_agent_loop_with_a_named_tool(client, served):
     wait_idle(served.base)
 
 
-def test_required_tool_call_streamed(client):
-    kwargs = dict(model=PRESET, messages=ask("What time is it in UTC?"), max_tokens=64, temperature=0,
-                  tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
-    with ThreadPoolExecutor(2) as pool:  # served in one batch
+def streamed_calls(chunks) -> list[dict]:
+    """The tool calls a stream's deltas add up to, checked to be in OpenAI's shape: a call's first delta
+    carries its index (0, 1, .. in turn), id, type and name, later ones argument fragments of that index."""
+    calls = []
+    for delta in (d for c in chunks for d in c.choices[0].delta.tool_calls or []):
+        if delta.id is not None:
+            assert delta.index == len(calls) and delta.type == "function" and delta.function.name
+            calls.append({"id": delta.id, "name": delta.function.name, "arguments": [delta.function.arguments or ""]})
+        else:
+            assert delta.index == len(calls) - 1 and delta.function.name is None and delta.function.arguments
+            calls[-1]["arguments"].append(delta.function.arguments)
+    return calls
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calls_stream_incrementally(client, choice):
+    """A forced call streamed beside the same request answered whole (one batch, greedy): the call's
+    argument fragments come in several chunks and join to the whole answer's arguments exactly."""
+    kwargs = dict(model=PRESET, messages=ask("What is the weather in Paris? And the time in UTC?"), max_tokens=64,
+                  temperature=0, tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False)
+    with ThreadPoolExecutor(2) as pool:
         streaming = pool.submit(lambda: list(client.chat.completions.create(**kwargs, stream=True)))
         whole = client.chat.completions.create(**kwargs).choices[0]
         chunks = streaming.result()
-    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls
-    names = [c.function.name for c in whole.message.tool_calls]
-    assert set(names) <= {"get_weather", "get_time"}
-    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
-    assert [d.function.name for d in deltas] == names
-    assert [json.loads(d.function.arguments) for d in deltas] == [tool_arguments(c) for c in whole.message.tool_calls]
+    assert whole.finish_reason == "tool_calls" and len(whole.message.tool_calls) == 1
+    calls = streamed_calls(chunks)
+    assert [(c["name"], "".join(c["arguments"])) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    tool_arguments(whole.message.tool_calls[0])  # forced by the grammar: valid JSON
+    assert sum(map(bool, calls[0]["arguments"])) >= 3, calls  # streamed as written, not whole at the end
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     assert all("<tool_call>" not in (c.choices[0].delta.content or "") for c in chunks)
 
 

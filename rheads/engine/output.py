@@ -22,13 +22,27 @@ def detokenize(tokenizer, seq: Sequence) -> str:
     """The whole output's text, decoding only the last few tokens (as vLLM does): the tokens since the
     last committed text, with the ones before them as context, so spaces and merges come out as a
     full decode would. A trailing incomplete UTF-8 character ("\ufffd") is not committed yet."""
-    ids, decode = seq.output_ids, tokenizer.decode
-    prefix = decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-    full = decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    ids, keep = seq.output_ids, seq.params.keep_special_ids
+    prefix = decode(tokenizer, ids[seq.prefix_offset:seq.read_offset], keep)
+    full = decode(tokenizer, ids[seq.prefix_offset:], keep)
     text = seq.decoded + full[len(prefix):]
     if not text.endswith("\ufffd") and len(full) > len(prefix):
         seq.decoded, seq.prefix_offset, seq.read_offset = text, seq.read_offset, len(ids)
     return text
+
+
+def decode(tokenizer, ids: list[int], keep: tuple[int, ...] = ()) -> str:
+    """The tokens' text, special tokens skipped except those in `keep`, which are written as themselves
+    (decoding the spans between them, so that the skipped ones stay skipped)."""
+    if not keep or not any(token in keep for token in ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    parts, start = [], 0
+    for at, token in enumerate(ids):
+        if token in keep:
+            parts += [tokenizer.decode(ids[start:at], skip_special_tokens=True), tokenizer.convert_ids_to_tokens(token)]
+            start = at + 1
+    parts.append(tokenizer.decode(ids[start:], skip_special_tokens=True))
+    return "".join(parts)
 
 
 def process_all(tokenizer, appended: list[Appended]) -> list[tuple[Sequence, RequestOutput | Exception]]:

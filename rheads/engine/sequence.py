@@ -31,6 +31,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # no EOS or stop token id before this many tokens
     grammar: str | None = None  # an llguidance grammar the output must follow (grammar.py); complete: "stop"
+    # special tokens the output's text keeps (a tool-call format's markers, such as Mistral's [TOOL_CALLS]);
+    # every other special token is skipped in decoding, as always
+    keep_special_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
