@@ -96,7 +96,7 @@ MUTANTS = [
     Mutant("a block computed again left out of the chain while its evictable copy stays",
            "rheads/engine/prefix_cache.py",
            "if old is not None and old in self.evictable:", "if False:",
-           ("tests/test_prefix_cache.py", "-x", "-k", "fills_half")),
+           ("tests/test_block_manager.py", "-x", "-k", "computed_again")),
     Mutant("a prefix hit covering the last prompt token", "rheads/engine/prefix_cache.py",
            "(seq.num_tokens - 1) // self.page_size)", "seq.num_tokens // self.page_size)",
            ("tests/test_prefix_cache.py", "-x", "-k", "same_prompt")),

@@ -193,6 +193,30 @@ def test_cached_pages_are_evicted_least_recently_used_last_block_first() -> None
     assert old.pages == new.pages == []
 
 
+def test_a_block_computed_again_takes_the_place_of_its_evictable_copy() -> None:
+    """A prompt of whole blocks computes its last block again (its last token's logits are sampled), though a
+    copy of it is cached from before, evictable. The new copy takes that one's place in the chain, and the
+    old one is freed: else, once the pool evicts the old copy, the chain would lose a block a running
+    sequence holds, and a longer prompt arriving meanwhile would compute it a third time."""
+    blocks = caching_manager(pages=8)
+    doc = list(range(100, 112))  # 3 blocks
+    old = Sequence("old", doc, SamplingParams())
+    blocks.allocate(old, 12)
+    old.num_cached = 12
+    old_last = old.pages[2]
+    blocks.free(old)
+    again = Sequence("again", doc, SamplingParams())
+    hit = blocks.allocate(again, 12)
+    assert hit.num_tokens == 8 and again.pages[:2] == hit.pages  # the last block is computed again
+    again.num_cached = 12
+    blocks.cache_computed(again)
+    digest = again.block_hashes[2]
+    assert blocks.prefix.page_of[digest] == again.pages[2] != old_last
+    assert old_last in blocks.free_pages and old_last not in blocks.prefix.evictable
+    longer = Sequence("longer", doc + [7], SamplingParams())
+    assert blocks.lookup(longer).num_tokens == 12  # while `again` still runs
+
+
 def test_snapshot_slots_cost_their_bytes_and_never_hold_a_live_sequence() -> None:
     probe = HeadSplitCache(SPLIT, HEAD_DIM, CacheConfig(page_size=PAGE, sink=SINK, window=WINDOW, memory_bytes=1 << 20))
     memory = 48 * probe.bytes_per_page + 5 * probe.bytes_per_slot  # slots within half the memory
