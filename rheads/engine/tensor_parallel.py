@@ -257,8 +257,11 @@ class _Replica:
         return self.plan.token_ids[start - self.plan.start:end - self.plan.start]
 
 
-def _broadcast(step: list[ChunkPlan] | None) -> list[ChunkPlan] | None:
-    """Rank 0's step (None: stop) to every rank; what rank 0 sent."""
+CALIBRATED = "calibrated"  # rank 0's word that an fp8 cache's calibration prompt has run: scales fixed from here
+
+
+def _broadcast(step: list[ChunkPlan] | str | None) -> list[ChunkPlan] | str | None:
+    """Rank 0's step (None: stop; CALIBRATED) to every rank; what rank 0 sent."""
     message = [step]
     dist.broadcast_object_list(message, src=0)
     return message[0]
@@ -293,6 +296,12 @@ class TensorParallelEngine(LLMEngine):
     def _allocate_cache(self, split: HeadSplit, head_dim: int) -> HeadSplitCache:
         return self.shard.cache(head_dim)
 
+    def _calibrate_kv_scales(self) -> None:
+        """Every rank measures its own heads' scales on the same prompt (its steps reach them as any other)."""
+        super()._calibrate_kv_scales()
+        if self.cache.quantized:
+            _broadcast(CALIBRATED)
+
     def close(self) -> None:
         try:
             super().close()
@@ -309,12 +318,16 @@ def follow(model, split: HeadSplit, config: EngineConfig, sharding: Sharding = b
     config, head_dim = shard.config, head_dim_of(model.config)
     max_len = config.max_model_len or model.config.max_position_embeddings
     cache = shard.cache(head_dim)
+    cache.start_calibration()  # (an fp8 cache's) until rank 0 says CALIBRATED: its first request is the prompt
     integration = ModelIntegration(model, shard.split, Kernels(
         config.device, config.dtype, head_dim, config.sink, config.window, config.max_num_batched_tokens, max_len))
     try:
         tables = BlockManager(cache).block_tables  # rank 0's pages of each slot, as each step brings them
         runner = ModelRunner(model, cache, tables, max_len, cuda_graphs=False)
         while (step := _broadcast(None)) is not None:
+            if step == CALIBRATED:
+                cache.finish_calibration()
+                continue
             for chunk in step:
                 tables[chunk.slot, :len(chunk.pages)] = torch.tensor(chunk.pages, dtype=tables.dtype)
             runner.run([Chunk(_Replica(chunk), len(chunk.token_ids), chunk.samples) for chunk in step])
