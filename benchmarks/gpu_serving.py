@@ -104,7 +104,7 @@ def capacity(config: LlamaConfig, budget: float, tokens: int, args: argparse.Nam
     """How many sequences of `tokens` tokens rheads' cache holds at `budget` (its own allocator's sizes)."""
     split = random_split(config.num_hidden_layers, config.num_key_value_heads, budget, seed=0)
     engine = EngineConfig(sink=args.sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=torch.bfloat16,
-                          device="meta")  # as `rheads serve` sets it up
+                          device="meta", kv_cache_dtype=args.kv_cache_dtype)  # as `rheads serve` sets it up
     cache = HeadSplitCache(split, head_dim_of(config), cache_config_of(engine, int(args.kv_cache_gib * GIB)))
     if not cache.has_full_heads:
         return cache.num_seq_slots
@@ -230,7 +230,8 @@ def peer_command(peer: str, name: str, model_dir: Path, args: argparse.Namespace
     if peer == "vllm":
         flags = ["--dtype", "bfloat16", "--served-model-name", name, "--kv-cache-memory-bytes",
                  str(int(args.kv_cache_gib * GIB)), "--max-num-seqs", str(args.max_num_seqs), "--max-model-len",
-                 str(max_model_len), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+                 str(max_model_len), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                 "--kv-cache-dtype", args.kv_cache_dtype]
         return lambda port: vllm_command(str(model_dir), flags, port)
     blocks = int(args.kv_cache_gib * GIB) // (256 * kv_bytes_per_token(config))  # its blocks hold 256 tokens
     return lambda port: [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
@@ -247,7 +248,8 @@ def rheads_server_command(name: str, budget: float, model_dir: Path, profile: Pa
              "--kv-cache-memory", f"{args.kv_cache_gib}GiB", "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(max_model_len),
              "--sink", str(args.sink), "--window", str(args.window), "--device", args.device,
-             "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32", "--served-model-name", name]
+             "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32", "--served-model-name", name,
+             "--kv-cache-dtype", args.kv_cache_dtype]
     return lambda port: rheads_command(flags, port)
 
 
@@ -461,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uneven", action="store_true",
                    help="prompts of lengths drawn from [context / 2, context] (concurrency as for context)")
     p.add_argument("--kv-cache-gib", type=float, default=30.0, help="KV memory of every server")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="what rheads' and vLLM's KV caches store (fp8: e4m3; transformers serve has no such option)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--sink", type=int, default=64)

@@ -14,6 +14,8 @@
 #   prefix      prefix_cache.py: a shared 32k document and many documents, rheads 1.0/0.5 and vLLM (issues 21, 23):
 #               the first H200 figures of the recompute of the streaming heads (the run of 2026-12-04 was lost)
 #   serving     gpu_serving.py at 8k and 32k, budgets 1.0/0.5/0.25 beside vLLM, then the arrivals phase (issue 23)
+#   fp8         the fp8 tests (test_fp8.py, the kernel's fp8 case with arbitrary values on CUDA), then gpu_serving.py
+#               at 32k in the same 30 GiB: budgets 1.0/0.5 in bf16 and in fp8, vLLM fp8 beside them (issue 24)
 # All four take more than one session's 30 minutes of device time (tests ~4, structured ~3, prefix ~10,
 # serving ~20 minutes, estimated): name the stages a lease can hold.
 set -uo pipefail
@@ -37,6 +39,12 @@ stage() {
       --contexts 8192,32768 --budgets 1.0,0.5,0.25 --max-tokens 1024 --json "$P/gpu_serving_vllm.json" &&
     python3 benchmarks/gpu_serving.py --tokenizer $tok --workdir /tmp/bench --no-progress "${vllm[@]}" \
       --contexts '' --budgets 1.0,0.5 --arrivals 2 --json "$P/gpu_serving_vllm.json" --section arrivals --merge ;;
+  fp8)
+    python3 -m pytest -q tests/test_fp8.py tests/test_decode_kernel.py -k "fp8" &&
+    python3 benchmarks/gpu_serving.py --tokenizer $tok --workdir /tmp/bench --no-progress --no-peer \
+      --contexts 32768 --budgets 1.0,0.5 --max-tokens 1024 --json "$P/gpu_serving_bf16.json" &&
+    python3 benchmarks/gpu_serving.py --tokenizer $tok --workdir /tmp/bench --no-progress "${vllm[@]}" \
+      --kv-cache-dtype fp8 --contexts 32768 --budgets 1.0,0.5 --max-tokens 1024 --json "$P/gpu_serving_fp8.json" ;;
   *) echo "h200_pending.sh: unknown stage $1" >&2; return 2 ;;
   esac
 }

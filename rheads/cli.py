@@ -43,6 +43,13 @@ def _add_grid_arguments(p: argparse.ArgumentParser, defaults, out_help: str, nee
 
 
 
+def _add_kv_cache_dtype_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="what both KV pools store: auto (the model's dtype) or fp8 (e4m3, half a bf16 cache's bytes; "
+                   "one scale per layer and KV head, fixed at start-up from a calibration prompt; a GPU of compute "
+                   "capability 8.9 or later) (default: %(default)s)")
+
+
 def _add_eval_runtime_arguments(p: argparse.ArgumentParser, dtype_what: str) -> None:
     """Where and how an evaluation runs the model: threads, device, dtype, remote code."""
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -224,6 +231,7 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    _add_kv_cache_dtype_argument(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model repos to run their own Python code (off: nothing else ever does)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -285,6 +293,7 @@ def build_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="KV pool bytes per engine, e.g. 1GiB (default: 512MiB or one longest full-cache sequence)")
     n.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
                    help="most sequences in a running batch (default: %(default)s)")
+    _add_kv_cache_dtype_argument(n)
     n.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
                    help="prefill tokens per engine step (default: %(default)s)")
     _add_eval_runtime_arguments(n, "weights and KV dtype")
@@ -539,7 +548,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=batched_tokens,
                           max_model_len=args.max_model_len, device=device, dtype=dtype,
-                          async_decode=args.async_decode, enable_prefix_caching=args.enable_prefix_caching,
+                          kv_cache_dtype=args.kv_cache_dtype, async_decode=args.async_decode, enable_prefix_caching=args.enable_prefix_caching,
                           snapshot_slots=args.snapshot_slots)
     model = args.model_flag or args.model
     if args.tensor_parallel_size > 1:
@@ -552,9 +561,11 @@ def run_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [source.name] + ([source.preset] if source.preset in PRESETS else [])
     usage, split = engine.usage(), engine.shard.plan.split if args.tensor_parallel_size > 1 else engine.split
     pools = "rank 0's KV pools (every rank's as many pages and slots)" if args.tensor_parallel_size > 1 else "KV pools"
+    stored = str(engine.cache.config.storage_dtype).removeprefix("torch.")
     print(f"rheads: {source.name}: {sum(split.num_full)} of {split.num_layers * split.num_kv_heads} "
-          f"KV heads full (budget {split.fraction_full:.2f}); {pools} {usage.bytes_capacity / 2**20:.0f} MiB: "
-          f"{usage.pages_total} pages, {usage.slots_total} window slots", file=sys.stderr)
+          f"KV heads full (budget {split.fraction_full:.2f}); {pools} {usage.bytes_capacity / 2**20:.0f} MiB "
+          f"of {stored}: {usage.pages_total} pages of {engine.cache.bytes_per_page} bytes, {usage.slots_total} window "
+          f"slots of {engine.cache.bytes_per_slot} bytes", file=sys.stderr)
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or os.environ.get("RHEADS_API_KEY"),
                               max_waiting=args.max_waiting, protect_health_and_metrics=args.protect_health_and_metrics,
                               max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
@@ -627,6 +638,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sink=args.sink,
         window=args.window, page_size=args.page_size, kv_cache_memory=memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, device=args.device, dtype=dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     profile = None if args.profile == "none" else args.profile
     result = evaluate_niah(args.model, config, args.out, profile=profile, trust_remote_code=args.trust_remote_code)

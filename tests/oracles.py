@@ -8,6 +8,8 @@ in MISSION.md (a streaming head's query at q sees key k iff k <= q and (k < sink
 the model's own attention as its modules describe it to an attention function: a sliding-window layer's
 window (`sliding_window`: every head sees k iff k <= q and q - k < window, and no split applies there),
 soft-capped scores (`softcap`) and learned sinks (`s_aux`, one logit per query head in the denominator).
+Two hooks change what the reference attends to, never how: `kv_round` rounds each layer's keys and values
+(an fp8 cache's rounding, worked out here), `mask_edit` hides keys (a bug planted to show a tolerance sees it).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def sink_window_reference(module, query, key, value, attention_mask, scaling=Non
     positions = torch.arange(n, device=query.device)
     mask = visible_keys(split, module.layer_idx, num_heads, group, positions[:, None], positions[None, :], sink, window,
                         kwargs.get("sliding_window"))
+    key, value, mask = _hooks(module.layer_idx, key, value, mask, positions[:, None], positions[None, :], kwargs)
     keys = key.float().repeat_interleave(group, dim=1)
     values = value.float().repeat_interleave(group, dim=1)
     scores = (query.float() @ keys.transpose(-1, -2)) * scaling
@@ -162,6 +165,7 @@ def sink_window_reference_chunked(module, query, key, value, attention_mask, sca
     split, sink, window, block = kwargs.get("rheads_reference") or REFERENCE.get()
     _, num_heads, n, _ = query.shape
     group = num_heads // key.shape[1]
+    key, value, _ = _hooks(module.layer_idx, key, value, None, None, None, {**kwargs, "rheads_mask_edit": None})
     keys = key.float().repeat_interleave(group, dim=1)
     values = value.float().repeat_interleave(group, dim=1)
     out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
@@ -171,10 +175,19 @@ def sink_window_reference_chunked(module, query, key, value, attention_mask, sca
         k_pos = torch.arange(end, device=query.device)[None, :]
         mask = visible_keys(split, module.layer_idx, num_heads, group, q_pos, k_pos, sink, window,
                             kwargs.get("sliding_window"))
+        _, _, mask = _hooks(module.layer_idx, None, None, mask, q_pos, k_pos, {**kwargs, "rheads_kv_round": None})
         scores = (query[:, :, start:end].float() @ keys[:, :, :end].transpose(-1, -2)) * scaling
         weights = model_softmax(scores, mask, kwargs)
         out[:, :, start:end] = (weights.to(query.dtype).float() @ values[:, :, :end]).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _hooks(layer: int, key, value, mask, q_pos, k_pos, kwargs: dict):
+    if key is not None and (kv_round := kwargs.get("rheads_kv_round")):
+        key, value = kv_round(layer, key, value)
+    if mask is not None and (edit := kwargs.get("rheads_mask_edit")):
+        mask = edit(layer, mask, q_pos, k_pos)
+    return key, value, mask
 
 
 AttentionInterface.register(REF_ATTENTION, sink_window_reference)
@@ -183,14 +196,16 @@ AttentionInterface.register(REF_ATTENTION_CHUNKED, sink_window_reference_chunked
 
 def reference_logprobs(model, ids: list[int], split: HeadSplit | None = None, sink: int = 0, window: int = 0,
                        device: str | None = None, dtype: torch.dtype | None = None, block: int | None = None,
-                       last: int | None = None) -> torch.Tensor:
+                       last: int | None = None, kv_round=None, mask_edit=None) -> torch.Tensor:
     """log_softmax of the original model's logits over `ids` in one pass, in fp32 on the CPU: [len(ids), vocab].
 
     With a split: each streaming KV head's query heads see only sink + window; else the model's own
     attention (full causal). `device` / `dtype`: run a copy there and in that precision (the yardstick
     that says how far that precision alone moves the result). `block`: the masked attention by blocks of
     that many queries (long sequences). `last`: only the last rows (a long sequence's full logits in
-    fp32 would take gigabytes)."""
+    fp32 would take gigabytes). `kv_round(layer, key, value) -> (key, value)` [1, Hkv, n, D] in the model's
+    head order, `mask_edit(layer, mask [heads, queries, keys], q_pos, k_pos) -> mask`: see the module docstring;
+    either needs a split (the masked reference)."""
     ref = copy.deepcopy(model)
     if device is not None or dtype is not None:
         ref = ref.to(device or ref.device, dtype or ref.dtype)
@@ -198,6 +213,7 @@ def reference_logprobs(model, ids: list[int], split: HeadSplit | None = None, si
     if split is not None:
         ref.config._attn_implementation = REF_ATTENTION if block is None else REF_ATTENTION_CHUNKED
         kwargs["rheads_reference"] = (split, sink, window) + (() if block is None else (block,))
+        kwargs.update(rheads_kv_round=kv_round, rheads_mask_edit=mask_edit)
     elif getattr(ref.config, "attn_logit_softcapping", None):
         # the model's eager attention, which soft-caps: transformers 5.17 lets Gemma 2 default to SDPA,
         # which drops the soft-cap silently (5.25 no longer does)
@@ -270,3 +286,16 @@ def check_within(truth: torch.Tensor, res: Result, bounds: torch.Tensor, what: s
             assert error <= bound, f"{what}: position {i}, token {token}: logprob {value:.5f} against the " \
                 f"truth's {float(rows[i][token]):.5f}, off by {error:.5f} > bound {bound:.5f}"
     return decided
+
+
+def fp8_rounding(split: HeadSplit, scales: torch.Tensor):
+    """`kv_round` for an fp8 cache with these scales [K or V, layer, KV head in cache order]: each head's
+    entries divided by its scale, saturated at +-448, rounded to e4m3 and multiplied back, worked out here."""
+    def kv_round(layer: int, key: torch.Tensor, value: torch.Tensor):
+        cache_place = torch.argsort(torch.tensor(split.order(layer)))  # a head of the model -> its place in the cache
+        rounded = []
+        for kind, x in enumerate((key, value)):
+            s = scales[kind, layer, cache_place].to(x.device)[None, :, None, None]
+            rounded.append(((x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).to(x.dtype))
+        return tuple(rounded)
+    return kv_round

@@ -240,25 +240,29 @@ LEDGERS: "weakref.WeakKeyDictionary[LLMEngine, Ledger]" = weakref.WeakKeyDiction
 
 
 def analytic_usage(engine: LLMEngine, split: HeadSplit, page: int, sink: int, window: int,
-                   head_dim: int = HEAD_DIM, element: int = 4) -> tuple[int, int, int, int]:
+                   head_dim: int = HEAD_DIM, element: int = 4,
+                   full_element: int | None = None) -> tuple[int, int, int, int]:
     """(pages, slots, bytes, full-equivalent bytes) of the resident sequences, from first principles and
-    the ledger's token counts."""
+    the ledger's token counts; `element`: the pools' bytes per entry, `full_element`: the model's (the full
+    cache the saving is against; default `element`)."""
     layers, kv = len(split.full), split.num_kv_heads
     full_heads = sum(len(heads) for heads in split.full)
     stream_heads = layers * kv - full_heads
     per_page = page * full_heads * 2 * head_dim * element
     per_slot = (sink + window) * stream_heads * 2 * head_dim * element
-    per_token_all = layers * kv * 2 * head_dim * element
+    per_token_all = layers * kv * 2 * head_dim * (full_element or element)
     cached = [LEDGERS[engine].cached.get(s.request_id, 0) for s in engine.scheduler.running]
     pages = sum(math.ceil(n / page) for n in cached) if full_heads else 0
     full_equivalent = sum(math.ceil(n / page) * page for n in cached) * per_token_all
     return pages, len(cached), pages * per_page + len(cached) * per_slot, full_equivalent
 
 
-def check_accounting(split: HeadSplit, page: int = PAGE, sink: int = SINK, window: int = WINDOW, element: int = 4):
+def check_accounting(split: HeadSplit, page: int = PAGE, sink: int = SINK, window: int = WINDOW, element: int = 4,
+                     full_element: int | None = None):
     def after_step(engine: LLMEngine, step: int) -> None:
         usage = engine.usage()
-        pages, slots, used, full_equivalent = analytic_usage(engine, split, page, sink, window, element=element)
+        pages, slots, used, full_equivalent = analytic_usage(engine, split, page, sink, window, element=element,
+                                                             full_element=full_element)
         assert (usage.pages_used, usage.slots_used) == (pages, slots), f"step {step}"
         assert usage.bytes_used == used, f"step {step}"
         assert usage.bytes_full_equivalent == full_equivalent, f"step {step}"

@@ -15,6 +15,10 @@ A sliding-window layer is a layer of streaming heads with the model's window and
 the same path, with that layer's geometry. A layer whose softmax the model changes (soft-capping, learned
 sinks: `scores.py`) prefills through `scores.masked_attention` by blocks of queries, on every device:
 cuDNN, SDPA and the band's FlexAttention call take neither change.
+
+An fp8 cache (`kvquant.py`) is read through `cache.decode` after each gather, and a chunk attends to its own
+keys as the pools store them (`cache.encode` then `decode`), so every kernel here takes the model's dtype,
+cuDNN and FlexAttention included, and the chunk sees what its later decode steps will read.
 """
 
 from __future__ import annotations
@@ -184,16 +188,20 @@ def _full_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, 
                 plans: cudnn_prefill.CudnnPlans | None, mods: ScoreMods | None) -> torch.Tensor:
     rows = seq.once("page_rows", lambda: _page_rows(seq.page_table, seq.start + len(pos), cache.config.page_size))
     keys, values = (pool.flatten(0, 1) for pool in (cache.full_k[layer], cache.full_v[layer]))
+    heads = slice(0, k.shape[1])
+    read = lambda pool, at, kind: cache.decode(pool.index_select(0, at), layer, heads, kind)  # noqa: E731
     if not seq.reuses:  # a recompute's own k, v are not all exact (its first tokens saw no window): the pages' are
-        keys.index_copy_(0, rows[seq.start:], k)
-        values.index_copy_(0, rows[seq.start:], v)
+        k_stored, v_stored = cache.encode(k, layer, heads, 0), cache.encode(v, layer, heads, 1)
+        cache.put(keys, rows[seq.start:], k_stored)
+        cache.put(values, rows[seq.start:], v_stored)
+        k, v = cache.decode(k_stored, layer, heads, 0), cache.decode(v_stored, layer, heads, 1)
     cudnn = plans and mods is None and not seq.reuses and cudnn_prefill.usable(q)
     queries = plans.planned_queries(q, k.shape[1], seq.start) if cudnn else None
     if queries:  # through cuDNN the chunk's own keys come from k, v: only the history comes from the pages
         history = rows[:seq.start]
-        return cudnn_prefill.chunk_attention(q, k, v, keys.index_select(0, history), values.index_select(0, history),
+        return cudnn_prefill.chunk_attention(q, k, v, read(keys, history, 0), read(values, history, 1),
                                              scaling, queries=queries)
-    return _attend(q, keys.index_select(0, rows), values.index_select(0, rows), None, None, scaling, mods=mods)
+    return _attend(q, read(keys, rows, 0), read(values, rows, 1), None, None, scaling, mods=mods)
 
 
 def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, pos, scaling,
@@ -204,9 +212,13 @@ def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, 
     sink, window = geometry
     ring_k, ring_v = cache.ring_k[layer][seq.slot], cache.ring_v[layer][seq.slot]
     device, n = pos.device, pos.shape[0]
+    heads = slice(cache.split.num_kv_heads - k.shape[1], None)
     held = seq.once(("held", geometry), lambda: held_positions(seq.start, sink, window, device))
     held_slots = seq.once(("held_slots", geometry), lambda: ring_index(held, sink, window))
-    held_k, held_v = ring_k.index_select(0, held_slots), ring_v.index_select(0, held_slots)
+    held_k = cache.decode(ring_k.index_select(0, held_slots), layer, heads, 0)
+    held_v = cache.decode(ring_v.index_select(0, held_slots), layer, heads, 1)
+    k_stored, v_stored = cache.encode(k, layer, heads, 0), cache.encode(v, layer, heads, 1)
+    k, v = cache.decode(k_stored, layer, heads, 0), cache.decode(v_stored, layer, heads, 1)
     if q.is_cuda and mods is None:
         mask = seq.once(("band_mask", geometry), lambda: band_block_mask(held, seq.start, n, sink, window))
         out = band_attention(q, held_k, held_v, k, v, mask, scaling)
@@ -217,8 +229,8 @@ def _streaming_heads(cache: HeadSplitCache, layer: int, seq: SeqSlice, q, k, v, 
         else:
             out = _attend(q, keys, values, pos, key_pos, scaling, sink, window, mods)
     keep, keep_slots = seq.once(("kept", geometry), lambda: _kept(pos, seq.start, sink, window))
-    ring_k.index_copy_(0, keep_slots, k.index_select(0, keep))
-    ring_v.index_copy_(0, keep_slots, v.index_select(0, keep))
+    cache.put(ring_k, keep_slots, k_stored.index_select(0, keep))
+    cache.put(ring_v, keep_slots, v_stored.index_select(0, keep))
     return out
 
 

@@ -8,7 +8,9 @@ whose ring has the model's window and no sink: its KV is bounded per sequence li
 the same slot, one way to store, index and attend to a window. A layer's (sink, window) is its
 *geometry*; the ring index, the held positions and the decode batch's ring offsets are per geometry.
 All storage is allocated up front from a number of bytes; the accounting below is exact. Which sequence
-holds which page and slot is the block manager's (`block_manager.py`).
+holds which page and slot is the block manager's (`block_manager.py`). With `kv_cache_dtype` fp8 both pools
+hold e4m3 entries under one fixed scale per (layer, KV head) (`kvquant.py`): `encode`, `put` and `decode`
+below are the only way in and out, so every path agrees on what the pools mean.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import kvquant
 from .heads import HeadSplit
 
 
@@ -29,8 +32,13 @@ class CacheConfig:
     memory_bytes: int = 512 << 20  # KV memory for both pools together
     max_num_seqs: int = 64  # window slots for sequences (and so the most sequences resident at once)
     snapshot_slots: int = 0  # more window slots that only prefix-cache snapshots may hold
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # the model's: what attention computes in
     device: str = "cpu"
+    kv_cache_dtype: str = "auto"  # what the pools store: the model's dtype, or "fp8" (e4m3)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return kvquant.storage_dtype(self.kv_cache_dtype, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -41,21 +49,23 @@ class Footprint:
     page_size: int
     bytes_per_page: int  # page_size tokens of every full head of every layer, K and V
     bytes_per_slot: int  # sink + window entries of every streaming head of every layer, K and V
-    # what a full cache of the model (budget 1.0) holds: one token of every head of its full-attention layers,
-    # and per sequence its sliding layers' rings (a model's own window is no saving of the head split)
+    # what a full cache of the model (budget 1.0) in its own dtype holds (so an fp8 cache's saving shows both
+    # factors): one token of every head of its full-attention layers, and per sequence its sliding layers'
+    # rings (a model's own window is no saving of the head split)
     bytes_per_token_full: int
     bytes_per_slot_sliding: int = 0
 
     @classmethod
     def of(cls, split: HeadSplit, head_dim: int, config: CacheConfig) -> "Footprint":
-        elt, kv = torch.empty((), dtype=config.dtype).element_size(), split.num_kv_heads
+        elt, kv = config.storage_dtype.itemsize, split.num_kv_heads
+        model_elt = config.dtype.itemsize
         full_heads = sum(split.num_full)
         ring_entries = sum(sum(layer_geometry(split, layer, config)) * (kv - n)
                            for layer, n in enumerate(split.num_full))  # sum over layers of ring x streaming heads
         windows = [split.window_of(layer) for layer in range(split.num_layers)]
         return cls(config.page_size, config.page_size * full_heads * 2 * head_dim * elt,
-                   ring_entries * 2 * head_dim * elt, sum(w is None for w in windows) * kv * 2 * head_dim * elt,
-                   sum(w or 0 for w in windows) * kv * 2 * head_dim * elt)
+                   ring_entries * 2 * head_dim * elt, sum(w is None for w in windows) * kv * 2 * head_dim * model_elt,
+                   sum(w or 0 for w in windows) * kv * 2 * head_dim * model_elt)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size) if self.bytes_per_page else 0
@@ -161,12 +171,56 @@ class HeadSplitCache:
         self.scratch_page, self.scratch_slot = self.num_pages, self.num_slots
         shape_full = lambda n: (self.num_pages + 1, config.page_size, n, head_dim)  # noqa: E731
         shape_ring = lambda n, g: (self.num_slots + 1, sum(g), n, head_dim)  # noqa: E731
-        make = lambda shape: torch.zeros(shape, dtype=config.dtype, device=config.device)  # noqa: E731
+        make = lambda shape: torch.zeros(shape, dtype=config.storage_dtype, device=config.device)  # noqa: E731
         self.full_k = [make(shape_full(n)) if n else None for n in split.num_full]
         self.full_v = [make(shape_full(n)) if n else None for n in split.num_full]
         stream = [(split.num_kv_heads - n, g) for n, g in zip(split.num_full, geometry)]
         self.ring_k = [make(shape_ring(n, g)) if n else None for n, g in stream]
         self.ring_v = [make(shape_ring(n, g)) if n else None for n, g in stream]
+        # [K or V, layer, KV head in cache order], fixed after `calibrate`; 8 bytes per head, outside the
+        # accounting like the scratch page. In place on the device, so graphs captured over them stay valid.
+        self.scales = None
+        if config.storage_dtype != config.dtype:
+            self.scales = torch.ones(2, split.num_layers, split.num_kv_heads, dtype=torch.float32, device=config.device)
+        self.calibrating = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    def encode(self, x: torch.Tensor, layer: int, heads: slice, kind: int) -> torch.Tensor:
+        """New K (`kind` 0) or V (1) entries [..., H, D] of the layer's KV heads `heads` as the pools store
+        them; while calibrating, their peaks first grow the heads' scales."""
+        if self.scales is None:
+            return x
+        scale = self.scales[kind, layer, heads]
+        if self.calibrating:
+            kvquant.observe(scale, x)
+        return kvquant.quantize(x, scale)
+
+    def decode(self, x: torch.Tensor, layer: int, heads: slice, kind: int) -> torch.Tensor:
+        """Entries read from a pool, in the model's dtype."""
+        if self.scales is None:
+            return x
+        return kvquant.dequantize(x, self.scales[kind, layer, heads], self.config.dtype)
+
+    def layer_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's K and V scales [KV heads] (None: an unquantized cache)."""
+        return None if self.scales is None else (self.scales[0, layer], self.scales[1, layer])
+
+    @staticmethod
+    def put(pool: torch.Tensor, index: torch.Tensor, entries: torch.Tensor) -> None:
+        """pool.index_copy_(0, index, entries), for e4m3 pools too."""
+        kvquant.as_bytes(pool).index_copy_(0, index, kvquant.as_bytes(entries))
+
+    def start_calibration(self) -> None:
+        """Scales from zero up, grown by every write until `finish_calibration`."""
+        if self.scales is not None:
+            self.scales.fill_(kvquant.MIN_SCALE)
+            self.calibrating = True
+
+    def finish_calibration(self) -> None:
+        self.calibrating = False
 
     @property
     def has_full_heads(self) -> bool:

@@ -18,6 +18,11 @@ model's score changes (`scores.py`) enter the kernel as a soft-cap of each score
 as a starting point of the online softmax: split 0 of each head begins with the sink's logit as its
 running maximum and a denominator of one, a key of value zero, which the log-sum-exp merge then weighs
 like any other.
+
+An fp8 cache (`kvquant.py`) enters the kernel as the layer's K and V scales per KV head: it loads e4m3
+entries, converts them in registers and folds the K scale into the score scale and the V scale into the
+output, so no entry is multiplied twice; the new token is quantised as it is stored, and attended to as
+stored, as every other path does.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kvquant
 from .cache import HeadSplitCache
 from .scores import ScoreMods, masked_attention
 from .transfer import to_device
@@ -68,12 +74,16 @@ class DecodeBatch:
 
 
 def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
-                           lengths: torch.Tensor, scale: float, mods: ScoreMods | None = None) -> torch.Tensor:
-    """q [B, Hq, D]; k, v [pages, page_len, Hkv, D]; block_table [B, max_pages]; lengths [B] -> [B, Hq, D]."""
+                           lengths: torch.Tensor, scale: float, mods: ScoreMods | None = None,
+                           scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q [B, Hq, D]; k, v [pages, page_len, Hkv, D]; block_table [B, max_pages]; lengths [B] -> [B, Hq, D].
+    `scales`: e4m3 pools' K and V scales [Hkv], dequantised after the gather."""
     batch, heads, dim = q.shape
     kv_heads = k.shape[2]
     keys = k[block_table].reshape(batch, -1, kv_heads, dim)  # [B, max_pages * page_len, Hkv, D]
     values = v[block_table].reshape(batch, -1, kv_heads, dim)
+    if scales is not None:
+        keys, values = (kvquant.dequantize(x, s, q.dtype) for x, s in zip((keys, values), scales))
     visible = torch.arange(keys.shape[1], device=q.device)[None, :] < lengths[:, None]
     if mods is not None:
         return masked_attention(q[:, None], keys, values, visible[:, None, None], scale, mods)[:, 0]
@@ -91,11 +101,11 @@ def decode_attention(cache: HeadSplitCache, layer: int, batch: DecodeBatch, q: t
     """
     full = (cache.full_k[layer], cache.full_v[layer]) if cache.full_k[layer] is not None else None
     ring = (cache.ring_k[layer], cache.ring_v[layer]) if cache.ring_k[layer] is not None else None
-    geometry = cache.layer_geometry[layer]
+    geometry, scales = cache.layer_geometry[layer], cache.layer_scales(layer)
     if _use_triton(q):
-        head_split_decode_triton(q, k, v, out, batch, full, ring, scale, geometry, mods)
+        head_split_decode_triton(q, k, v, out, batch, full, ring, scale, geometry, mods, scales=scales)
     else:
-        _decode_torch(q, k, v, out, batch, full, ring, scale, geometry, mods)
+        _decode_torch(q, k, v, out, batch, full, ring, scale, geometry, mods, scales)
 
 
 def kernels_on(tensor: torch.Tensor) -> bool:
@@ -109,23 +119,26 @@ def _use_triton(q: torch.Tensor) -> bool:
 
 
 def _decode_torch(q, k, v, out, batch: DecodeBatch, full, ring, scale: float, geometry: int = 0,
-                  mods: ScoreMods | None = None) -> None:
+                  mods: ScoreMods | None = None, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """The CPU's decode and the kernel's oracle; `scales`: the layer's K and V scales of an e4m3 cache."""
     rows = batch.rows
     ring_offsets, ring_lengths = batch.ring_offsets[geometry], batch.ring_lengths[geometry]
     num_full = full[0].shape[2] if full else 0
     split_q = num_full * (q.shape[1] // k.shape[1])
     q, k, v = q[rows], k[rows], v[rows]
     result = torch.empty_like(q)
-    if full:
-        full[0][batch.page_ids, batch.page_offsets] = k[:, :num_full]
-        full[1][batch.page_ids, batch.page_offsets] = v[:, :num_full]
-        result[:, :split_q] = paged_decode_reference(q[:, :split_q], *full, batch.page_table, batch.lengths, scale,
-                                                     mods and mods.heads(slice(None, split_q)))
-    if ring:
-        ring[0][batch.slots, ring_offsets] = k[:, num_full:]
-        ring[1][batch.slots, ring_offsets] = v[:, num_full:]
-        result[:, split_q:] = paged_decode_reference(q[:, split_q:], *ring, batch.slots[:, None], ring_lengths, scale,
-                                                     mods and mods.heads(slice(split_q, None)))
+    for pools, heads, queries, table, lengths in ((full, slice(0, num_full), slice(0, split_q), batch.page_table,
+                                                   batch.lengths),
+                                                  (ring, slice(num_full, None), slice(split_q, None),
+                                                   batch.slots[:, None], ring_lengths)):
+        if not pools:
+            continue
+        own = None if scales is None else (scales[0][heads], scales[1][heads])
+        new = [x[:, heads] if own is None else kvquant.quantize(x[:, heads], s) for x, s in zip((k, v), own or (0, 0))]
+        at = (batch.page_ids, batch.page_offsets) if pools is full else (batch.slots, ring_offsets)
+        pools[0][at], pools[1][at] = new
+        result[:, queries] = paged_decode_reference(q[:, queries], *pools, table, lengths, scale,
+                                                    mods and mods.heads(queries), own)
     out[rows] = result
 
 
@@ -145,9 +158,11 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              ring: tuple[torch.Tensor, torch.Tensor] | None, scale: float,
                              geometry: int = 0, mods: ScoreMods | None = None, num_sms: int | None = None,
                              block: int = BLOCK_N, num_warps: int = 4,
-                             num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM) -> None:
+                             num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM,
+                             scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The fused kernel, free of host syncs (so a CUDA graph can capture it); see the module docstring.
-    `geometry`: the batch's row of ring offsets and lengths this layer's ring has.
+    `geometry`: the batch's row of ring offsets and lengths this layer's ring has; `scales`: an e4m3
+    cache's K and V scales of the layer's KV heads, in cache order (device tensors, read by the kernel).
 
     The split count, the number of full heads and the strides that follow them are runtime arguments
     that Triton does not specialise on (`_VARYING`): mixed prefill + decode steps vary them, and each
@@ -174,10 +189,11 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         partial = lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
     softcap = mods.softcap if mods else None
     sinks = mods.sinks if mods and mods.sinks is not None else None
+    k_scales, v_scales = scales or (lse, lse)  # (unread without FP8)
     _head_split_decode_kernel[(size, num_full * splits + kv_heads - num_full)](
         q, k, v, batch.rows, full_k, full_v, table, batch.lengths, batch.page_ids, batch.page_offsets,
         ring_k, ring_v, batch.slots, batch.ring_lengths[geometry], batch.ring_offsets[geometry], out, partial, lse,
-        q if sinks is None else sinks, scale, softcap or 1.0,
+        q if sinks is None else sinks, k_scales, v_scales, scale, softcap or 1.0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         full_k.stride(0), full_k.stride(1), full_k.stride(2), table.stride(0),
         ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
@@ -185,7 +201,8 @@ def head_split_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         lse.stride(0), lse.stride(1),
         num_full, splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
         PAGE=full_k.shape[1], RING=ring_k.shape[1], BLOCK=block, IEEE=q.dtype == torch.float32,
-        SOFTCAP=bool(softcap), SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=bool(softcap), SINKS=sinks is not None, FP8=scales is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(size, split_q)](
@@ -214,7 +231,7 @@ if triton is not None:
             page = tl.load(table + offs_n // PAGE, mask=valid, other=0).to(tl.int64)
             where = page[:, None] * stride_p + (offs_n % PAGE)[:, None] * stride_s + head_offset + offs_d[None, :]
             is_new = (offs_n == new_index)[:, None]
-            k = tl.where(is_new, k_new[None, :], tl.load(K + where, mask=valid[:, None], other=0.0))
+            k = tl.where(is_new, k_new[None, :], tl.load(K + where, mask=valid[:, None], other=0.0).to(k_new.dtype))
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -226,7 +243,7 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.where(is_new, v_new[None, :], tl.load(V + where, mask=valid[:, None], other=0.0))
+            v = tl.where(is_new, v_new[None, :], tl.load(V + where, mask=valid[:, None], other=0.0).to(v_new.dtype))
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -240,13 +257,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=_VARYING, do_not_specialize_on_alignment=["RLENS", "ROFFS"])
     def _head_split_decode_kernel(
         Q, KN, VN, ROWS, FK, FV, BT, LENS, PAGE_IDS, PAGE_OFFS, RK, RV, SLOTS, RLENS, ROFFS, OUT, PART, LSE,
-        SINK_LOGITS, scale, softcap,
+        SINK_LOGITS, KSCALES, VSCALES, scale, softcap,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         stride_fp, stride_fs, stride_fh, stride_bt, stride_rp, stride_rs, stride_rh,
         stride_on, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
         NUM_FULL, SPLITS, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
         PAGE: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
-        SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+        SOFTCAP: tl.constexpr, SINKS: tl.constexpr, FP8: tl.constexpr,
     ):
         b = tl.program_id(0)
         p = tl.program_id(1)  # the full heads' NUM_FULL x SPLITS programs, then one per streaming head
@@ -264,6 +281,17 @@ if triton is not None:
                     mask=offs_g[:, None] < GROUP, other=0.0)
         k_new = tl.load(KN + row * stride_kn + h * stride_kh + offs_d)
         v_new = tl.load(VN + row * stride_vn + h * stride_vh + offs_d)
+        k_store = k_new
+        v_store = v_new
+        v_scale = 1.0
+        if FP8:  # the new token as the pool stores it, in e4m3 units like every entry loaded; scales folded
+            k_scale = tl.load(KSCALES + h)
+            v_scale = tl.load(VSCALES + h)
+            k_store = tl.clamp(tl.div_rn(k_new.to(tl.float32), k_scale), -448.0, 448.0).to(FK.dtype.element_ty)
+            v_store = tl.clamp(tl.div_rn(v_new.to(tl.float32), v_scale), -448.0, 448.0).to(FV.dtype.element_ty)
+            k_new = k_store.to(KN.dtype.element_ty)
+            v_new = v_store.to(VN.dtype.element_ty)
+            scale = scale * k_scale
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
@@ -281,8 +309,8 @@ if triton is not None:
                                       SOFTCAP)
             if s == 0:
                 at = tl.load(PAGE_IDS + b).to(tl.int64) * stride_fp + tl.load(PAGE_OFFS + b) * stride_fs + h * stride_fh
-                tl.store(FK + at + offs_d, k_new)
-                tl.store(FV + at + offs_d, v_new)
+                tl.store(FK + at + offs_d, k_store)
+                tl.store(FV + at + offs_d, v_store)
         else:  # a streaming head: its whole window slot, one "page" of RING entries, in one program
             ring_head = h - NUM_FULL
             ring_offset = tl.load(ROFFS + b)
@@ -290,10 +318,10 @@ if triton is not None:
                                       ring_head * stride_rh, 0, tl.load(RLENS + b), ring_offset, scale, softcap,
                                       RING, DIM, BLOCK, IEEE, SOFTCAP)
             at = tl.load(SLOTS + b).to(tl.int64) * stride_rp + ring_offset * stride_rs + ring_head * stride_rh
-            tl.store(RK + at + offs_d, k_new)
-            tl.store(RV + at + offs_d, v_new)
+            tl.store(RK + at + offs_d, k_store)
+            tl.store(RV + at + offs_d, v_store)
         empty = l == 0.0
-        out = acc / tl.where(empty, 1.0, l)[:, None]
+        out = acc * v_scale / tl.where(empty, 1.0, l)[:, None]
         rows = offs_g[:, None] < GROUP
         if SPLITS == 1 or h >= NUM_FULL:  # a head of one program stores its result itself
             tl.store(OUT + row * stride_on + q_heads[:, None] * stride_oh + offs_d[None, :],

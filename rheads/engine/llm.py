@@ -14,6 +14,7 @@ import torch
 
 from ..models import check_device_supported, check_model_supported, eos_token_ids, load_model, resolve_model
 from ..profiling.profile import ModelIdentity, find_profile, head_dim_of, layer_windows
+from . import kvquant
 from .block_manager import BlockManager
 from .cache import CacheConfig, CacheUsage, HeadSplitCache
 from .grammar import Grammars
@@ -45,6 +46,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    kv_cache_dtype: str = "auto"  # the pools' entries: the model's dtype, or "fp8" (e4m3, scales per layer and KV
+                                  # head from a calibration prompt at start-up: kvquant.py)
     cuda_graphs: bool = True  # on CUDA, replay captured graphs for pure decode steps
     async_decode: bool | None = None  # pipelined decode steps (see LLMEngine.step); None: on for CUDA
     enable_prefix_caching: bool = True  # reuse cached prompt prefixes (prefix_cache.py), as vLLM by default
@@ -82,7 +85,7 @@ def cache_config_of(config: EngineConfig, memory: int) -> CacheConfig:
         snapshots = max(1, config.max_num_seqs // 8) if config.enable_prefix_caching else 0
     return CacheConfig(page_size=config.page_size, sink=config.sink, window=config.window, memory_bytes=memory,
                        max_num_seqs=config.max_num_seqs, snapshot_slots=snapshots, dtype=config.dtype,
-                       device=config.device)
+                       device=config.device, kv_cache_dtype=config.kv_cache_dtype)
 
 
 def served_windows(model_config, max_model_len: int) -> list[int | None]:
@@ -125,6 +128,7 @@ class LLMEngine:
         self.model_name = model_name
         check_model_supported(model)
         check_device_supported(model, config.device)
+        kvquant.check_supported(config.kv_cache_dtype, config.dtype, config.device)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         split = self.split = split.with_windows(served_windows(model.config, self.max_model_len))
         head_dim = head_dim_of(model.config)
@@ -151,6 +155,35 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
         self._arrivals = itertools.count()
+        try:
+            self._calibrate_kv_scales()
+        except BaseException:
+            self.close()
+            raise
+
+    def _calibrate_kv_scales(self) -> None:
+        """An fp8 cache's scales, from one prefill of `kvquant.calibration_prompt`, then fixed. It runs in one
+        chunk, past the prefix cache (still empty: no snapshot point splits the chunk, nothing is registered
+        or counted), so that no entry is read under a scale grown after it was written; its request ends,
+        which leaves the pools empty."""
+        if not self.cache.quantized:
+            return
+        capacity = self.cache.token_capacity
+        length = min(kvquant.CALIBRATION_TOKENS, self.config.max_num_batched_tokens, self.max_model_len - 1,
+                     *(() if capacity is None else (capacity - 1,)))
+        ids = kvquant.calibration_prompt(self.tokenizer, self.model.config.vocab_size, max(1, length))
+        prefix, self.blocks.prefix = self.blocks.prefix, None
+        self.cache.start_calibration()
+        try:
+            self.add_request(kvquant.CALIBRATION_ID, ids, SamplingParams(max_tokens=1, temperature=0.0,
+                                                                         ignore_eos=True))
+            while self.has_unfinished() or self.pipeline.in_flight is not None:
+                self.step()
+        finally:
+            self.cache.finish_calibration()
+            self.blocks.prefix = prefix
+        log.info("fp8 KV scales from a %d-token calibration prompt: K %.3g-%.3g, V %.3g-%.3g", len(ids),
+                 *(float(f(self.cache.scales[i])) for i in (0, 1) for f in (torch.min, torch.max)))
 
     def _allocate_cache(self, split: HeadSplit, head_dim: int) -> HeadSplitCache:
         """The KV cache of this process's heads (tensor parallelism's rank 0 sizes it to every rank's)."""

@@ -298,8 +298,11 @@ class _Replica:
         return self.plan.token_ids[start - self.plan.start:end - self.plan.start]
 
 
-def _broadcast(step: Step | None) -> Step | None:
-    """Rank 0's step (None: stop) to every rank; what rank 0 sent."""
+CALIBRATED = "calibrated"  # rank 0's word that an fp8 cache's calibration prompt has run: scales fixed from here
+
+
+def _broadcast(step: Step | str | None) -> Step | str | None:
+    """Rank 0's step (None: stop; CALIBRATED) to every rank; what rank 0 sent."""
     message = [step]
     dist.broadcast_object_list(message, src=0)
     return message[0]
@@ -349,6 +352,12 @@ class TensorParallelEngine(LLMEngine):
         cache.recompute = recompute_span(self.shard.plan.split, self.shard.cache_config)  # every rank's heads
         return cache
 
+    def _calibrate_kv_scales(self) -> None:
+        """Every rank measures its own heads' scales on the same prompt (its steps reach them as any other)."""
+        super()._calibrate_kv_scales()
+        if self.cache.quantized:
+            _broadcast(CALIBRATED)
+
     def close(self) -> None:
         try:
             super().close()
@@ -365,12 +374,16 @@ def follow(model, split: HeadSplit, config: EngineConfig, sharding: Sharding = b
     config, head_dim = shard.config, head_dim_of(model.config)
     max_len = config.max_model_len or model.config.max_position_embeddings
     cache = shard.cache(head_dim)
+    cache.start_calibration()  # (an fp8 cache's) until rank 0 says CALIBRATED: its first request is the prompt
     integration = ModelIntegration(model, shard.split, Kernels(
         config.device, config.dtype, head_dim, config.sink, config.window, config.max_num_batched_tokens, max_len))
     try:
         tables = BlockManager(cache).block_tables  # rank 0's pages of each slot, as each step brings them
         runner = ModelRunner(model, cache, tables, max_len, cuda_graphs=False)
         while (step := _broadcast(None)) is not None:
+            if step == CALIBRATED:
+                cache.finish_calibration()
+                continue
             step.apply_slot_ops(cache)
             for chunk in step.chunks:
                 tables[chunk.slot, :len(chunk.pages)] = torch.tensor(chunk.pages, dtype=tables.dtype)

@@ -95,8 +95,8 @@ def kv_bytes_per_sequence(split: HeadSplit, head_dim: int, element_size: int, pa
     """What the engine's cache holds for one sequence of num_tokens tokens (its own formula)."""
     from ..engine.cache import CacheConfig, Footprint
 
-    dtype = {2: torch.bfloat16, 4: torch.float32}[element_size]
-    config = CacheConfig(page_size=page_size, sink=sink, window=window, dtype=dtype)
+    dtype, stored = {1: (torch.bfloat16, "fp8"), 2: (torch.bfloat16, "auto"), 4: (torch.float32, "auto")}[element_size]
+    config = CacheConfig(page_size=page_size, sink=sink, window=window, dtype=dtype, kv_cache_dtype=stored)
     return Footprint.of(split, head_dim, config).bytes_for(num_tokens)
 
 
@@ -122,6 +122,7 @@ class EvalConfig:
     recall_threshold: float = 0.5  # a cell is correct when recall > this
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    kv_cache_dtype: str = "auto"  # or fp8: the engine's pools in e4m3
 
     def needles_path(self) -> Path:
         return Path(self.needles_file) if self.needles_file else data_path("eval_needles.jsonl")
@@ -138,6 +139,7 @@ def answer_hidden(answer_span: tuple[int, int], prompt_tokens: int, sink: int, w
 
 # what a resumed run must share with the run that made the cells already there
 RESUME_KEYS = ("model", "config_fingerprint", "profile_scores", "needles", "haystack_sha", "sink", "window",
+               "kv_cache_dtype",
                "dtype", "recall_threshold", "extra_tokens")
 
 
@@ -159,7 +161,7 @@ def _engine_config(config: EvalConfig, budget: float, memory: int):
     return EngineConfig(budget=budget, sink=config.sink, window=config.window, page_size=config.page_size,
                         kv_cache_memory=memory, max_num_seqs=config.max_num_seqs,
                         max_num_batched_tokens=config.max_num_batched_tokens, device=config.device,
-                        dtype=config.dtype)
+                        dtype=config.dtype, kv_cache_dtype=config.kv_cache_dtype)
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ def run_niah_eval(model, tokenizer, model_name: str, profile: Profile | None, co
                            "full and window only")
     cells_grid = grid(config, len(needles))
     lengths = sorted(dict.fromkeys(config.lengths))
-    element_size = torch.empty((), dtype=config.dtype).element_size()
+    element_size = 1 if config.kv_cache_dtype == "fp8" else config.dtype.itemsize
     head_dim = identity.head_dim
     layers, kv_heads = identity.num_layers, identity.num_key_value_heads
 
@@ -284,6 +286,7 @@ def _meta(model_name, identity, profile, profile_path, config, all_needles, file
         "window": config.window,
         "page_size": config.page_size,
         "dtype": str(config.dtype).removeprefix("torch."),
+        **({"kv_cache_dtype": config.kv_cache_dtype} if config.kv_cache_dtype != "auto" else {}),  # older runs: auto
         "device": config.device,
         "recall_threshold": config.recall_threshold,
         "extra_tokens": config.extra_tokens,
