@@ -4,8 +4,10 @@
     python tests/mutants.py --cuda     # on a GPU (scripts/test-gpu's machine): the served path's instead of
                                        # the interpreter's
 
-Each mutant is a one-line change to the engine, applied to a copy of the working tree; the run fails if a
-mutant survives (its tests pass) or no longer applies (the code it plants into has changed: update it).
+    python tests/mutants.py -k grammar # only the mutants whose name has "grammar" in it
+
+Each mutant is a change of a line or two to the engine, applied to a copy of the working tree; the run fails
+if a mutant survives (its tests pass) or no longer applies (the code it plants into has changed: update it).
 """
 
 from __future__ import annotations
@@ -148,13 +150,18 @@ MUTANTS = [
     Mutant("logprobs reported after the penalties", "rheads/engine/sampler.py",
            "logprobs = raw.log_softmax(-1)", "logprobs = logits.log_softmax(-1)", ("tests/test_penalties.py",)),
     Mutant("a penalized row pipelined before its last token reaches the host", "rheads/engine/runner.py",
-           "is_plain(s.params, s.generator) and not s.params.adjusts_logits", "is_plain(s.params, s.generator)",
+           "is_plain(s.params, s.generator) and not s.params.penalized", "is_plain(s.params, s.generator)",
            ("tests/test_penalties.py", "-k", "pipelined")),
     Mutant("min_tokens one short", "rheads/engine/sampler.py",
            "if len(s.output_ids) < p.min_tokens", "if len(s.output_ids) < p.min_tokens - 1",
            ("tests/test_penalties.py",)),
-    Mutant("a grammar row pipelined before its matcher takes its token", "rheads/engine/sequence.py",
-           "or self.min_tokens or self.grammar is not None)", "or self.min_tokens)", ("tests/test_grammar.py",)),
+    Mutant("a grammar row pipelined before its matcher takes its token", "rheads/engine/pipeline.py",
+           "        outputs = update(scheduled, previous.read())\n        result = self.runner.sample(scheduled, logits, defer=True)\n",
+           "        result = self.runner.sample(scheduled, logits, defer=True)\n        outputs = update(scheduled, previous.read())\n",
+           ("tests/test_grammar.py",)),
+    Mutant("a finished grammar row masked in the pipelined step after it", "rheads/engine/grammar.py",
+           "return [seq.matcher if seq.status is Status.RUNNING else None for seq in seqs]",
+           "return [seq.matcher for seq in seqs]", ("tests/test_grammar.py", "-k", "unmasked")),
     Mutant("a grammar's mask left off its row", "rheads/engine/grammar.py",
            'return logits.masked_fill(~allowed, float("-inf"))', "return logits", ("tests/test_grammar.py",)),
     Mutant("min_tokens holding back a grammar's only token", "rheads/engine/sampler.py",
@@ -205,10 +212,14 @@ def try_mutant(mutant: Mutant) -> tuple[bool, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cuda", action="store_true", help="the served path's mutants too (needs a GPU)")
+    parser.add_argument("-k", dest="names", action="append", default=[], metavar="TEXT",
+                        help="only the mutants whose name contains TEXT (repeat for several)")
     args = parser.parse_args()
     survivors = 0
     for mutant in MUTANTS:
         if mutant.where == ("cpu" if args.cuda else "cuda"):
+            continue
+        if args.names and not any(text in mutant.name for text in args.names):
             continue
         killed, said = try_mutant(mutant)
         survivors += not killed

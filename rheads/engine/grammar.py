@@ -1,9 +1,10 @@
 """Grammar-constrained decoding with llguidance: a request's grammar (an llguidance grammar definition, as
 `LLMatcher.grammar_from_json_schema` and its siblings make) gets a matcher per sequence.
 
-The sampler reads each matcher's token bitmask and masks its row (`mask_rows`); the output processor
-advances the matcher with the token sampled (`advance`). A row with a grammar adjusts its logits, so it
-is never sampled on the device ahead of its matcher (the pipelined decode skips such rows' steps).
+The sampler reads each matcher's token bitmask and masks its row (`mask_rows`); the scheduler advances
+the matcher with each token it appends (`advance`, in `Scheduler.update`). A pipelined decode step masks
+its grammar rows once the tokens before have been read back and updated, while its forward runs
+(`PipelinedDecode.step`), so a row is never drawn ahead of its matcher and never leaves the device for it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import torch
 
 from .requests import RequestError
+from .sequence import Sequence, Status
 from .transfer import to_device
 
 
@@ -51,6 +53,14 @@ class Grammars:
 
 class GrammarError(RuntimeError):
     """A sampled token the grammar refuses (a stop token id or EOS the mask let through is not one)."""
+
+
+def row_matchers(seqs: list[Sequence]) -> list:
+    """The matcher to mask each row with (None: no mask). A sequence that ended while its row was computed
+    (a pipelined step's row whose grammar completed or that was aborted on the token before) gets none:
+    its token is dropped anyway, and its matcher may allow nothing, a row of -inf that a draw on CUDA
+    stops the device on."""
+    return [seq.matcher if seq.status is Status.RUNNING else None for seq in seqs]
 
 
 def mask_rows(logits: torch.Tensor, matchers: list) -> torch.Tensor:

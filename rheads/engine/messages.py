@@ -69,7 +69,7 @@ class RunnerOutput:
 @dataclass(frozen=True)
 class Appended:
     """What `Scheduler.update` did with one token: appended it to `seq` (which it may have finished), or,
-    where `error` is set, finished `seq` because sampling failed."""
+    where `error` is set, finished `seq` because sampling failed (no token) or its grammar refused the token."""
 
     seq: Sequence
     token_id: int | None

@@ -1,17 +1,16 @@
 """Output processing: what a sampled token means for its request's text and its end.
 
 Outside the model's step, as vLLM keeps detokenizing and stop strings in an output processor: the
-scheduler has appended each sampled token and finished its sequence on EOS, stop token ids and length
-limits (`Scheduler.update`); here only the newest tokens are decoded, stop strings are applied (holding
-back text that may be a stop string's start), a grammar's matcher takes the token (the request ends
-when its grammar is complete), and the client's output is made.
+scheduler has appended each sampled token, fed it to its grammar's matcher and finished its sequence on
+EOS, stop token ids, length limits and a complete grammar (`Scheduler.update`); here only the newest
+tokens are decoded, stop strings are applied (holding back text that may be a stop string's start), and
+the client's output is made.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .grammar import advance
 from .messages import Appended
 from .sequence import RequestOutput, Sequence
 
@@ -59,14 +58,12 @@ def process_all(tokenizer, appended: list[Appended]) -> list[tuple[Sequence, Req
 def process(tokenizer, appended: Appended) -> RequestOutput:
     """What the client of a request gets for a token the scheduler appended: the text that is now final,
     and the finish reason if the request ends here. A stop string ends it too ("stop", also over a length
-    limit reached by the same token: the caller finishes the sequence then), and so does a complete grammar."""
+    limit reached by the same token: the caller finishes the sequence then)."""
     seq, token, logprob = appended.seq, appended.token_id, appended.logprob
     if appended.error is not None:
         log.error("request %s failed: %s", seq.request_id, appended.error)
         return RequestOutput.failure(seq.request_id, appended.error, len(seq.prompt_ids), len(seq.output_ids))
     params, finish = seq.params, seq.finish_reason
-    if seq.matcher is not None and finish is None and advance(seq.matcher, token):
-        finish = "stop"
     text = detokenize(tokenizer, seq)
     for stop in params.stop:
         at = text.find(stop, max(0, len(seq.text) - len(stop)))

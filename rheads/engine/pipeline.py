@@ -2,9 +2,9 @@
 
 A decode step whose rows the device samples alone leaves its tokens there (`PendingOutput`). The next
 step of the same sequences is scheduled (`Scheduler.schedule_pipelined`) and launched fed with those
-tokens straight from the device, and only then are they read back and updated: the host's work for one
-step (detokenizing, stop checks, the server's streaming) runs while the device computes the next, and
-the host never idles the GPU.
+tokens straight from the device, and only then are they read back and updated, and the step launched
+sampled: the host's work for one step (detokenizing, stop checks, grammar masks, the server's
+streaming) runs while the device computes the next, and the host never idles the GPU.
 """
 
 from __future__ import annotations
@@ -33,22 +33,25 @@ class PipelinedDecode:
         return result
 
     def step(self, update: Update) -> tuple[SchedulerOutput | None, list[RequestOutput]]:
-        """Launch the next decode step of the in-flight sequences, then read the in-flight tokens and
-        `update` with them. A sequence whose in-flight token is its last by length stays out of the
-        launch; one that finishes on a token read back here (a stop) has one step too many in flight:
-        its result is dropped (its pages are freed now; the device writes to them in stream order,
-        before any later step can use them again). Returns what it launched (None: the batch changes,
-        so the caller schedules) and the outputs read back."""
+        """Launch the next decode step of the in-flight sequences, read the in-flight tokens and `update`
+        with them, then sample the step launched: its grammar rows' masks are built from matchers that
+        have taken the tokens just read, while the forward runs, and every row is drawn on the device. A
+        sequence whose in-flight token is its last by length stays out of the launch; one that finishes
+        on a token read back here (a stop, its grammar complete, an abort before) has one step too many in
+        flight: its row is drawn unmasked and its token dropped (its pages are freed now; the device
+        writes to them in stream order, before any later step can use them again). Returns what it
+        launched (None: the batch changes, so the caller schedules) and the outputs read back."""
         previous, self.in_flight = self.in_flight, None
         scheduled = self.scheduler.schedule_pipelined(previous.seqs)
         if scheduled is None:
             return None, update(SchedulerOutput(), previous.read())
         try:
-            result = self.runner.execute(scheduled, previous, defer=True)
+            logits = self.runner.forward(scheduled, previous)
         except Exception:
             self.in_flight = previous  # nothing was appended: a retry starts from here
             raise
         outputs = update(scheduled, previous.read())
+        result = self.runner.sample(scheduled, logits, defer=True)
         # drawing on the device failed: sampled on the host, appended after the tokens before them
         outputs += update(SchedulerOutput(), self.hold(result))
         return scheduled, outputs

@@ -16,6 +16,7 @@ from .attention import CURRENT_BATCH, BatchMeta, SeqSlice
 from .cache import HeadSplitCache, ring_index
 from .cudnn_prefill import CudnnPlans
 from .decode import DecodeBatch
+from .grammar import mask_rows, row_matchers
 from .logits import model_logits
 from .messages import Chunk, PendingOutput, RunnerOutput, SchedulerOutput
 from .sampler import adjust_logits, draw_tokens, is_plain, sample_batch
@@ -44,29 +45,38 @@ class ModelRunner:
         self.graph_pool = None
         self.plans = CudnnPlans()  # filled per stepping thread by the model integration's `prepare_thread`
 
-    def execute(self, output: SchedulerOutput, previous: PendingOutput | None = None,
-                defer: bool = False) -> RunnerOutput | PendingOutput:
-        """Run `output`'s forward and sample the rows that sample. A pipelined step (`output.fed_rows`) feeds
-        the tokens of `previous`, still on the device. With `defer`, a decode step whose rows the device
-        samples alone (`is_plain`) leaves its tokens there (PendingOutput); otherwise, or if that draw
-        fails, they are sampled on the host."""
+    def execute(self, output: SchedulerOutput, defer: bool = False) -> RunnerOutput | PendingOutput:
+        """Run `output`'s forward and sample the rows that sample (`forward`, then `sample`)."""
+        return self.sample(output, self.forward(output), defer)
+
+    def forward(self, output: SchedulerOutput, previous: PendingOutput | None = None) -> torch.Tensor:
+        """Launch `output`'s forward: the logits [sampling chunks, vocab] of the chunks that sample. A
+        pipelined step (`output.fed_rows`) feeds the tokens of `previous`, still on the device."""
         tokens = None
         if output.fed_rows is not None:
             tokens = previous.tokens
             if len(output.fed_rows) < len(previous.seqs):  # the rows of the sequences that go on
                 tokens = tokens[to_device(output.fed_rows, tokens.device)]
         try:
-            logits = self.run(output.chunks, tokens)
+            return self.run(output.chunks, tokens)
         except Exception as error:
             log.error("a forward pass failed (%s: %s); requests %s", type(error).__name__, error,
                       ", ".join(c.seq.request_id for c in output.chunks))
             raise
+
+    def sample(self, output: SchedulerOutput, logits: torch.Tensor, defer: bool = False
+               ) -> RunnerOutput | PendingOutput:
+        """The next token of each row of `forward`'s logits, as its sequence stands now (a grammar row's
+        matcher has taken every token appended before). With `defer`, a decode step whose rows the device
+        draws alone (`is_plain`, no adjustment but a grammar's mask) leaves its tokens there
+        (PendingOutput); otherwise, or if that draw fails, they are sampled on the host."""
         seqs = output.sampling
-        # a deferred step's tokens stay on the device, so no row of it may need its tokens so far
-        if defer and output.decode_only and all(is_plain(s.params, s.generator) and not s.params.adjusts_logits
+        # a deferred step's tokens stay on the device, so no row of it may need its tokens so far on the host
+        if defer and output.decode_only and all(is_plain(s.params, s.generator) and not s.params.penalized
                                                 for s in seqs):
             try:
-                return PendingOutput(seqs, draw_tokens(logits, [s.params for s in seqs]))
+                masked = mask_rows(logits, row_matchers(seqs))
+                return PendingOutput(seqs, draw_tokens(masked, [s.params for s in seqs]))
             except Exception as error:  # noqa: BLE001 - sampled on the host below
                 log.warning("drawing tokens on the device failed (%s); sampling on the host", error)
         return sample_on_host(logits, seqs, self.eos_ids)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .grammar import mask_rows
+from .grammar import mask_rows, row_matchers
 from .sequence import SamplingParams, Sequence, TokenLogprob
 from .transfer import to_device
 
@@ -36,7 +36,7 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int])
     asked = [seqs[row] for row in rows]
     params = [seq.params for seq in asked]
     index = to_device(rows, device, torch.long)
-    picked = mask_rows(logits[index].float(), [s.matcher for s in asked])  # [asked rows, vocab]
+    picked = mask_rows(logits[index].float(), row_matchers(asked))  # [asked rows, vocab]
     held_back = [sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids))
                  if len(s.output_ids) < p.min_tokens else [] for s, p in zip(asked, params)]
     held = _per_row(held_back, 1.0, vocab, device) > 0

@@ -17,8 +17,8 @@ sequences shifted them a little more each step.
 
 A step is `schedule` (or, for a pipelined decode step, `schedule_pipelined`), the runner's `execute`,
 then `update` (`messages.py`): the scheduler is what admits, grows, preempts, advances a sequence's
-cached tokens, appends its sampled tokens and finishes it on EOS, a stop token id or a length limit;
-the runner only reads sequences.
+cached tokens, appends its sampled tokens (feeding them to its grammar's matcher) and finishes it on EOS,
+a stop token id, a length limit or a complete grammar; the runner only reads sequences.
 
 With prefix caching, an admitted sequence reuses its cached prefix's pages and starts where its hit
 says (`prefix_cache.py`): at the prefix's end, at a snapshot of its streaming heads, or recomputing them
@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import deque
 
 from .block_manager import BlockManager
+from .grammar import GrammarError, advance
 from .messages import Appended, Chunk, RunnerOutput, SchedulerOutput
 from .sequence import Sequence, Status
 
@@ -135,8 +136,9 @@ class Scheduler:
     def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[Appended]:
         """After a forward over `output` returned: its chunks' tokens are in the cache. Then `result`'s tokens
         are appended, in order, to their sequences still running, each finishing its sequence (and freeing
-        it) on EOS or a stop token id ("stop") or a length limit ("length"); a row whose sampling failed
-        finishes its sequence with "error". Returns what was done, for the output processor."""
+        it) on EOS or a stop token id ("stop"), a length limit ("length") or its grammar's completion
+        ("stop"); a row whose sampling failed, or whose token its grammar refuses, finishes its sequence
+        with "error". Returns what was done, for the output processor."""
         for chunk in output.chunks:
             seq = chunk.seq
             seq.num_cached += chunk.num_tokens
@@ -156,6 +158,15 @@ class Scheduler:
             if logprob is not None:
                 seq.logprobs.append(logprob)
             reason = self._finish_reason(seq, token)
+            try:
+                # its matcher takes the token now, before its next mask is built (a pipelined step builds it
+                # right after this update); a token that ends the request otherwise is never fed to it
+                if reason is None and seq.matcher is not None and advance(seq.matcher, token):
+                    reason = "stop"
+            except GrammarError as error:
+                self.finish(seq, "error")
+                appended.append(Appended(seq, token, logprob, error=f"{type(error).__name__}: {error}"))
+                continue
             if reason is not None:
                 self.finish(seq, reason)
             appended.append(Appended(seq, token, logprob))

@@ -55,8 +55,14 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
+        return self.penalized or self.grammar is not None
+
+    @property
+    def penalized(self) -> bool:
+        """It adjusts its logits by more than a grammar's mask (penalties, logit bias, min_tokens): its
+        batch is sampled on the host (`adjust_logits`), so its steps are not pipelined."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens or self.grammar is not None)
+                    or self.logit_bias or self.min_tokens)
 
 
 class Status(enum.Enum):
@@ -96,7 +102,7 @@ class Sequence:
     num_reused: int = 0  # its first tokens whose full heads' K/V are cached pages it reuses (prefix_cache.py)
     jump: tuple[int, int] | None = None  # (sink, to): once its sinks are computed, it goes on at `to`
     num_cached_prompt: int | None = None  # prompt tokens its first admission found in the prefix cache
-    matcher: object | None = None  # its grammar's llguidance matcher, advanced by the output processor
+    matcher: object | None = None  # its grammar's llguidance matcher, advanced by `Scheduler.update`
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without joining the two lists (a decode step asks
