@@ -104,7 +104,8 @@ class PrefixCache:
         while kept and seq.block_hashes[kept - 1] not in self.snapshots:
             kept -= 1
         snapshot = self.snapshots[seq.block_hashes[kept - 1]] if kept else None
-        recompute, waits = matched - self.span, kept < len(pages) and self.coming[seq.block_hashes[len(pages) - 1]] > 0
+        recompute = matched - self.span
+        waits = kept < len(pages) and self.coming[seq.block_hashes[len(pages) - 1]] > 0  # a snapshot at `matched`
         if kept * self.page_size >= recompute:
             return Hit(pages, matched, kept * self.page_size, snapshot, waits=waits)
         if recompute <= self.sink:
