@@ -22,6 +22,17 @@ def compiles_per_engine():
     config.recompile_limit, config.accumulated_recompile_limit = before
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The SmolLM2 preset's tokenizer (converted into $RHEADS_CACHE on first use), one per module as a test
+    may change it: the tiny random models' vocabularies lie within its, so it decodes their tokens."""
+    from transformers import AutoTokenizer
+
+    from rheads.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run far faster on one thread (two OpenMP threads thrash on a busy two-core box)."""

@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 from oracles import GREEDY, check_logprobs_against, random_prompt, reference_logprobs, run
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, attention
 from rheads.engine.decode import kernels_on
@@ -91,11 +91,6 @@ def perturbed(model):
         elif name.endswith(".sinks"):  # GPT-OSS's learned sinks: a logit per query head, large enough to matter
             param.normal_(0.0, 2.0)
     return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
 def serve(model, tokenizer, split: HeadSplit, chunk: int = 7) -> dict:

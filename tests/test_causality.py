@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import rheads.evaluation.causality as causality
 from rheads.evaluation.causality import (
@@ -19,7 +19,6 @@ from rheads.evaluation.causality import (
     random_non_retrieval_heads, run_causality, top_retrieval_heads,
 )
 from rheads.evaluation.grid import Cell, Answer, load_cells
-from rheads.models import resolve_model
 from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,11 +168,6 @@ def test_mask_settings() -> None:
 
 
 # --- (d) the run and resume ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
-
 
 def test_run_writes_outputs_and_resume_generates_nothing(tokenizer, tmp_path: Path, monkeypatch) -> None:
     model = _tiny_model(vocab_size=49152)

@@ -23,7 +23,6 @@ import oracles
 import pytest
 import torch
 from oracles import GREEDY, check_logprobs_against, run
-from transformers import AutoTokenizer
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
 from rheads.engine import attention
@@ -51,11 +50,6 @@ MIXED = HeadSplit(((0, 1), (), (1,), (0,)), 2)
 def tiny_model(kind: str, num_layers: int = 4, seed: int = 0, **overrides):
     """A tiny random Llama, Mistral, Qwen2 or Qwen3 with peaky attention (oracles.tiny_model)."""
     return oracles.tiny_model(kind, TINY, num_layers, seed, **overrides)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
 # the families, and the GQA groups of the models served: Qwen3's q/k norms, Qwen2.5's group of 7, MHA (group 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import rheads.evaluation.niah_eval as ev
 from rheads.cli import main
@@ -23,7 +23,6 @@ from rheads.evaluation.niah_eval import (
     CacheSetting, EvalConfig, cache_settings, format_summary, kv_bytes_per_sequence, profile_properties,
     run_niah_eval, split_for, eval_summary,
 )
-from rheads.models import resolve_model
 from rheads.niah import Needle, build_prompt, load_needles, unigram_recall
 from rheads.profiling.profile import ModelIdentity, Profile, ProfileMethod, SampleRecord
 from rheads.profiling.report import sparsity
@@ -34,11 +33,6 @@ VOCAB = 49152
 TINY = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16,
             intermediate_size=128, max_position_embeddings=1024, vocab_size=VOCAB)
 KV_SCORES = [[0.9, 0.0], [0.2, 0.6], [0.0, 0.05], [0.3, 0.1]]  # 8 KV heads, distinct ranking
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
 def _tiny_model():

@@ -20,10 +20,8 @@ import pytest
 import torch
 from oracles import GREEDY, check_logprobs_against, run
 from test_engine import LEDGERS, Ledger, assert_empty, check_accounting
-from transformers import AutoTokenizer
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, attention, kvquant
-from rheads.models import resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,11 +35,6 @@ PARAMS = SamplingParams(max_tokens=6, logprobs=5, **GREEDY)
 # up to 1/8 of it, which this peaky model's later layers amplify: measured up to 6.4e-3 here (auto: 1e-5), where a
 # scale misapplied or a key block lost moves them by 0.1 to 10
 EXACT = 1e-2
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ import oracles
 import pytest
 import torch
 from oracles import GREEDY, check_logprobs_against, run
-from transformers import AutoTokenizer
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams
-from rheads.models import resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,11 +24,6 @@ SHAPE = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_
              max_position_embeddings=512, vocab_size=VOCAB)
 SPLITS = {"budget-0.5": HeadSplit(((0, 1), (), (1,), (0,)), 2), "budget-1.0": HeadSplit.uniform(4, 2, True)}
 PARAMS = SamplingParams(max_tokens=5, logprobs=5, **GREEDY)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
 @pytest.fixture(scope="module")

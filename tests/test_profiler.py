@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from rheads.models import resolve_model
 from rheads.niah import NiahPrompt, _template_parts, build_prompt, load_needles, unigram_recall
@@ -19,12 +19,6 @@ SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[1] / "profiles" / "SmolLM2-13
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
             intermediate_size=128, max_position_embeddings=4096)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run best on one thread
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The SmolLM2 tokenizer of the preset (converted into $RHEADS_CACHE on first use)."""
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
 # --- copy test ---------------------------------------------------------------------------------

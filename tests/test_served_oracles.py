@@ -22,7 +22,6 @@ import oracles
 import pytest
 import torch
 from oracles import GREEDY, Result, check_within, logprob_errors, precision_bounds, reference_logprobs, run
-from transformers import AutoTokenizer
 
 from rheads.engine import EngineConfig, HeadSplit, LLMEngine, SamplingParams, random_split, select_heads
 from rheads.models import UnsupportedModelError, load_model, resolve_model
@@ -72,11 +71,6 @@ def tiny(kind: str):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.mul_(2.0)
     return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
 
 
 def served_engine(model, tokenizer, split: HeadSplit, device: str, dtype: torch.dtype, **config) -> LLMEngine:
