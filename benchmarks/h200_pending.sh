@@ -16,8 +16,9 @@
 #   serving     gpu_serving.py at 8k and 32k, budgets 1.0/0.5/0.25 beside vLLM, then the arrivals phase (issue 23)
 #   fp8         the fp8 tests (test_fp8.py, the kernel's fp8 case with arbitrary values on CUDA), then gpu_serving.py
 #               at 32k in the same 30 GiB: budgets 1.0/0.5 in bf16 and in fp8, vLLM fp8 beside them (issue 24)
-# All four take more than one session's 30 minutes of device time (tests ~4, structured ~3, prefix ~10,
-# serving ~20 minutes, estimated): name the stages a lease can hold.
+# All of them take more than one session's 30 minutes of device time (tests ~5, structured ~3, prefix ~10,
+# fp8 ~10, serving ~20 minutes, estimated; a fresh machine and its pieces take ~3 more): name the stages a
+# lease can hold, e.g. `start tests prefix structured`, and keep every call within 30 s of the last.
 set -uo pipefail
 P=/tmp/pending
 mkdir -p "$P"
