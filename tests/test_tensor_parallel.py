@@ -13,6 +13,7 @@
 3. With prefix caching, questions over one document reuse it on both ranks: the recompute of the streaming
    heads and the snapshots (slot copies made on rank 0, replayed by rank 1) keep the masked reference.
 4. A forward that fails on rank 0 after rank 1 began it breaks the engine for good and lets rank 1 go.
+5. An fp8 cache, each rank calibrating its own heads, serves as one process's fp8 engine does.
 
 Both ranks run in one launch for the whole module, bounded by a deadline and the process group's timeout.
 """
@@ -34,7 +35,7 @@ from hypothesis import strategies as st
 from oracles import GREEDY, check_logprobs_against
 from transformers import AutoTokenizer
 
-from rheads.engine import EngineBrokenError, EngineConfig, SamplingParams
+from rheads.engine import EngineBrokenError, EngineConfig, LLMEngine, SamplingParams
 from rheads.engine.cache import Footprint, PoolSizes
 from rheads.engine.heads import HeadSplit
 from rheads.engine.tensor_parallel import (TensorParallelEngine, balanced_plan, contiguous_plan, follow, free_port,
@@ -138,7 +139,10 @@ CASES = {"full": ("llama", {}, FULL, [5, 17, 9, 23], balanced_plan),
          "half-biases": ("llama", dict(attention_bias=True, mlp_bias=True), HALF, [41, 30], balanced_plan),
          "odd-qwen3": ("qwen3", {}, ODD, [41, 30], balanced_plan),
          "half-contiguous": ("llama", {}, HALF, [41, 30], contiguous_plan),
-         "half-prefix": ("llama", {}, HALF, [40], balanced_plan)}
+         "half-prefix": ("llama", {}, HALF, [40], balanced_plan),
+         "half-fp8": ("llama", {}, HALF, [41, 53, 30], balanced_plan)}
+# half-fp8: an fp8 cache, each rank calibrating its own heads' scales (held to one process's fp8 engine)
+FP8_EXACT = 1e-2  # test_fp8.py's EXACT: an entry the ranks' sums round to the other side of an e4m3 step
 # half-prefix: questions over one document, one after another, with prefix caching (`_prefix_prompts`)
 MAX_TOKENS = 6
 LAUNCH_DEADLINE = 120  # seconds for both processes to start, serve every case and stop
@@ -169,6 +173,11 @@ def _prefix_prompts() -> list[list[int]]:
 PREFIX_HITS = 12 + 40 + 44  # `_prefix_prompts`'s
 
 
+def _case_config(config: EngineConfig, case: str) -> EngineConfig:
+    return replace(config, enable_prefix_caching=case == "half-prefix",
+                   kv_cache_dtype="fp8" if case == "half-fp8" else "auto")
+
+
 def _own_sizes(shard) -> PoolSizes:
     """What the rank's memory would hold on its own, before the ranks agree on the smallest."""
     return PoolSizes.of(Footprint.of(shard.split, SHAPE["head_dim"], shard.cache_config), shard.cache_config)
@@ -186,7 +195,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         for case, (_, _, split, _, sharding) in CASES.items():
             model = tiny_model(case)
             if rank:
-                shard = follow(model, split, replace(config, enable_prefix_caching=case == "half-prefix"), sharding)
+                shard = follow(model, split, _case_config(config, case), sharding)
                 report[case] = {"split": shard.split, "sizes": shard.sizes, "own": _own_sizes(shard),
                                 "footprint": shard.cache(SHAPE["head_dim"]).footprint}
                 continue
@@ -198,7 +207,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             if case == "half-prefix":  # one after another, each finding what the one before it cached
                 arrivals = {20 * i: [(f"r{i}", p, params)] for i, p in enumerate(ids)}
             peak = []
-            engine_config = replace(config, enable_prefix_caching=case == "half-prefix")
+            engine_config = _case_config(config, case)
             with TensorParallelEngine(model, tokenizer, split, engine_config, sharding=sharding) as engine:
                 results = oracles.run(engine, arrivals, after_step=lambda e, _: peak.append(e.usage().pages_used))
                 cache = engine.cache
@@ -272,7 +281,7 @@ def test_full_budget_equals_generate(served) -> None:
         assert results[f"r{i}"].token_ids == oracles.hf_greedy(model, prompt, MAX_TOKENS)[0], f"request {i}"
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case != "full"])
+@pytest.mark.parametrize("case", [case for case in CASES if case not in ("full", "half-fp8")])
 def test_partial_budget_equals_masked_reference(served, case) -> None:
     model = tiny_model(case)
     differs = 0.0
@@ -292,7 +301,7 @@ def test_each_rank_holds_its_planned_heads_in_pools_of_one_size(served, case) ->
     plan = CASES[case][4](CASES[case][2], WORLD)
     for rank, report in enumerate(served):
         assert report[case]["split"] == plan.rank_split(rank)
-        per_head = 2 * SHAPE["head_dim"] * 4  # K and V of one head, fp32
+        per_head = 2 * SHAPE["head_dim"] * (1 if case == "half-fp8" else 4)  # K and V of one head, fp32 or e4m3
         assert report[case]["footprint"].bytes_per_page == PAGE * sum(plan.full_counts(rank)) * per_head
         # every rank's pools: the smallest number of pages and of slots any rank's memory holds
         assert report[case]["sizes"] == tuple(map(min, *(r[case]["own"] for r in served)))
@@ -310,6 +319,28 @@ def test_pools_empty_after_the_requests(served, case) -> None:
     assert report["peak_pages"] > 0
     usage = report["usage"]
     assert (usage.pages_used, usage.slots_used, usage.bytes_used) == (0, 0, 0)
+
+
+def test_an_fp8_cache_serves_as_one_process_does(served, tokenizer) -> None:
+    """Each rank calibrates its own heads' scales on the same prompt: the tokens and log-probabilities equal
+    those of one process's fp8 engine within fp8's own tolerance (test_fp8.py holds that one to the
+    references), and they differ from the unquantized run by more, so the check would see the scales lost."""
+    _, _, split, ids, _ = CASES["half-fp8"]
+    config = EngineConfig(sink=SINK, window=WINDOW, page_size=PAGE, kv_cache_memory=8 << 20, max_num_batched_tokens=7,
+                          enable_prefix_caching=False, kv_cache_dtype="fp8")
+    params = SamplingParams(max_tokens=MAX_TOKENS, logprobs=5, **GREEDY)
+    arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(prompts("half-fp8")[:2])],
+                3: [(f"r{i}", p, params) for i, p in enumerate(prompts("half-fp8")[2:], start=2)]}
+    with LLMEngine(tiny_model("half-fp8"), tokenizer, split, config) as engine:
+        alone = oracles.run(engine, arrivals)
+    sharded, unquantized = served[0]["half-fp8"]["results"], served[0]["half"]["results"]
+    moved = 0.0
+    for rid, res in sharded.items():
+        assert res.token_ids == alone[rid].token_ids, rid
+        ours, theirs = [lp.logprob for lp in res.logprobs], [lp.logprob for lp in alone[rid].logprobs]
+        assert ours == pytest.approx(theirs, abs=FP8_EXACT), rid
+        moved = max(moved, max(abs(a - b) for a, b in zip(ours, [lp.logprob for lp in unquantized[rid].logprobs])))
+    assert moved > FP8_EXACT / 10, "fp8 moves nothing: the comparison could not see its scales"
 
 
 def test_a_forward_failing_on_rank_0_breaks_the_engine_and_frees_the_followers(served) -> None:
